@@ -1,0 +1,539 @@
+"""Convert an OLMo v1 checkpoint into a transformers OLMo checkpoint (config.json + safetensors).
+
+    python convert.py SRC DST [--dtype float32|float16|bfloat16] [--shard-size 5GB]
+
+SRC is a directory in one of three layouts, recognized by its files:
+
+1. an OLMo trainer checkpoint: `config.yaml` (the model settings under `model:`) and `model.pt` or
+   `model.safetensors` with the trainer's fused names (`transformer.blocks.N.att_proj.weight`, ...);
+2. the pre-transformers `hf_olmo` layout: `config.json` with the trainer's field names (`d_model`, ...) and
+   the same fused weights under `model.transformer.*`;
+3. a transformers OLMo checkpoint (`config.json` with model_type "olmo"), which is only rewritten: as
+   safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only reader can load a .bin).
+
+DST gets `config.json`, `model.safetensors` (or shards and `model.safetensors.index.json`) and whatever
+tokenizer files and `generation_config.json` SRC has. Settings transformers' OLMo cannot express (norm
+weights, biases, ALiBi, ...) are refused, never converted into a different model. Tensors are streamed one
+at a time, so a 7B model converts in far less memory than two copies of it, and DST appears only when
+complete: everything is written into a directory beside it, renamed at the end, and removed on failure.
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from safetensors import safe_open
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# safetensors' names for the dtypes we read and write.
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+               "generation_config.json")
+
+
+class ConversionError(Exception):
+    """Bad input: reported as one line, never as a traceback."""
+
+
+def convert(src, dst, dtype=None, shard_size="5GB"):
+    """Convert the checkpoint directory `src` into a transformers OLMo checkpoint directory `dst`.
+
+    dtype: "float32", "float16" or "bfloat16"; None keeps the source's (that of its embedding).
+    shard_size: the largest shard, in bytes or as "5GB", "500MB", "2GiB", ...
+    """
+    src, dst = Path(src), Path(dst)
+    out_dtype = parse_dtype(dtype)
+    max_shard_bytes = parse_size(shard_size)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConversionError(f"{dst} exists and is not empty; choose a new or empty directory")
+
+    layout, config, tensors = read_checkpoint(src)
+    out_dtype = out_dtype or tensors[0].dtype
+    log(f"converting {src} ({layout} layout, {len(tensors)} tensors) to {str(out_dtype).removeprefix('torch.')}")
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    try:
+        write_weights(staging, tensors, out_dtype, max_shard_bytes)
+        write_config(staging, config, out_dtype)
+        for name in EXTRA_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, staging / name)
+        os.replace(staging, dst)  # atomic; on POSIX it also replaces an empty directory
+    except BaseException:  # KeyboardInterrupt too: never leave a half-written result behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"wrote {dst}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Detecting the layout. Each reader returns the transformers config and the list of output tensors, having
+# checked both, so that bad input fails before anything is written.
+
+
+def read_checkpoint(src: Path):
+    if not src.exists():
+        raise ConversionError(f"{src}: no such directory")
+    if not src.is_dir():
+        raise ConversionError(f"{src}: expected a checkpoint directory, got a file")
+    if (src / "config.json").is_file():
+        raw = read_json(src / "config.json")
+        if "d_model" in raw:  # hf_olmo wrote the trainer's fields (its model_type was "olmo" in early versions)
+            return "hf_olmo", *read_trainer_layout(src, raw, "config.json", "model.transformer.",
+                                                   has_extra_keys=True)
+        if raw.get("model_type") == "olmo":
+            return "transformers", *read_transformers_layout(src, raw)
+        raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not OLMo v1")
+    if (src / "config.yaml").is_file():
+        return "OLMo trainer", *read_trainer_layout(src, read_yaml_model(src / "config.yaml"), "config.yaml",
+                                                    "transformer.")
+    raise ConversionError(f"{src}: neither config.json nor config.yaml found; not an OLMo checkpoint")
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from None
+
+
+def read_yaml_model(path):
+    import yaml  # only trainer checkpoints need it
+
+    try:
+        model = (yaml.safe_load(path.read_text()) or {}).get("model")
+    except (yaml.YAMLError, OSError, AttributeError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from None
+    if not isinstance(model, dict):
+        raise ConversionError(f"{path}: no `model:` section")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer settings (olmo/config.py, ModelConfig, ai2-olmo 0.6.0). A file leaves out whatever it doesn't
+# change, so absent settings take the trainer's defaults, which are GPT-2's, not OLMo's: e.g. rope is off,
+# biases and norm weights are on, and the embedding is padded to 50304 rows.
+
+TRAINER_DEFAULTS = {
+    "d_model": 768, "n_heads": 12, "n_kv_heads": None, "multi_query_attention": None, "n_layers": 12,
+    "mlp_ratio": 4, "mlp_hidden_size": None, "max_sequence_length": 1024, "rope_theta": 10_000,
+    "clip_qkv": None, "vocab_size": 50257, "embedding_size": 50304, "weight_tying": True,
+    "eos_token_id": 50256, "pad_token_id": 50256, "block_group_size": 1,
+}
+# Settings transformers' OLMo fixes: (value it needs, trainer default, what it has instead).
+TRAINER_REQUIRED = {
+    "rope": (True, False, "rotary position embeddings"),
+    "alibi": (False, False, "no ALiBi"),
+    "activation_type": ("swiglu", "swiglu", "a SwiGLU MLP"),
+    "block_type": ("sequential", "sequential", "the sequential block (fused att_proj and ff_proj)"),
+    "include_bias": (False, True, "no biases"),
+    "layer_norm_with_affine": (False, True, "norms without weights or biases"),
+    "layer_norm_eps": (1e-5, 1e-5, "norms with eps 1e-5"),
+    "attention_layer_norm": (False, False, "no q/k norms"),
+    "embedding_layer_norm": (False, False, "no embedding norm"),
+    "norm_after": (False, False, "norms before attention and MLP, not after"),
+    "scale_logits": (False, False, "unscaled logits"),
+}
+# "low_precision" is the same LayerNorm, only run at autocast precision while training; "rms" is not.
+TRAINER_LAYER_NORMS = ("default", "low_precision")
+# Settings that only matter for training, or for features refused above.
+TRAINER_IGNORED = {
+    "layer_norm_type", "flash_attention", "attention_dropout", "residual_dropout", "embedding_dropout",
+    "init_device", "init_fn", "init_std", "init_cutoff_factor", "precision", "scale_emb_init", "emb_init_std",
+    "rope_full_precision", "alibi_bias_max", "attention_layer_norm_with_affine", "bias_for_layer_norm",
+}
+
+
+def read_trainer_layout(src, raw, config_name, prefix, has_extra_keys=False):
+    """Layouts 1 and 2: the trainer's settings and its fused tensors, `prefix` before every name."""
+    # config.yaml holds only ModelConfig fields, so an unknown one may be a feature newer than this script;
+    # hf_olmo's config.json also holds transformers' own fields (architectures, torch_dtype, ...).
+    unknown = set(raw) - set(TRAINER_DEFAULTS) - set(TRAINER_REQUIRED) - TRAINER_IGNORED
+    if unknown and not has_extra_keys:
+        raise ConversionError(f"{src / config_name}: unknown model settings {', '.join(sorted(unknown))}")
+    config = trainer_to_transformers_config(raw, src / config_name)
+    names = (["model.safetensors", "model.pt"] if prefix == "transformer." else
+             ["model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
+              "pytorch_model.bin"])
+    weights = Weights(weight_files(src, names))
+    group_size = raw.get("block_group_size", TRAINER_DEFAULTS["block_group_size"])
+    return config, trainer_tensors(weights, config, prefix, group_size)
+
+
+def trainer_to_transformers_config(raw, where):
+    def get(key):
+        return raw.get(key, TRAINER_DEFAULTS[key])
+
+    for key, (needed, default, instead) in TRAINER_REQUIRED.items():
+        value = raw.get(key, default)
+        if key == "layer_norm_eps" and isinstance(value, str):
+            value = float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
+        if value != needed:
+            what = f"sets {key}: {json.dumps(value)}" if key in raw else \
+                f"leaves {key} unset, so the trainer's default {json.dumps(default)} applies"
+            raise ConversionError(f"{where} {what}; transformers' OLMo has {instead} ({key}: {json.dumps(needed)})")
+    if raw.get("layer_norm_type", "default") not in TRAINER_LAYER_NORMS:
+        raise ConversionError(f"{where} sets layer_norm_type: {json.dumps(raw['layer_norm_type'])}; "
+                              f"transformers' OLMo has a plain LayerNorm (layer_norm_type: \"default\")")
+
+    n_heads, n_kv_heads, mqa = get("n_heads"), get("n_kv_heads"), get("multi_query_attention")
+    if mqa is not None and n_kv_heads is not None and n_kv_heads != (1 if mqa else n_heads):
+        raise ConversionError(f"{where} sets both multi_query_attention and n_kv_heads, and they disagree")
+    if n_kv_heads is None:
+        n_kv_heads = 1 if mqa else n_heads
+    # ff_proj holds both halves of the SwiGLU input, so the trainer's MLP size is twice transformers'.
+    fused_mlp = get("mlp_hidden_size") or get("mlp_ratio") * get("d_model")
+    if fused_mlp % 2:
+        raise ConversionError(f"{where}: the MLP size {fused_mlp} is odd, so it can't be split for SwiGLU")
+    vocab = get("embedding_size") or get("vocab_size")
+    if vocab < get("vocab_size"):
+        raise ConversionError(f"{where}: embedding_size {vocab} is smaller than vocab_size {get('vocab_size')}")
+    return transformers_config(
+        where, vocab_size=vocab, hidden_size=get("d_model"), intermediate_size=fused_mlp // 2,
+        num_hidden_layers=get("n_layers"), num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+        max_position_embeddings=get("max_sequence_length"), rope_theta=get("rope_theta"),
+        clip_qkv=get("clip_qkv"), tie_word_embeddings=get("weight_tying"), pad_token_id=get("pad_token_id"),
+        bos_token_id=None, eos_token_id=get("eos_token_id"))
+
+
+def read_transformers_layout(src, raw):
+    """Layout 3: already transformers' names; the config is checked and rewritten in the 4.x style."""
+    where = src / "config.json"
+    rope = raw.get("rope_parameters") or {}
+    if raw.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ConversionError(f"{where}: RoPE scaling is not supported (only rope_type \"default\")")
+    if raw.get("attention_bias"):
+        raise ConversionError(f"{where} sets attention_bias: true; only OLMo without biases is supported")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where} sets hidden_act: {raw['hidden_act']!r}; OLMo's MLP is SwiGLU (silu)")
+
+    def get(key, default):  # absent keys take transformers' OlmoConfig defaults
+        return raw[key] if raw.get(key) is not None else default
+
+    config = transformers_config(
+        where, vocab_size=get("vocab_size", 50304), hidden_size=get("hidden_size", 4096),
+        intermediate_size=get("intermediate_size", 11008), num_hidden_layers=get("num_hidden_layers", 32),
+        num_attention_heads=get("num_attention_heads", 32),
+        num_key_value_heads=get("num_key_value_heads", get("num_attention_heads", 32)),
+        max_position_embeddings=get("max_position_embeddings", 2048),
+        rope_theta=raw.get("rope_theta") or rope.get("rope_theta") or 10_000, clip_qkv=raw.get("clip_qkv"),
+        tie_word_embeddings=get("tie_word_embeddings", False), pad_token_id=raw.get("pad_token_id", 1),
+        bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id", 50279))
+    weights = Weights(weight_files(src, ["model.safetensors.index.json", "pytorch_model.bin.index.json",
+                                         "model.safetensors", "pytorch_model.bin"]))
+    expected = transformers_shapes(config)
+    # A tied model may still carry a copy of the embedding as lm_head; transformers ignores it, and so do we.
+    weights.check(expected, ignore={"lm_head.weight"} if config["tie_word_embeddings"] else set())
+    return config, [weights.take(name, name) for name in expected]
+
+
+def transformers_config(where, **config):
+    """The settings in the transformers OLMo config, checked for the model to be well-defined."""
+    sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings"]
+    for key in sizes:
+        if not isinstance(config[key], int) or config[key] <= 0:
+            raise ConversionError(f"{where}: {key} must be a positive integer, got {config[key]!r}")
+    hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    if hidden % heads or (hidden // heads) % 2:
+        raise ConversionError(f"{where}: {hidden} dims don't split into {heads} heads of an even size (RoPE)")
+    if heads % kv_heads:
+        raise ConversionError(f"{where}: {heads} query heads don't split into groups for {kv_heads} kv heads")
+    try:  # YAML 1.1 reads "5e5" (no dot) as a string
+        config["rope_theta"] = float(config["rope_theta"])
+        config["clip_qkv"] = None if config["clip_qkv"] is None else float(config["clip_qkv"])
+    except (TypeError, ValueError):
+        raise ConversionError(f"{where}: rope_theta and clip_qkv must be numbers") from None
+    if config["clip_qkv"] is not None and not config["clip_qkv"] > 0:
+        raise ConversionError(f"{where}: clip_qkv must be positive, got {config['clip_qkv']!r}")
+    return config
+
+
+def transformers_shapes(config):
+    """Every tensor of transformers' OlmoForCausalLM and its shape, in the order we write them."""
+    d, vocab, mlp = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+    kv_dim = d // config["num_attention_heads"] * config["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (vocab, d)}
+    for i in range(config["num_hidden_layers"]):
+        layer = f"model.layers.{i}."
+        shapes.update({
+            layer + "self_attn.q_proj.weight": (d, d), layer + "self_attn.k_proj.weight": (kv_dim, d),
+            layer + "self_attn.v_proj.weight": (kv_dim, d), layer + "self_attn.o_proj.weight": (d, d),
+            layer + "mlp.gate_proj.weight": (mlp, d), layer + "mlp.up_proj.weight": (mlp, d),
+            layer + "mlp.down_proj.weight": (d, mlp)})
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, d)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading tensors lazily.
+
+
+class OutTensor(NamedTuple):
+    name: str  # transformers' name
+    shape: tuple
+    dtype: torch.dtype  # in the source
+    read: Callable[[], torch.Tensor]
+
+
+def weight_files(src, candidates):
+    """The weight files of `src`: the first candidate present; an index names its shards."""
+    for name in candidates:
+        path = src / name
+        if path.is_file():
+            if name.endswith(".index.json"):
+                weight_map = read_json(path).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ConversionError(f"{path}: no weight_map")
+                return [src / shard for shard in sorted(set(weight_map.values()))]
+            return [path]
+    raise ConversionError(f"{src}: no weights found (looked for {', '.join(candidates)})")
+
+
+class Weights:
+    """A checkpoint's tensors by name, each read from disk only when used: .pt/.bin files are memory-mapped
+    (torch.load(mmap=True, weights_only=True): no code from the file runs), safetensors read by slices."""
+
+    def __init__(self, files):
+        self.tensors = {}  # name -> mmap'd torch.Tensor or safetensors slice; both index like tensors
+        self._handles = []  # open safetensors files, kept open while their slices are in use
+        for path in files:
+            for name, tensor in self._open(path):
+                if name in self.tensors:
+                    raise ConversionError(f"{path}: tensor {name} is also in another weight file")
+                self.tensors[name] = tensor
+
+    def _open(self, path):
+        try:
+            if path.suffix == ".safetensors":
+                handle = safe_open(path, framework="pt")
+                self._handles.append(handle)
+                return [(decode_trainer_key(key), handle.get_slice(key)) for key in handle.keys()]
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # corrupt, truncated or not a weight file at all
+            raise ConversionError(f"cannot read {path}: {e}".splitlines()[0]) from None
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise ConversionError(f"{path}: expected a dict of tensors (a state dict)")
+        return list(state.items())
+
+    def shape(self, name):
+        t = self.tensors[name]
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t.get_shape())
+
+    def dtype(self, name):
+        t = self.tensors[name]
+        if isinstance(t, torch.Tensor):
+            dtype = t.dtype
+        else:
+            dtype = ST_DTYPES.get(t.get_dtype())
+        if dtype not in ST_DTYPES.values():
+            raise ConversionError(f"tensor {name} has dtype {dtype}, not a floating-point type")
+        return dtype
+
+    def check(self, expected, ignore=frozenset()):
+        """Fail before writing anything unless the tensors are exactly `expected` (name -> shape)."""
+        missing = [n for n in expected if n not in self.tensors]
+        unexpected = sorted(set(self.tensors) - set(expected) - set(ignore))
+        if missing:
+            raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) its config implies: "
+                                  f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            raise ConversionError(f"the checkpoint has {len(unexpected)} tensor(s) its config does not "
+                                  f"explain: {', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}")
+        for name, shape in expected.items():
+            if self.shape(name) != shape:
+                raise ConversionError(f"tensor {name} has shape {self.shape(name)}, but the config implies {shape}")
+
+    def take(self, out_name, name, start=None, stop=None):
+        """Output tensor `out_name`: rows start:stop of source tensor `name` (all rows by default)."""
+        rows = range(self.shape(name)[0])[start:stop]
+        shape = (len(rows),) + self.shape(name)[1:]
+        return OutTensor(out_name, shape, self.dtype(name), lambda: self.tensors[name][start:stop])
+
+
+class _NoObjectsUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):  # every class, function or reducer goes through here
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def decode_trainer_key(key):
+    """The trainer's model.safetensors names each tensor by base64(pickle((name,), is_pickled)) (see
+    olmo/safetensors_util.py). Decode such names with an unpickler that builds only strs, tuples and bools;
+    any other name is returned as it is."""
+    try:
+        names, is_pickled = _NoObjectsUnpickler(io.BytesIO(base64.urlsafe_b64decode(key))).load()
+    except Exception:  # not base64, not a pickle, or not a pair: a plain name
+        return key
+    if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names) or is_pickled is not False:
+        return key
+    return ".".join(names)
+
+
+def trainer_tensors(weights, config, prefix, group_size):
+    """The trainer's fused tensors, split into transformers' names; no q/k permutation is needed since both
+    apply RoPE in the rotate-half layout (first half of each head against the second)."""
+    d, mlp, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv_dim = d // config["num_attention_heads"] * config["num_key_value_heads"]
+    # block_group_size only wraps blocks for FSDP; it changes the names, not the model.
+    blocks = [prefix + (f"blocks.{i}." if group_size == 1 else f"block_groups.{i // group_size}.{i % group_size}.")
+              for i in range(config["num_hidden_layers"])]
+    expected = {prefix + "wte.weight": (vocab, d)}
+    for block in blocks:
+        expected.update({block + "att_proj.weight": (d + 2 * kv_dim, d), block + "attn_out.weight": (d, d),
+                         block + "ff_proj.weight": (2 * mlp, d), block + "ff_out.weight": (d, mlp)})
+    if not config["tie_word_embeddings"]:
+        expected[prefix + "ff_out.weight"] = (vocab, d)
+    weights.check(expected)
+
+    tensors = [weights.take("model.embed_tokens.weight", prefix + "wte.weight")]
+    for i, block in enumerate(blocks):
+        layer, att, ff = f"model.layers.{i}.", block + "att_proj.weight", block + "ff_proj.weight"
+        tensors += [
+            # att_proj's rows are q, then k, then v (OLMoSequentialBlock.fused_dims).
+            weights.take(layer + "self_attn.q_proj.weight", att, 0, d),
+            weights.take(layer + "self_attn.k_proj.weight", att, d, d + kv_dim),
+            weights.take(layer + "self_attn.v_proj.weight", att, d + kv_dim, d + 2 * kv_dim),
+            weights.take(layer + "self_attn.o_proj.weight", block + "attn_out.weight"),
+            # The trainer's SwiGLU does `x, gate = ff_proj(h).chunk(2)`; silu(gate) * x: up first, gate second.
+            weights.take(layer + "mlp.gate_proj.weight", ff, mlp, 2 * mlp),
+            weights.take(layer + "mlp.up_proj.weight", ff, 0, mlp),
+            weights.take(layer + "mlp.down_proj.weight", block + "ff_out.weight"),
+        ]
+    if not config["tie_word_embeddings"]:
+        tensors.append(weights.take("lm_head.weight", prefix + "ff_out.weight"))
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def write_weights(out_dir, tensors, dtype, max_shard_bytes):
+    """model.safetensors, or shards of at most max_shard_bytes (a bigger tensor gets one to itself) + index."""
+    shards, size = [[]], 0
+    for t in tensors:
+        nbytes = nbytes_of(t.shape, dtype)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    if len(shards) == 1:
+        write_safetensors(out_dir / "model.safetensors", shards[0], dtype, 0, len(tensors))
+        return
+    weight_map, done = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out_dir / name, shard, dtype, done, len(tensors))
+        weight_map.update({t.name: name for t in shard})
+        done += len(shard)
+    total = sum(nbytes_of(t.shape, dtype) for t in tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def nbytes_of(shape, dtype):
+    n = dtype.itemsize
+    for size in shape:
+        n *= size
+    return n
+
+
+def write_safetensors(path, tensors, dtype, done, total):
+    """The safetensors format written by hand so that only one tensor is ever in memory: an 8-byte header
+    length, a JSON header of names, dtypes, shapes and byte ranges (padded to 8 bytes), then the raw data."""
+    st_dtype = {v: k for k, v in ST_DTYPES.items()}[dtype]
+    header, offset = {}, 0
+    for t in tensors:
+        nbytes = nbytes_of(t.shape, dtype)
+        header[t.name] = {"dtype": st_dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for i, t in enumerate(tensors, start=done + 1):
+            log(f"[{i}/{total}] {t.name} {list(t.shape)} -> {path.name}")
+            data = t.read().to(dtype).contiguous()
+            assert tuple(data.shape) == t.shape, (t.name, data.shape, t.shape)
+            f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def write_config(out_dir, config, dtype):
+    """config.json in the transformers 4.x style (top-level rope_theta), which transformers 5 reads too."""
+    full = {
+        "architectures": ["OlmoForCausalLM"], "model_type": "olmo",
+        **{k: config[k] for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "num_key_value_heads"]},
+        "hidden_act": "silu", "max_position_embeddings": config["max_position_embeddings"],
+        "rope_theta": config["rope_theta"], "rope_scaling": None, "attention_bias": False,
+        "attention_dropout": 0.0, "clip_qkv": config["clip_qkv"],
+        "tie_word_embeddings": config["tie_word_embeddings"], "pad_token_id": config["pad_token_id"],
+        "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    (out_dir / "config.json").write_text(json.dumps(full, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Options and the command line.
+
+
+def parse_dtype(dtype):
+    if dtype is None or dtype in DTYPES:
+        return DTYPES.get(dtype)
+    raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size):
+    """Bytes, from an int or a string like "5GB" (10**9, as in transformers) or "2GiB" (2**30)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+    if not match or match.group(2).upper() not in SIZE_UNITS or float(match.group(1)) * SIZE_UNITS[
+            match.group(2).upper()] < 1:
+        raise ConversionError(f"--shard-size must be a size such as 5GB, 500MB or 2GiB, got {size!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="checkpoint directory (OLMo trainer, hf_olmo or transformers layout)")
+    parser.add_argument("dst", help="new or empty output directory")
+    parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: keep the source's)")
+    parser.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size)
+    except ConversionError as e:
+        log(f"error: {e}")
+        sys.exit(2)
+    except OSError as e:  # e.g. a full disk: the environment, not the input
+        log(f"error: {e}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        log("error: interrupted; nothing was written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
