@@ -37,6 +37,10 @@ from safetensors import safe_open
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # safetensors' names for the dtypes we read and write.
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Where each layout keeps its weights, in order of preference; an index names shards.
+TRAINER_WEIGHT_FILES = ["model.safetensors", "model.pt"]
+HF_WEIGHT_FILES = ["model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
+                   "pytorch_model.bin"]
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                "generation_config.json")
 
@@ -55,7 +59,7 @@ def convert(src, dst, dtype=None, shard_size="5GB"):
     out_dtype = parse_dtype(dtype)
     max_shard_bytes = parse_size(shard_size)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ConversionError(f"{dst} exists and is not empty; choose a new or empty directory")
+        raise ConversionError(f"{dst} exists and is not an empty directory; choose a new or empty one")
 
     layout, config, tensors = read_checkpoint(src)
     out_dtype = out_dtype or tensors[0].dtype
@@ -90,14 +94,18 @@ def read_checkpoint(src: Path):
     if (src / "config.json").is_file():
         raw = read_json(src / "config.json")
         if "d_model" in raw:  # hf_olmo wrote the trainer's fields (its model_type was "olmo" in early versions)
-            return "hf_olmo", *read_trainer_layout(src, raw, "config.json", "model.transformer.",
-                                                   has_extra_keys=True)
+            return "hf_olmo", *read_trainer_layout(src / "config.json", raw, HF_WEIGHT_FILES, "model.transformer.")
         if raw.get("model_type") == "olmo":
             return "transformers", *read_transformers_layout(src, raw)
         raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not OLMo v1")
     if (src / "config.yaml").is_file():
-        return "OLMo trainer", *read_trainer_layout(src, read_yaml_model(src / "config.yaml"), "config.yaml",
-                                                    "transformer.")
+        model = read_yaml_model(src / "config.yaml")
+        # config.yaml holds only the trainer's settings, so one it doesn't know may be a newer feature.
+        # (hf_olmo's config.json also holds transformers' own fields: architectures, torch_dtype, ...)
+        unknown = set(model) - set(TRAINER_DEFAULTS) - set(TRAINER_REQUIRED) - TRAINER_IGNORED
+        if unknown:
+            raise ConversionError(f"{src / 'config.yaml'}: unknown model settings {', '.join(sorted(unknown))}")
+        return "OLMo trainer", *read_trainer_layout(src / "config.yaml", model, TRAINER_WEIGHT_FILES, "transformer.")
     raise ConversionError(f"{src}: neither config.json nor config.yaml found; not an OLMo checkpoint")
 
 
@@ -155,18 +163,10 @@ TRAINER_IGNORED = {
 }
 
 
-def read_trainer_layout(src, raw, config_name, prefix, has_extra_keys=False):
+def read_trainer_layout(config_path, raw, weight_names, prefix):
     """Layouts 1 and 2: the trainer's settings and its fused tensors, `prefix` before every name."""
-    # config.yaml holds only ModelConfig fields, so an unknown one may be a feature newer than this script;
-    # hf_olmo's config.json also holds transformers' own fields (architectures, torch_dtype, ...).
-    unknown = set(raw) - set(TRAINER_DEFAULTS) - set(TRAINER_REQUIRED) - TRAINER_IGNORED
-    if unknown and not has_extra_keys:
-        raise ConversionError(f"{src / config_name}: unknown model settings {', '.join(sorted(unknown))}")
-    config = trainer_to_transformers_config(raw, src / config_name)
-    names = (["model.safetensors", "model.pt"] if prefix == "transformer." else
-             ["model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
-              "pytorch_model.bin"])
-    weights = Weights(weight_files(src, names))
+    config = trainer_to_transformers_config(raw, config_path)
+    weights = Weights(weight_files(config_path.parent, weight_names))
     group_size = raw.get("block_group_size", TRAINER_DEFAULTS["block_group_size"])
     return config, trainer_tensors(weights, config, prefix, group_size)
 
@@ -230,8 +230,7 @@ def read_transformers_layout(src, raw):
         rope_theta=raw.get("rope_theta") or rope.get("rope_theta") or 10_000, clip_qkv=raw.get("clip_qkv"),
         tie_word_embeddings=get("tie_word_embeddings", False), pad_token_id=raw.get("pad_token_id", 1),
         bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id", 50279))
-    weights = Weights(weight_files(src, ["model.safetensors.index.json", "pytorch_model.bin.index.json",
-                                         "model.safetensors", "pytorch_model.bin"]))
+    weights = Weights(weight_files(src, HF_WEIGHT_FILES))
     expected = transformers_shapes(config)
     # A tied model may still carry a copy of the embedding as lm_head; transformers ignores it, and so do we.
     weights.check(expected, ignore={"lm_head.weight"} if config["tie_word_embeddings"] else set())
@@ -505,10 +504,10 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 def parse_size(size):
     """Bytes, from an int or a string like "5GB" (10**9, as in transformers) or "2GiB" (2**30)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
-    if not match or match.group(2).upper() not in SIZE_UNITS or float(match.group(1)) * SIZE_UNITS[
-            match.group(2).upper()] < 1:
+    unit = SIZE_UNITS.get(match.group(2).upper()) if match else None
+    if unit is None or float(match.group(1)) * unit < 1:
         raise ConversionError(f"--shard-size must be a size such as 5GB, 500MB or 2GiB, got {size!r}")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+    return int(float(match.group(1)) * unit)
 
 
 def log(message):
