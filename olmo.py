@@ -137,15 +137,16 @@ class OlmoLayerNorm(nn.Module):
 
 
 class OlmoRotaryEmbedding(nn.Module):
-    def __init__(self, config, device=None):
+    def __init__(self, config):
         super().__init__()
         self.config = config
         self.dim = config.head_dim
         scaling = config.rope_scaling or {}
         self.rope_type = scaling.get("rope_type", "default")
         self.factor = scaling.get("factor", 1.0)
-        # Linear scaling ("position interpolation") divides every position by `factor`, i.e. every frequency.
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+        # Computed on the CPU even when the model is built on the meta device: a few numbers that no checkpoint
+        # holds. Linear scaling ("position interpolation") divides every position, i.e. every frequency, by factor.
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim
         inv_freq = 1.0 / config.rope_theta ** exponents  # (dim/2,)
         if self.rope_type == "linear":
             inv_freq = inv_freq / self.factor
@@ -287,7 +288,10 @@ class OlmoModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # _weight: start uninitialised (OlmoForCausalLM._init_weights or the checkpoint fills it); nn.Embedding's
+        # own normal_ init would cost seconds on the meta device, where from_pretrained builds the model.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = OlmoLayerNorm(config.hidden_size)
         self.rotary_emb = OlmoRotaryEmbedding(config)
@@ -325,14 +329,17 @@ class OlmoForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.apply(self._init_weights)
+        if not self.lm_head.weight.is_meta:  # on the meta device (from_pretrained) there is nothing to fill
+            self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # Only for fresh models (tests, training from scratch); from_pretrained never runs it.
+        # transformers' init, for fresh models (tests, training from scratch)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         """The full forward, no cache: input_ids (B, T), attention_mask (B, T) 1 = token, 0 = left padding.
@@ -436,7 +443,7 @@ class OlmoForCausalLM(nn.Module):
         model.load_state_dict(state_dict, strict=False, assign=True)  # strictness checked above, with clearer errors
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.model.rotary_emb = OlmoRotaryEmbedding(config, device)  # its buffers aren't in the checkpoint
+        model.model.rotary_emb.to(device or "cpu")  # its buffers aren't in the checkpoint: built on the CPU
         return model.eval()
 
 
