@@ -504,6 +504,43 @@ def test_cli_streaming_never_splits_a_character(cli_checkpoint, monkeypatch):
     assert all("\ufffd" not in c for c in chunks) and len(chunks) > 3
 
 
+def test_cli_generation_config_and_bos(cli_checkpoint, tmp_path, monkeypatch, capsys):
+    """generation_config.json sets the sampling defaults (transformers' semantics: sampling only with do_sample)
+    and EOS; flags override it; BOS is prepended only when config.json has a bos_token_id."""
+    path, tok = cli_checkpoint
+    seen = {}
+
+    def recording_generate(self, input_ids, max_new_tokens, callback=None, **settings):
+        seen.update(settings, ids=input_ids[0].tolist())
+
+    monkeypatch.setattr(olmo.OlmoForCausalLM, "generate", recording_generate)
+    prompt_ids = tok.encode("hi", add_special_tokens=False).ids
+    assert olmo.main(["--model", path, "--prompt", "hi"]) == 0
+    assert seen == dict(temperature=0.0, top_k=None, top_p=None, eos_token_id=0, ids=prompt_ids)
+
+    sampled = rewrite_weights(path, str(tmp_path / "sampled"), lambda sd: sd)
+    with open(os.path.join(sampled, "generation_config.json"), "w") as f:
+        json.dump({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [0, 7]}, f)
+    assert olmo.main(["--model", sampled, "--prompt", "hi"]) == 0
+    assert seen == dict(temperature=0.6, top_k=50, top_p=0.9, eos_token_id=[0, 7], ids=prompt_ids)
+    assert olmo.main(["--model", sampled, "--prompt", "hi", "--temperature", "0", "--top-k", "5"]) == 0
+    assert seen["temperature"] == 0 and seen["top_k"] == 5
+
+    with open(os.path.join(sampled, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(sampled, "config.json"), "w") as f:
+        json.dump({**config, "bos_token_id": 1}, f)
+    assert olmo.main(["--model", sampled, "--prompt", "hi"]) == 0
+    assert seen["ids"] == [1] + prompt_ids
+    capsys.readouterr()
+
+
+def test_import_olmo_needs_only_torch():
+    code = ("import sys, olmo; extra = {'transformers', 'tokenizers', 'safetensors', 'huggingface_hub'}"
+            " & set(sys.modules); assert not extra, extra")
+    assert subprocess.run([sys.executable, "-c", code], cwd=HERE).returncode == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/dir"], "not a checkpoint directory"),
     (["--max-new-tokens", "-1"], "--max-new-tokens"),
