@@ -4,9 +4,10 @@ Frameworks hide the arithmetic; this file shows it. The layer norm, the rotation
 and the KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the
 .safetensors reader is a few lines of header parsing over a memory map. It tells the same story in the same order
 as olmo.py: config -> norm -> RoPE -> attention -> MLP -> block -> model -> cache and generation -> loading -> CLI,
-with the same names where the concept is the same, so the two files read side by side. The logits equal olmo.py's
-and transformers' (see test_numpy_part.py). It needs only NumPy (and the tokenizers package for the CLI): no torch.
-Everything runs in float32; float16 and bfloat16 checkpoints are widened to float32 when they load.
+with the same names where the concept is the same, so the two files read side by side. Its logits equal olmo.py's
+and transformers' to float32 rounding (the tests check both). It needs only NumPy (and tokenizers for the CLI), no
+torch. Everything runs in float32; float16 and bfloat16 checkpoints are widened to float32 when they load.
+Local checkpoint directories only (fetching hub ids would need huggingface_hub).
 
     python olmo_numpy.py --model path/to/OLMo-1B-hf --prompt "Language models are"
 """
@@ -99,6 +100,10 @@ class OlmoConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{path} does not hold a JSON object")
         return cls.from_dict(d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights: the tensors olmo.py's modules hold, by their transformers names, and the one operation on them
 
 
 def weight_shapes(config):
@@ -373,7 +378,7 @@ class OlmoForCausalLM:
         input_ids = np.asarray(input_ids, dtype=np.int64)
         B, T = input_ids.shape
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        eos = np.array([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [], dtype=np.int64)
+        eos = np.array([] if eos_token_id is None else eos_token_id, dtype=np.int64).reshape(-1)  # int or list
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
         self.setup_cache(attention_mask, T + max_new_tokens)
         next_position = attention_mask.sum(-1, keepdims=True)  # (B, 1): RoPE position of the first new token
@@ -492,9 +497,11 @@ def load_safetensors(file):
     entries = []
     for name, info in header.items():
         try:
-            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
-            assert all(type(d) is int and d >= 0 for d in shape) and type(begin) is int and type(stop) is int
-        except (TypeError, KeyError, ValueError, AssertionError):
+            dtype, shape, (begin, stop) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            well_formed = all(type(d) is int and d >= 0 for d in shape + [begin, stop])
+        except (TypeError, KeyError, ValueError):
+            well_formed = False
+        if not well_formed:
             fail(f"tensor {name} has a malformed header entry {info!r}")
         if dtype not in DTYPES:
             fail(f"tensor {name} has dtype {dtype!r}; only {', '.join(DTYPES)} are supported")

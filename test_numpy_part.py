@@ -161,7 +161,7 @@ def _np_dynamic_past_max(cfg, length):
 # The twin against olmo.py and transformers
 
 
-@settings(max_examples=25, **_NP_SETTINGS)
+@settings(max_examples=30, **_NP_SETTINGS)
 @given(cfg=_np_configs(), length=st.integers(1, 24), seed=st.integers(0, 99))
 def test_numpy_logits_equal_olmo_and_transformers(cfg, length, seed):
     ref, model, twin = _np_three_models(cfg, seed)
@@ -205,7 +205,7 @@ def test_numpy_cached_generation_equals_olmo_and_full_forward(cfg, lengths, new,
         _np_assert_close(steps, full)
 
 
-@settings(max_examples=10, **_NP_SETTINGS)
+@settings(max_examples=15, **_NP_SETTINGS)
 @given(cfg=_np_configs(), lengths=st.lists(st.integers(1, 10), min_size=2, max_size=3), seed=st.integers(0, 99))
 def test_numpy_left_padded_rows_equal_prompts_alone(cfg, lengths, seed):
     # With dynamic RoPE past the trained length the frequencies depend on the longest row in the batch (as in
@@ -558,3 +558,16 @@ def test_numpy_cli_honours_generation_config(_np_cli_checkpoint, tmp_path, capsy
     outs = [_np_run("--model", str(path), "--prompt", "Language", "--max-new-tokens", "8", "--seed", "3").stdout
             for _ in range(2)]
     assert outs[0] == outs[1] and outs[0].startswith("Language")
+
+
+def test_numpy_cli_ctrl_c_keeps_what_was_printed(_np_cli_checkpoint):
+    import signal
+    path, _ = _np_cli_checkpoint
+    proc = subprocess.Popen([sys.executable, os.path.join(_NP_HERE, "olmo_numpy.py"), "--model", path, "--prompt",
+                             "Go", "--max-new-tokens", "3000", "--temperature", "1", "--seed", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.read(2)  # the prompt is printed before generation starts
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert first == "Go" and proc.returncode == 130
+    assert "Traceback" not in err and (first + rest).endswith("\n")
