@@ -9,11 +9,13 @@ SRC is a directory in one of three layouts, recognized by its files:
 2. the pre-transformers `hf_olmo` layout: `config.json` with the trainer's field names (`d_model`, ...) and
    the same fused weights under `model.transformer.*`;
 3. a transformers OLMo checkpoint (`config.json` with model_type "olmo"), which is only rewritten: as
-   safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only reader can load a .bin).
+   safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only reader can load a .bin),
+   its config and every tensor kept as they are (only the config's dtype changes).
 
 DST gets `config.json`, `model.safetensors` (or shards and `model.safetensors.index.json`) and whatever
 tokenizer files and `generation_config.json` SRC has. Settings transformers' OLMo cannot express (norm
-weights, biases, ALiBi, ...) are refused, never converted into a different model. Tensors are streamed one
+weights, MLP biases, ALiBi, ...) are refused, never converted into a different model. The model's tensors
+and config checks come from olmo.py (this repo's copy of transformers' OLMo). Tensors are streamed one
 at a time, so a 7B model converts in far less memory than two copies of it, and DST appears only when
 complete: everything is written into a directory beside it, renamed at the end, and removed on failure.
 """
@@ -33,6 +35,8 @@ from typing import Callable, NamedTuple
 
 import torch
 from safetensors import safe_open
+
+import olmo
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # safetensors' names for the dtypes we read and write.
@@ -82,8 +86,8 @@ def convert(src, dst, dtype=None, shard_size="5GB"):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Detecting the layout. Each reader returns the transformers config and the list of output tensors, having
-# checked both, so that bad input fails before anything is written.
+# Detecting the layout. Each reader returns the transformers config.json (a dict) and the list of output
+# tensors, having checked both, so that bad input fails before anything is written.
 
 
 def read_checkpoint(src: Path):
@@ -166,9 +170,10 @@ TRAINER_IGNORED = {
 def read_trainer_layout(config_path, raw, weight_names, prefix):
     """Layouts 1 and 2: the trainer's settings and its fused tensors, `prefix` before every name."""
     config = trainer_to_transformers_config(raw, config_path)
+    shapes = model_shapes(config, config_path)
     weights = Weights(weight_files(config_path.parent, weight_names))
     group_size = raw.get("block_group_size", TRAINER_DEFAULTS["block_group_size"])
-    return config, trainer_tensors(weights, config, prefix, group_size)
+    return config, trainer_tensors(weights, shapes, prefix, config["num_hidden_layers"], group_size)
 
 
 def trainer_to_transformers_config(raw, where):
@@ -199,80 +204,56 @@ def trainer_to_transformers_config(raw, where):
     vocab = get("embedding_size") or get("vocab_size")
     if vocab < get("vocab_size"):
         raise ConversionError(f"{where}: embedding_size {vocab} is smaller than vocab_size {get('vocab_size')}")
-    return transformers_config(
-        where, vocab_size=vocab, hidden_size=get("d_model"), intermediate_size=fused_mlp // 2,
-        num_hidden_layers=get("n_layers"), num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-        max_position_embeddings=get("max_sequence_length"), rope_theta=get("rope_theta"),
-        clip_qkv=get("clip_qkv"), tie_word_embeddings=get("weight_tying"), pad_token_id=get("pad_token_id"),
-        bos_token_id=None, eos_token_id=get("eos_token_id"))
+    try:  # YAML 1.1 reads "5e5" (no dot) as a string
+        theta, clip = float(get("rope_theta")), None if get("clip_qkv") is None else float(get("clip_qkv"))
+    except (TypeError, ValueError):
+        raise ConversionError(f"{where}: rope_theta and clip_qkv must be numbers") from None
+    return {
+        "architectures": ["OlmoForCausalLM"], "model_type": "olmo", "vocab_size": vocab,
+        "hidden_size": get("d_model"), "intermediate_size": fused_mlp // 2, "num_hidden_layers": get("n_layers"),
+        "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "hidden_act": "silu",
+        "max_position_embeddings": get("max_sequence_length"), "rope_theta": theta, "rope_scaling": None,
+        "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": clip,
+        "tie_word_embeddings": get("weight_tying"), "pad_token_id": get("pad_token_id"), "bos_token_id": None,
+        "eos_token_id": get("eos_token_id"),
+    }
 
 
 def read_transformers_layout(src, raw):
-    """Layout 3: already transformers' names; the config is checked and rewritten in the 4.x style."""
-    where = src / "config.json"
-    rope = raw.get("rope_parameters") or {}
-    if raw.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise ConversionError(f"{where}: RoPE scaling is not supported (only rope_type \"default\")")
-    if raw.get("attention_bias"):
-        raise ConversionError(f"{where} sets attention_bias: true; only OLMo without biases is supported")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"{where} sets hidden_act: {raw['hidden_act']!r}; OLMo's MLP is SwiGLU (silu)")
-
-    def get(key, default):  # absent keys take transformers' OlmoConfig defaults
-        return raw[key] if raw.get(key) is not None else default
-
-    config = transformers_config(
-        where, vocab_size=get("vocab_size", 50304), hidden_size=get("hidden_size", 4096),
-        intermediate_size=get("intermediate_size", 11008), num_hidden_layers=get("num_hidden_layers", 32),
-        num_attention_heads=get("num_attention_heads", 32),
-        num_key_value_heads=get("num_key_value_heads", get("num_attention_heads", 32)),
-        max_position_embeddings=get("max_position_embeddings", 2048),
-        rope_theta=raw.get("rope_theta") or rope.get("rope_theta") or 10_000, clip_qkv=raw.get("clip_qkv"),
-        tie_word_embeddings=get("tie_word_embeddings", False), pad_token_id=raw.get("pad_token_id", 1),
-        bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id", 50279))
+    """Layout 3: already transformers' names and config, both kept as they are."""
+    expected = model_shapes(raw, src / "config.json")
     weights = Weights(weight_files(src, HF_WEIGHT_FILES))
-    expected = transformers_shapes(config)
     # A tied model may still carry a copy of the embedding as lm_head; transformers ignores it, and so do we.
-    weights.check(expected, ignore={"lm_head.weight"} if config["tie_word_embeddings"] else set())
-    return config, [weights.take(name, name) for name in expected]
+    weights.check(expected, ignore={"lm_head.weight"} - expected.keys())
+    return raw, [weights.take(name, name) for name in expected]
 
 
-def transformers_config(where, **config):
-    """The settings in the transformers OLMo config, checked for the model to be well-defined."""
-    sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "max_position_embeddings"]
-    for key in sizes:
-        if not isinstance(config[key], int) or config[key] <= 0:
-            raise ConversionError(f"{where}: {key} must be a positive integer, got {config[key]!r}")
-    hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    if hidden % heads or (hidden // heads) % 2:
-        raise ConversionError(f"{where}: {hidden} dims don't split into {heads} heads of an even size (RoPE)")
-    if heads % kv_heads:
-        raise ConversionError(f"{where}: {heads} query heads don't split into groups for {kv_heads} kv heads")
-    try:  # YAML 1.1 reads "5e5" (no dot) as a string
-        config["rope_theta"] = float(config["rope_theta"])
-        config["clip_qkv"] = None if config["clip_qkv"] is None else float(config["clip_qkv"])
-    except (TypeError, ValueError):
-        raise ConversionError(f"{where}: rope_theta and clip_qkv must be numbers") from None
-    if config["clip_qkv"] is not None and not config["clip_qkv"] > 0:
-        raise ConversionError(f"{where}: clip_qkv must be positive, got {config['clip_qkv']!r}")
-    return config
+SIZES = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "max_position_embeddings"]
 
 
-def transformers_shapes(config):
-    """Every tensor of transformers' OlmoForCausalLM and its shape, in the order we write them."""
-    d, vocab, mlp = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
-    kv_dim = d // config["num_attention_heads"] * config["num_key_value_heads"]
-    shapes = {"model.embed_tokens.weight": (vocab, d)}
-    for i in range(config["num_hidden_layers"]):
-        layer = f"model.layers.{i}."
-        shapes.update({
-            layer + "self_attn.q_proj.weight": (d, d), layer + "self_attn.k_proj.weight": (kv_dim, d),
-            layer + "self_attn.v_proj.weight": (kv_dim, d), layer + "self_attn.o_proj.weight": (d, d),
-            layer + "mlp.gate_proj.weight": (mlp, d), layer + "mlp.up_proj.weight": (mlp, d),
-            layer + "mlp.down_proj.weight": (d, mlp)})
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (vocab, d)
+def model_shapes(config, where):
+    """Check a transformers config.json with olmo.py and return the tensors a checkpoint of it holds (name ->
+    shape, in transformers' order), read off olmo's model built on the meta device, which costs nothing."""
+    for key in SIZES:  # olmo.py trusts these; absent ones take its defaults
+        value = config.get(key, 1)
+        if not (type(value) is int and value > 0 or key == "num_key_value_heads" and value is None):
+            raise ConversionError(f"{where}: {key} must be a positive integer, got {value!r}")
+    try:
+        cfg = olmo.OlmoConfig.from_dict(config)
+    except ValueError as e:
+        raise ConversionError(f"{where}: {e}") from None
+    if cfg.head_dim % 2:
+        raise ConversionError(f"{where}: head size {cfg.head_dim} is odd; RoPE rotates pairs of dimensions")
+    number = (int, float)
+    if not isinstance(cfg.rope_theta, number) or cfg.clip_qkv is not None and not (
+            isinstance(cfg.clip_qkv, number) and cfg.clip_qkv > 0):
+        raise ConversionError(f"{where}: rope_theta must be a number and clip_qkv null or a positive number")
+    with torch.device("meta"):
+        model = olmo.OlmoForCausalLM(cfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if cfg.tie_word_embeddings:  # transformers writes a tied head once, as the embedding
+        del shapes["lm_head.weight"]
     return shapes
 
 
@@ -380,39 +361,33 @@ def decode_trainer_key(key):
     return ".".join(names)
 
 
-def trainer_tensors(weights, config, prefix, group_size):
-    """The trainer's fused tensors, split into transformers' names; no q/k permutation is needed since both
+def trainer_tensors(weights, shapes, prefix, n_layers, group_size):
+    """The trainer's fused tensors, split into transformers' `shapes`; no q/k permutation is needed since both
     apply RoPE in the rotate-half layout (first half of each head against the second)."""
-    d, mlp, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv_dim = d // config["num_attention_heads"] * config["num_key_value_heads"]
-    # block_group_size only wraps blocks for FSDP; it changes the names, not the model.
-    blocks = [prefix + (f"blocks.{i}." if group_size == 1 else f"block_groups.{i // group_size}.{i % group_size}.")
-              for i in range(config["num_hidden_layers"])]
-    expected = {prefix + "wte.weight": (vocab, d)}
-    for block in blocks:
-        expected.update({block + "att_proj.weight": (d + 2 * kv_dim, d), block + "attn_out.weight": (d, d),
-                         block + "ff_proj.weight": (2 * mlp, d), block + "ff_out.weight": (d, mlp)})
-    if not config["tie_word_embeddings"]:
-        expected[prefix + "ff_out.weight"] = (vocab, d)
-    weights.check(expected)
-
-    tensors = [weights.take("model.embed_tokens.weight", prefix + "wte.weight")]
-    for i, block in enumerate(blocks):
-        layer, att, ff = f"model.layers.{i}.", block + "att_proj.weight", block + "ff_proj.weight"
-        tensors += [
+    # Each trainer tensor -> the transformers tensors stacked in its rows, in order.
+    stacked = {prefix + "wte.weight": ["model.embed_tokens.weight"]}
+    for i in range(n_layers):
+        # block_group_size only wraps blocks for FSDP; it changes the names, not the model.
+        block = prefix + (f"blocks.{i}." if group_size == 1 else f"block_groups.{i // group_size}.{i % group_size}.")
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        stacked.update({
             # att_proj's rows are q, then k, then v (OLMoSequentialBlock.fused_dims).
-            weights.take(layer + "self_attn.q_proj.weight", att, 0, d),
-            weights.take(layer + "self_attn.k_proj.weight", att, d, d + kv_dim),
-            weights.take(layer + "self_attn.v_proj.weight", att, d + kv_dim, d + 2 * kv_dim),
-            weights.take(layer + "self_attn.o_proj.weight", block + "attn_out.weight"),
+            block + "att_proj.weight": [attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"],
+            block + "attn_out.weight": [attn + "o_proj.weight"],
             # The trainer's SwiGLU does `x, gate = ff_proj(h).chunk(2)`; silu(gate) * x: up first, gate second.
-            weights.take(layer + "mlp.gate_proj.weight", ff, mlp, 2 * mlp),
-            weights.take(layer + "mlp.up_proj.weight", ff, 0, mlp),
-            weights.take(layer + "mlp.down_proj.weight", block + "ff_out.weight"),
-        ]
-    if not config["tie_word_embeddings"]:
-        tensors.append(weights.take("lm_head.weight", prefix + "ff_out.weight"))
-    return tensors
+            block + "ff_proj.weight": [mlp + "up_proj.weight", mlp + "gate_proj.weight"],
+            block + "ff_out.weight": [mlp + "down_proj.weight"]})
+    if "lm_head.weight" in shapes:  # untied
+        stacked[prefix + "ff_out.weight"] = ["lm_head.weight"]
+    weights.check({name: (sum(shapes[p][0] for p in parts), *shapes[parts[0]][1:])
+                   for name, parts in stacked.items()})
+    tensors = {}
+    for name, parts in stacked.items():
+        row = 0
+        for part in parts:
+            tensors[part] = weights.take(part, name, row, row + shapes[part][0])
+            row += shapes[part][0]
+    return [tensors[name] for name in shapes]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -472,19 +447,10 @@ def write_safetensors(path, tensors, dtype, done, total):
 
 
 def write_config(out_dir, config, dtype):
-    """config.json in the transformers 4.x style (top-level rope_theta), which transformers 5 reads too."""
-    full = {
-        "architectures": ["OlmoForCausalLM"], "model_type": "olmo",
-        **{k: config[k] for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                  "num_attention_heads", "num_key_value_heads"]},
-        "hidden_act": "silu", "max_position_embeddings": config["max_position_embeddings"],
-        "rope_theta": config["rope_theta"], "rope_scaling": None, "attention_bias": False,
-        "attention_dropout": 0.0, "clip_qkv": config["clip_qkv"],
-        "tie_word_embeddings": config["tie_word_embeddings"], "pad_token_id": config["pad_token_id"],
-        "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    (out_dir / "config.json").write_text(json.dumps(full, indent=2) + "\n")
+    """config.json with the output dtype, under the name the config already uses (transformers 5: "dtype")."""
+    keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]
+    config = {**config, **{key: str(dtype).removeprefix("torch.") for key in keys}}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -389,27 +389,43 @@ def test_cv_hf_olmo_layout(tmp_path, weights_file):
     _cv_assert_close(_cv_transformers_logits(tmp_path / "dst", _CV_IDS), expected)
 
 
-def _cv_transformers_model(tied, seed=0):
+def _cv_transformers_model(tied, seed=0, **overrides):
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.OlmoConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                     tie_word_embeddings=tied, clip_qkv=2.0, initializer_range=0.2,
-                                     rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                                     pad_token_id=1, eos_token_id=100)
-    return transformers.OlmoForCausalLM(config).eval()
+    config = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, clip_qkv=2.0,
+                  initializer_range=0.2, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                  pad_token_id=1, eos_token_id=100)
+    model = transformers.OlmoForCausalLM(transformers.OlmoConfig(**dict(config, **overrides))).eval()
+    with torch.no_grad():  # transformers starts biases at zero, where they would test nothing
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)
+    return model
+
+
+def _cv_save_transformers_config(model, src, v4_config):
+    """config.json as transformers 5 writes it (rope_parameters, "dtype"), or as 4.x did (top-level rope_theta,
+    rope_scaling with "type" if scaled, "torch_dtype"). Returns the dict written, and its dtype's key."""
+    model.config.save_pretrained(src)
+    raw = json.loads((src / "config.json").read_text())
+    if v4_config:
+        rope = raw.pop("rope_parameters")
+        raw["rope_theta"] = rope.pop("rope_theta")
+        rope_type = rope.pop("rope_type")
+        raw["rope_scaling"] = None if rope_type == "default" else dict(rope, type=rope_type)
+    dtype_key = "torch_dtype" if v4_config else "dtype"
+    raw[dtype_key] = "float32"
+    (src / "config.json").write_text(json.dumps(raw))
+    return raw, dtype_key
 
 
 @pytest.mark.parametrize("tied,sharded,v4_config", [(False, False, False), (True, True, True)])
 def test_cv_transformers_bin_is_rewritten_as_safetensors(tmp_path, tied, sharded, v4_config):
     model = _cv_transformers_model(tied)
     src = tmp_path / "src"
-    model.config.save_pretrained(src)  # transformers 5 writes rope_parameters: {"rope_theta": ...}
-    if v4_config:  # transformers 4.x wrote a top-level rope_theta instead
-        raw = json.loads((src / "config.json").read_text())
-        raw["rope_theta"] = raw.pop("rope_parameters")["rope_theta"]
-        (src / "config.json").write_text(json.dumps(raw))
+    raw, _ = _cv_save_transformers_config(model, src, v4_config)
     state = {k: v.clone() for k, v in model.state_dict().items()}  # a tied model's lm_head too, as old saves had
     if sharded:
         names = list(state)
@@ -426,13 +442,71 @@ def test_cv_transformers_bin_is_rewritten_as_safetensors(tmp_path, tied, sharded
     assert ("lm_head.weight" in out) == (not tied)
     for name, tensor in out.items():
         assert torch.equal(tensor, state[name]), name
-    config = json.loads((tmp_path / "dst" / "config.json").read_text())
-    assert (config["rope_theta"], config["clip_qkv"], config["num_key_value_heads"]) == (500000.0, 2.0, 2)
-    assert (config["eos_token_id"], config["pad_token_id"], config["tie_word_embeddings"]) == (100, 1, tied)
+    # Every setting kept, in the source's style.
+    assert json.loads((tmp_path / "dst" / "config.json").read_text()) == raw
     with torch.no_grad():
         expected = model(torch.tensor([_CV_IDS])).logits[0].double()
     # The same float32 weights and code on both sides: only run-to-run nondeterminism could differ.
     _cv_assert_close(_cv_transformers_logits(tmp_path / "dst", _CV_IDS), expected)
+
+
+@pytest.mark.parametrize("rope_type,v4_config,dtype", [
+    ("linear", False, "float32"), ("dynamic", True, "float32"), ("linear", True, "bfloat16"),
+    ("dynamic", False, "bfloat16"),
+])
+def test_cv_transformers_features_survive_a_rewrite(tmp_path, rope_type, v4_config, dtype):
+    # What only a transformers checkpoint can hold: q/k/v/o biases, RoPE scaling, another activation; with GQA.
+    # max_position_embeddings 8 < len(_CV_IDS), so dynamic scaling changes the frequencies too.
+    import transformers
+
+    import olmo
+
+    model = _cv_transformers_model(
+        False, attention_bias=True, hidden_act="gelu", max_position_embeddings=8,
+        rope_parameters={"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0})
+    src = tmp_path / "src"
+    raw, dtype_key = _cv_save_transformers_config(model, src, v4_config)
+    save_file(model.state_dict(), src / "model.safetensors")
+    convert.convert(src, tmp_path / "dst", dtype=dtype)
+
+    # Every setting kept, in the source's style; only the dtype changes.
+    assert json.loads((tmp_path / "dst" / "config.json").read_text()) == dict(raw, **{dtype_key: dtype})
+    out = load_file(tmp_path / "dst" / "model.safetensors")
+    assert out.keys() == model.state_dict().keys() and "model.layers.1.self_attn.o_proj.bias" in out
+    ids = torch.tensor([_CV_IDS])
+
+    def logits(path):
+        return transformers.OlmoForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()(ids).logits
+
+    with torch.no_grad():  # the same weights and code on both sides: bit for bit
+        # In bfloat16: the source loaded as bfloat16 (model.to() would also round RoPE's inv_freq buffer).
+        expected = model(ids).logits if dtype == "float32" else logits(src)
+        assert torch.equal(logits(tmp_path / "dst"), expected)
+        ours = olmo.OlmoForCausalLM.from_pretrained(tmp_path / "dst", dtype=torch.float32)(ids)
+    _cv_assert_close(ours[0].double(), _cv_transformers_logits(tmp_path / "dst", _CV_IDS))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda raw, s: raw.update(rope_parameters={"rope_type": "yarn", "factor": 2.0}), "rope_scaling type 'yarn'"),
+    (lambda raw, s: raw.update(hidden_act="tanh"), "hidden_act 'tanh'"),
+    (lambda raw, s: raw.update(num_key_value_heads=3), "num_key_value_heads 3"),
+    (lambda raw, s: raw.update(hidden_size=-32), "hidden_size must be a positive integer"),
+    (lambda raw, s: s.pop("model.layers.1.self_attn.k_proj.bias"), "model.layers.1.self_attn.k_proj.bias"),
+    (lambda raw, s: raw.update(attention_bias=False), "model.layers.0.self_attn.k_proj.bias"),
+    (lambda raw, s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(16)}),
+     r"q_proj.bias has shape \(16,\)"),
+], ids=["rope-type", "activation", "kv-heads", "size", "missing-bias", "unexpected-bias", "bias-shape"])
+def test_cv_transformers_checkpoint_inconsistent_with_olmo_is_refused(tmp_path, change, message):
+    model = _cv_transformers_model(False, attention_bias=True)
+    src = tmp_path / "src"
+    raw, _ = _cv_save_transformers_config(model, src, False)
+    state = dict(model.state_dict())
+    change(raw, state)
+    (src / "config.json").write_text(json.dumps(raw))
+    save_file(state, src / "model.safetensors")
+    with pytest.raises(convert.ConversionError, match=message):
+        convert.convert(src, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
