@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import olmo
@@ -63,6 +63,13 @@ def _np_configs(draw):
     )
 
 
+# Explicit examples, so every run covers the rarest combination whatever hypothesis draws: dynamic RoPE past the
+# trained length, with GQA, bias, clip_qkv, a tied head and exact gelu.
+_NP_DYNAMIC = dict(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, hidden_act="gelu", max_position_embeddings=8, tie_word_embeddings=True,
+                   attention_bias=True, clip_qkv=0.8, rope_theta=500.0,
+                   rope_scaling={"rope_type": "dynamic", "factor": 2.5}, pad_token_id=1, bos_token_id=None,
+                   eos_token_id=None)
 _NP_SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, hidden_act="silu", max_position_embeddings=64, tie_word_embeddings=False,
                  attention_bias=False, clip_qkv=None, rope_theta=10000.0, rope_scaling=None, pad_token_id=1,
@@ -163,6 +170,8 @@ def _np_dynamic_past_max(cfg, length):
 
 @settings(max_examples=30, **_NP_SETTINGS)
 @given(cfg=_np_configs(), length=st.integers(1, 24), seed=st.integers(0, 99))
+@example(cfg=_NP_DYNAMIC, length=20, seed=0)
+@example(cfg={**_NP_DYNAMIC, "hidden_act": "gelu_pytorch_tanh", "num_key_value_heads": 1}, length=12, seed=1)
 def test_numpy_logits_equal_olmo_and_transformers(cfg, length, seed):
     ref, model, twin = _np_three_models(cfg, seed)
     ids = _np_ids(cfg, 2, length, seed)
@@ -181,6 +190,8 @@ def test_numpy_logits_equal_olmo_and_transformers(cfg, length, seed):
 @settings(max_examples=20, **_NP_SETTINGS)
 @given(cfg=_np_configs(), lengths=st.lists(st.integers(1, 12), min_size=2, max_size=3), new=st.integers(1, 12),
        seed=st.integers(0, 99))
+@example(cfg=_NP_DYNAMIC, lengths=[3, 10, 6], new=8, seed=0)
+@example(cfg={**_NP_DYNAMIC, "hidden_act": "gelu_new", "rope_scaling": None}, lengths=[5, 2], new=12, seed=1)
 def test_numpy_cached_generation_equals_olmo_and_full_forward(cfg, lengths, new, seed):
     """Left-padded batch, greedy: the same tokens as olmo.py's generate; the same per-step logits through the
     cache as olmo.py's; and -- except for dynamic RoPE past the trained length, where cached keys keep the
@@ -571,3 +582,23 @@ def test_numpy_cli_ctrl_c_keeps_what_was_printed(_np_cli_checkpoint):
     rest, err = proc.communicate(timeout=60)
     assert first == "Go" and proc.returncode == 130
     assert "Traceback" not in err and (first + rest).endswith("\n")
+
+
+def test_numpy_cli_streaming_never_splits_a_character(_np_cli_checkpoint, monkeypatch):
+    """Feed the streamer tokens that split multi-byte characters: every chunk it prints must be whole text."""
+    path, tok = _np_cli_checkpoint
+    ids = tok.encode("🙂日本語🙂", add_special_tokens=False).ids
+    byte_ids = [tok.token_to_id(c) for c in "".join(tok.id_to_token(i) for i in ids)]  # one byte per token
+    assert len(byte_ids) > len(ids) and None not in byte_ids
+
+    def scripted_generate(self, input_ids, max_new_tokens, callback=None, **kw):  # "generates" the byte tokens
+        for t in byte_ids:
+            callback(np.array([t]))
+
+    chunks = []
+    monkeypatch.setattr(olmo_numpy.OlmoForCausalLM, "generate", scripted_generate)
+    monkeypatch.setattr("builtins.print", lambda *a, file=None, end="\n", flush=False:
+                        file is None and chunks.append((a[0] if a else "") + end))
+    olmo_numpy.run(olmo_numpy.parse_args(["--model", path, "--prompt", "x", "--max-new-tokens", "50"]))
+    assert "".join(chunks) == "x🙂日本語🙂\n"
+    assert all("\ufffd" not in c for c in chunks) and len(chunks) > 3
