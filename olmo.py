@@ -398,11 +398,14 @@ class OlmoForCausalLM(nn.Module):
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [],
-                           device=input_ids.device, dtype=torch.long)
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
+                           device=input_ids.device).reshape(-1)  # an int or a list of ints
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
         self.setup_cache(attention_mask, T + max_new_tokens)
         next_position = attention_mask.sum(-1, keepdim=True)  # (B, 1): RoPE position of the first new token
+        # Cache slots of the new tokens, made once: a tensor built per step would be a host-to-device copy that
+        # stalls the CPU until the GPU catches up.
+        slots = torch.arange(T, T + max_new_tokens, device=input_ids.device)
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         if max_new_tokens > 0:
@@ -418,8 +421,7 @@ class OlmoForCausalLM(nn.Module):
                 if finished.all():
                     break
             if i + 1 < max_new_tokens:
-                input_pos = torch.tensor([T + i], device=input_ids.device)
-                logits = self.decode_one_token(token[:, None], input_pos, next_position + i)
+                logits = self.decode_one_token(token[:, None], slots[i:i + 1], next_position + i)
         return torch.cat(tokens, dim=1)
 
     # ------------------------------------------------------------------------------------------------------------
