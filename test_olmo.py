@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import bench
 import convert
 import olmo
 import olmo_numpy
@@ -1621,6 +1622,96 @@ def test_convert_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "alibi" in result.stderr
     assert not (tmp_path / "o6").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench.py, and what the speed work could break
+#
+# No test here times anything: speed is measured (and compared with transformers) by bench.py itself.
+
+
+def test_bench_tiny_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("--shape", "tiny", "--device", "cpu", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1",
+                   "--json", str(out), script="bench.py", env={"OMP_NUM_THREADS": "1"})  # quick on a busy machine
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("model", "device", "dtype", "batch", "prompt_len", "new_tokens", "reps", "weight_bytes",
+                "weight_bytes_per_step", "memory_bandwidth_bytes_s", "results", "skipped"):
+        assert key in report, key
+    assert report["model"] == "tiny" and report["dtype"] == "float32" and report["new_tokens"] == 4
+    assert report["memory_bandwidth_bytes_s"] > 0
+    # The head counts, the embedding table doesn't: tiny is 2 layers of 64 wide over 50304 tokens, untied.
+    layer = 4 * 64 * 64 + 3 * 64 * 256
+    assert report["weight_bytes_per_step"] == 4 * (2 * layer + 50304 * 64)
+    assert report["weight_bytes"] == 4 * (2 * layer + 2 * 50304 * 64)
+    results = report["results"]
+    assert {"olmo.py", "olmo_numpy.py", "transformers"} <= set(results)
+    for impl, r in results.items():
+        for key in ("load_s", "peak_bytes", "peak_ratio", "prefill_tok_s", "decode_tok_s", "decode_bytes_s",
+                    "roofline", "warmup_s"):
+            assert r[key] > 0, (impl, key, r[key])
+        assert len(r["times"]["all"]) == 1
+        assert r["same_tokens"], f"{impl}'s greedy tokens differ from {r['same_tokens_as']}'s"
+        assert r["vs_transformers"]["decode_tok_s"] > 0
+        assert impl in proc.stdout  # the table names every implementation
+    assert "roofline" in proc.stdout and "[bench]" in proc.stderr  # progress goes to stderr
+
+
+def test_bench_tied_checkpoint_loads_in_both(tmp_path, monkeypatch):
+    """A tied shape (like 1b) is written without lm_head.weight, loads in olmo.py with the head = the embedding,
+    and transformers reads the same config.json and gives the same logits."""
+    monkeypatch.setitem(bench.SHAPES, "tiny-tied", dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                                        num_attention_heads=2, tie_word_embeddings=True))
+    bench.build_checkpoint("tiny-tied", tmp_path)
+    assert "lm_head.weight" not in load_keys(tmp_path)
+    model = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    total, per_step = bench.weight_bytes(model.config, torch.float32)
+    layer = 4 * 32 * 32 + 3 * 32 * 64
+    assert (total, per_step) == (4 * (layer + 50304 * 32), 4 * (layer + 50304 * 32))
+    ids = torch.tensor([[5, 17, 300, 9000, 42]])
+    with torch.no_grad():
+        logits = model(ids)
+        assert 0.3 < logits.std() < 3  # not degenerate
+        assert_close(logits, transformers.OlmoForCausalLM.from_pretrained(tmp_path).eval()(ids).logits)
+
+
+def test_compiled_decode_gives_the_eager_tokens():
+    """torch.compile of the one-token step (fullgraph, static cache) must not change a single greedy token."""
+    model = olmo.OlmoForCausalLM(olmo.OlmoConfig(**SMALL)).eval()
+    model.load_state_dict(reference_model(SMALL).state_dict())  # weights large enough that tokens differ
+    ids, mask = left_pad([torch.tensor([3, 14, 15, 9, 26]), torch.tensor([35, 8, 9])])
+    eager = [model.generate(ids, 12), model.generate(ids, 12, attention_mask=mask)]
+    torch._dynamo.reset()
+    model.decode_one_token = torch.compile(model.decode_one_token, mode="default", fullgraph=True)
+    assert torch.equal(model.generate(ids, 12), eager[0])
+    # left padding: other positions and masks through the same compiled step (same shapes, no recompile)
+    assert torch.equal(model.generate(ids, 12, attention_mask=mask), eager[1])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_last_position_equals_full_forward(small_checkpoint, padded):
+    """prefill applies the head only at the last position; that must be the full forward's last position."""
+    model = olmo.OlmoForCausalLM.from_pretrained(small_checkpoint[0])
+    ids, mask = left_pad([ids_for(SMALL, 1, n, n)[0] for n in ((7, 4, 6) if padded else (7, 7, 7))])
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)  # (B, T, vocab)
+        model.setup_cache(mask, ids.shape[1] + 4)
+        last = model.prefill(ids, mask)  # (B, vocab)
+    assert last.shape == (3, SMALL["vocab_size"])
+    assert_close(last, full[:, -1])
+
+
+def test_memory_mapped_load_equals_copying_load(small_checkpoint):
+    from safetensors.torch import load
+    path = small_checkpoint[0]
+    with open(os.path.join(path, "model.safetensors"), "rb") as f:
+        copied = load(f.read())  # every byte read into memory, no mapping
+    loaded = olmo.OlmoForCausalLM.from_pretrained(path).state_dict()
+    assert set(loaded) == set(copied)
+    for name, tensor in copied.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
 
 
 # ----------------------------------------------------------------------------------------------------------------
