@@ -156,8 +156,10 @@ class OlmoRotaryEmbedding(nn.Module):
     def dynamic_inv_freq(self, position_ids):
         # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so long-wavelength
         # dimensions interpolate while short ones keep their resolution. Like transformers, "the sequence" is the
-        # largest position in this call; up to max_position_embeddings this is the unscaled base. Written with
-        # tensor ops (no .item()) so the decode step still compiles into one graph.
+        # largest position in this call; up to max_position_embeddings this is the unscaled base. So while decoding
+        # past it, each step rotates with new frequencies but the cached keys keep the ones they were rotated with:
+        # transformers behaves exactly so, and cached decoding then differs from a full forward (test_olmo.py checks
+        # both). Written with tensor ops (no .item()) so the decode step still compiles into one graph.
         max_pos = self.config.max_position_embeddings
         seq_len = position_ids.max() + 1
         base = self.config.rope_theta * (self.factor * seq_len.float() / max_pos - (self.factor - 1)) ** (
@@ -366,12 +368,11 @@ class OlmoForCausalLM(nn.Module):
         """Allocate (or reuse, when the size matches) each layer's cache for max_len slots, and the attention mask
         over them: (B, 1, max_len, max_len), built once here so decode steps only index it."""
         B, T = attention_mask.shape
-        p = self.lm_head.weight
-        attn = self.model.layers[0].self_attn
-        for layer in self.model.layers:
+        p, attn = self.lm_head.weight, self.model.layers[0].self_attn
+        for layer in self.model.layers:  # reusing the buffers keeps their addresses, which CUDA graphs replay from
             cache = layer.self_attn.kv_cache
-            if cache is None or cache.k_cache.shape[0] != B or cache.k_cache.shape[2] != max_len \
-                    or cache.k_cache.dtype != p.dtype or cache.k_cache.device != p.device:
+            if cache is None or cache.k_cache.shape != (B, attn.num_kv_heads, max_len, attn.head_dim) \
+                    or (cache.k_cache.dtype, cache.k_cache.device) != (p.dtype, p.device):
                 layer.self_attn.kv_cache = KVCache(B, max_len, attn.num_kv_heads, attn.head_dim, p.dtype, p.device)
         key_valid = F.pad(attention_mask.bool(), (0, max_len - T), value=True)  # generated tokens are real
         self.mask = causal_mask(key_valid)
