@@ -191,7 +191,7 @@ def apply_rotary_pos_emb(x, cos, sin):
 
 class KVCache(nn.Module):
     """Keys and values of every position seen so far, preallocated for the whole generation and written in place,
-    so a decode step allocates nothing and keeps static shapes (what torch.compile and CUDA graphs need)."""
+    so a decode step never copies or grows them and keeps static shapes (what torch.compile and CUDA graphs need)."""
 
     def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype, device):
         super().__init__()
@@ -365,8 +365,8 @@ class OlmoForCausalLM(nn.Module):
     # token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
 
     def setup_cache(self, attention_mask, max_len):
-        """Allocate (or reuse, when the size matches) each layer's cache for max_len slots, and the attention mask
-        over them: (B, 1, max_len, max_len), built once here so decode steps only index it."""
+        """Allocate (or reuse, when the size matches) each layer's cache for max_len slots, and note which slots
+        hold real tokens: key_valid (B, max_len), False at the prompt's padding."""
         B, T = attention_mask.shape
         p, attn = self.lm_head.weight, self.model.layers[0].self_attn
         for layer in self.model.layers:  # reusing the buffers keeps their addresses, which CUDA graphs replay from
@@ -374,19 +374,22 @@ class OlmoForCausalLM(nn.Module):
             if cache is None or cache.k_cache.shape != (B, attn.num_kv_heads, max_len, attn.head_dim) \
                     or (cache.k_cache.dtype, cache.k_cache.device) != (p.dtype, p.device):
                 layer.self_attn.kv_cache = KVCache(B, max_len, attn.num_kv_heads, attn.head_dim, p.dtype, p.device)
-        key_valid = F.pad(attention_mask.bool(), (0, max_len - T), value=True)  # generated tokens are real
-        self.mask = causal_mask(key_valid)
+        self.key_valid = F.pad(attention_mask.bool(), (0, max_len - T), value=True)  # generated tokens are real
+        self.slots = torch.arange(max_len, device=p.device)
 
     def prefill(self, input_ids, attention_mask):
         """input_ids, attention_mask (B, T) -> logits of the last position (B, vocab)."""
         T = input_ids.shape[1]
         input_pos = torch.arange(T, device=input_ids.device)
-        hidden = self.model(input_ids, positions_from_mask(attention_mask), self.mask[:, :, :T], input_pos)
+        # the prompt attends causally within itself; the cache's empty slots after it are masked out
+        mask = F.pad(causal_mask(attention_mask.bool()), (0, len(self.slots) - T), value=False)  # (B, 1, T, S)
+        hidden = self.model(input_ids, positions_from_mask(attention_mask), mask, input_pos)
         return self.lm_head(hidden[:, -1])  # the vocab projection only where we sample: (B, vocab)
 
     def decode_one_token(self, token, input_pos, position_ids):
         """token, position_ids (B, 1); input_pos (1,) the cache slot -> logits (B, vocab)."""
-        hidden = self.model(token, position_ids, self.mask[:, :, input_pos], input_pos)
+        mask = ((self.slots <= input_pos) & self.key_valid)[:, None, None]  # (B, 1, 1, S): filled, real slots
+        hidden = self.model(token, position_ids, mask, input_pos)
         return self.lm_head(hidden[:, -1])
 
     @torch.no_grad()

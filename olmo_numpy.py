@@ -346,25 +346,23 @@ class OlmoForCausalLM:
     # token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
 
     def setup_cache(self, attention_mask, max_len):
-        """Allocate each layer's cache for max_len slots, float32 zeros (B, kv_heads, max_len, head_dim), and the
-        attention mask over them: (B, 1, max_len, max_len), built once here so decode steps only slice it."""
+        """Allocate each layer's cache for max_len slots, float32 zeros (B, kv_heads, max_len, head_dim), and note
+        which slots hold real tokens: key_valid (B, max_len), False at the prompt's padding."""
         B, T = attention_mask.shape
         shape = (B, self.config.num_key_value_heads, max_len, self.config.head_dim)
         self.caches = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
                        for _ in range(self.config.num_hidden_layers)]
-        key_valid = np.pad(attention_mask.astype(bool), ((0, 0), (0, max_len - T)), constant_values=True)
-        self.mask = causal_mask(key_valid)  # generated tokens are real
+        self.key_valid = np.pad(attention_mask.astype(bool), ((0, 0), (0, max_len - T)), constant_values=True)
 
     def prefill(self, input_ids, attention_mask):
         """input_ids, attention_mask (B, T) -> logits of the last position (B, vocab)."""
-        T = input_ids.shape[1]
         hidden = olmo_model(self.weights, self.config, input_ids, positions_from_mask(attention_mask),
-                            self.mask[:, :, :T, :T], self.caches, input_pos=0)
+                            causal_mask(attention_mask.astype(bool)), self.caches, input_pos=0)
         return linear(hidden[:, -1], self.weights, "lm_head")  # the vocab projection only where we sample
 
     def decode_one_token(self, token, input_pos, position_ids):
         """token, position_ids (B, 1); input_pos the cache slot (an int) -> logits (B, vocab)."""
-        mask = self.mask[:, :, input_pos:input_pos + 1, :input_pos + 1]  # (B, 1, 1, S): slots after are empty
+        mask = self.key_valid[:, None, None, :input_pos + 1]  # (B, 1, 1, S): the filled slots, less padding
         hidden = olmo_model(self.weights, self.config, token, position_ids, mask, self.caches, input_pos)
         return linear(hidden[:, -1], self.weights, "lm_head")
 
