@@ -151,14 +151,6 @@ def peak_rss():
 # perf_counter() time the first new token was ready, or None where the implementation can't tell)
 
 
-def numpy_available():
-    try:
-        import olmo_numpy  # noqa: F401 (may be absent, or half-written)
-        return True
-    except Exception:
-        return False
-
-
 def load(impl, path, device, dtype):
     """Load one implementation; return its generate function."""
     if impl.startswith("olmo.py"):
@@ -283,8 +275,6 @@ def run_bench(args, path, name, config, device, dtype, long_prompt):
     skipped = {}
     if "olmo_numpy.py" in impls and (device != "cpu" or dtype != torch.float32):
         skipped["olmo_numpy.py"] = "CPU and float32 only"
-    elif "olmo_numpy.py" in impls and not numpy_available():
-        skipped["olmo_numpy.py"] = "does not import"
     if "transformers" in impls:
         try:
             import transformers  # noqa: F401
@@ -453,7 +443,11 @@ def main(argv=None):
         dtype = olmo.DTYPES[args.dtype]
         print(json.dumps(load_child(args.load_child, args.model, args.device, dtype, json.loads(args.prompt_ids))))
         return 0
-    report = bench(args)
+    try:
+        report = bench(args)
+    except (ValueError, OSError) as e:  # a bad --model path or checkpoint: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table(report))
     if args.json:
         with open(args.json, "w") as f:
