@@ -407,9 +407,6 @@ class OlmoForCausalLM(nn.Module):
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
         self.setup_cache(attention_mask, T + max_new_tokens)
         next_position = attention_mask.sum(-1, keepdim=True)  # (B, 1): RoPE position of the first new token
-        # Cache slots of the new tokens, made once: a tensor built per step would be a host-to-device copy that
-        # stalls the CPU until the GPU catches up.
-        slots = torch.arange(T, T + max_new_tokens, device=input_ids.device)
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         if max_new_tokens > 0:
@@ -425,7 +422,9 @@ class OlmoForCausalLM(nn.Module):
                 if finished.all():
                     break
             if i + 1 < max_new_tokens:
-                logits = self.decode_one_token(token[:, None], slots[i:i + 1], next_position + i)
+                # the slot as a view of self.slots: a tensor built per step would be a host-to-device copy that
+                # stalls the CPU until the GPU catches up
+                logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
         return torch.cat(tokens, dim=1)
 
     # ------------------------------------------------------------------------------------------------------------
