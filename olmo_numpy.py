@@ -1,13 +1,18 @@
-"""OLMo v1 in one readable NumPy file: olmo.py's twin, with every matrix product written out.
+"""OLMo (1, 2 and 3) in one readable NumPy file: olmo.py's twin, with every matrix product written out.
 
-Frameworks hide the arithmetic; this file shows it. The layer norm, the rotation, the attention softmax, the MLP
-and the KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the
-.safetensors reader is a few lines of header parsing over a memory map. It tells the same story in the same order
-as olmo.py: config -> norm -> RoPE -> attention -> MLP -> block -> model -> cache and generation -> loading -> CLI,
-with the same names where the concept is the same, so the two files read side by side. Its logits equal olmo.py's
-and transformers' to float32 rounding (the tests check both). It needs only NumPy (and tokenizers for the CLI), no
-torch. Everything runs in float32; float16 and bfloat16 checkpoints are widened to float32 when they load.
-Local checkpoint directories only (fetching hub ids would need huggingface_hub).
+Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP and the
+KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the .safetensors
+reader is a few lines of header parsing over a memory map. It tells the same story in the same order as olmo.py:
+config -> norm -> RoPE -> attention -> MLP -> block -> model -> cache and generation -> loading -> CLI, with the
+same names where the concept is the same, so the two files read side by side; OLMo 2 and 3 are again the lines under
+"OLMo 2:" and "OLMo 3:" comments. Its logits equal olmo.py's and transformers' to float32 rounding (the tests check
+both). It needs only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32; float16 and bfloat16
+checkpoints are widened to float32 when they load. Local checkpoint directories only (fetching hub ids would need
+huggingface_hub).
+
+Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads, D head_dim.
+A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is what RoPE rotates
+by: the slot minus the row's left padding.
 
     python olmo_numpy.py --model path/to/OLMo-1B-hf --prompt "Language models are"
 """
@@ -18,18 +23,21 @@ import mmap
 import os
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config (the same dataclass as olmo.py's, repeated on purpose: this file imports nothing from it)
+# Config (the same dataclass and checks as olmo.py's, repeated on purpose: this file imports nothing from it)
 
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig, with its defaults: the OLMo-7B shape."""
+    """Every field of transformers' OlmoConfig, with its defaults (the OLMo-7B shape), plus the few OLMo 2 and 3 add."""
 
+    model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
@@ -44,62 +52,167 @@ class OlmoConfig:
     bos_token_id: int | None = None  # OLMo adds no BOS token to prompts
     eos_token_id: int | list[int] | None = 50279  # generation stops at this token ("<|endoftext|>")
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (OLMo-1B) or not (OLMo-7B)
-    rope_theta: float = 10000.0  # RoPE base: wavelengths grow geometrically from 2*pi to ~2*pi*theta
-    rope_scaling: dict | None = None  # None, {"rope_type": "linear" | "dynamic", "factor": f > 1}
+    rope_theta: float | None = None  # RoPE base (None: 10000, or 500000 for OLMo 3)
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "dynamic" | "yarn", "factor": f > 1, ...}
     attention_bias: bool = False  # biases on q/k/v/o projections
     attention_dropout: float = 0.0  # dropout on attention probabilities, in training only (none here)
-    clip_qkv: float | None = None  # clamp q, k and v to [-clip_qkv, clip_qkv] (OLMo-7B-0424 uses 8.0)
+    clip_qkv: float | None = None  # OLMo 1: clamp q, k and v to [-clip_qkv, clip_qkv] (OLMo-7B-0424 uses 8.0)
+    rms_norm_eps: float = 1e-5  # OLMo 2: the epsilon of its RMSNorms
+    sliding_window: int | None = None  # OLMo 3: a query sees this many keys (itself included); None: 4096
+    layer_types: list[str] | None = None  # OLMo 3: per layer "full_attention" or "sliding_attention"
+    dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
 
     def __post_init__(self):
+        def require(ok, name, what):
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        if self.model_type not in ("olmo", "olmo2", "olmo3"):
+            raise ValueError(f"model_type is {self.model_type!r}, not 'olmo', 'olmo2' or 'olmo3' (for 'hf_olmo' "
+                             "or trainer checkpoints run convert.py first)")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            require(getattr(self, name) >= 1, name, ">= 1")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
                              f"num_key_value_heads {self.num_key_value_heads}")
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (use one of {', '.join(ACT2FN)})")
+        require(self.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            ids = getattr(self, name)
+            ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
+            require(all(0 <= i < self.vocab_size for i in ids), name, f"null or in [0, {self.vocab_size})")
+        require(0 <= self.attention_dropout < 1, "attention_dropout", "in [0, 1)")
+        require(math.isfinite(self.initializer_range) and self.initializer_range >= 0, "initializer_range", ">= 0")
+        require(math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
+        require(self.clip_qkv is None or math.isfinite(self.clip_qkv) and self.clip_qkv > 0, "clip_qkv", "None or > 0")
+        require(self.clip_qkv is None or self.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
+        require(self.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
+        if self.rope_theta is None:
+            self.rope_theta = 500000.0 if self.model_type == "olmo3" else 10000.0
+        require(math.isfinite(self.rope_theta) and self.rope_theta > 0, "rope_theta", "a finite number > 0")
+        # OLMo 3: three sliding-window layers, then one full-attention layer, unless config.json lists them
+        olmo3 = self.model_type == "olmo3"
+        if olmo3 and self.sliding_window is None:
+            self.sliding_window = 4096
+        if self.layer_types is None or not olmo3:  # earlier generations have full attention everywhere
+            self.layer_types = ["sliding_attention" if olmo3 and i % 4 != 3 else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+        require(len(self.layer_types) == self.num_hidden_layers and
+                set(self.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
+                f"{self.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+        require(not olmo3 or self.sliding_window >= 1, "sliding_window", ">= 1")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("linear", "dynamic"):
-                raise ValueError(f"rope_scaling type {kind!r} is not supported (use 'linear' or 'dynamic')")
-            factor = self.rope_scaling.get("factor")
-            if not isinstance(factor, (int, float)) or factor <= 1:
-                raise ValueError(f"rope_scaling factor must be a number > 1, got {factor!r}")
-            self.rope_scaling = {"rope_type": kind, "factor": float(factor)}
+            self.rope_scaling = check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
 
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def norm_after(self):
+        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see decoder_layer)."""
+        return self.model_type != "olmo"
+
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, source="config.json"):
         """Read a config.json as transformers 4.x writes it (top-level rope_theta, rope_scaling with "type" or
-        "rope_type") or as transformers 5 does (rope_parameters = {"rope_type", "rope_theta", "factor"})."""
-        if d.get("model_type", "olmo") != "olmo":
-            raise ValueError(f"model_type is {d.get('model_type')!r}, not 'olmo' (for 'hf_olmo' or trainer "
-                             "checkpoints run convert.py first)")
-        d = dict(d)
-        rope = d.pop("rope_parameters", None)
-        if rope:  # transformers 5: theta and scaling live together
-            d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-            if rope.get("rope_type", "default") != "default":
-                d["rope_scaling"] = rope
-        known = {f.name for f in fields(cls)}  # everything else (architectures, torch_dtype, ...) is irrelevant
-        return cls(**{k: v for k, v in d.items() if k in known})
+        "rope_type") or as transformers 5 does (rope_parameters = {"rope_type", "rope_theta", "factor", ...}, for
+        OLMo 3 nested per layer type). Every known field must have its JSON type (no "false" for false, no 128.0
+        for 128); unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the source."""
+        try:
+            d = dict(d)
+            if "torch_dtype" in d:
+                d.setdefault("dtype", d.pop("torch_dtype"))
+            rope = d.pop("rope_parameters", None)
+            if isinstance(rope, dict) and {"full_attention", "sliding_attention"} & rope.keys():
+                # OLMo 3, nested per layer type: the sliding layers must be plain RoPE with the full layers' theta
+                full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+                if not isinstance(full, dict) or not isinstance(sliding, dict) or \
+                        sliding.get("rope_type", "default") != "default" or \
+                        sliding.get("rope_theta") not in (None, full.get("rope_theta")):
+                    raise ValueError(f"rope_parameters must give the sliding_attention layers plain RoPE with the "
+                                     f"full_attention layers' rope_theta, got {rope!r}")
+                rope = full
+            if rope is not None:
+                if not isinstance(rope, dict):
+                    raise ValueError(f"rope_parameters must be an object, got {rope!r}")
+                rope = dict(rope)
+                if "rope_theta" in rope:
+                    d["rope_theta"] = rope.pop("rope_theta")
+                d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+            known = {f.name: f.type for f in fields(cls)}
+            for key, value in d.items():
+                if key in known and not fits(value, known[key]):
+                    raise ValueError(f"{key} must be {type_name(known[key])}, got {value!r}")
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path):
         try:
             with open(path) as f:
                 d = json.load(f)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ValueError(f"cannot read {path}: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path} does not hold a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(d, path)
+
+
+def fits(value, annotation):
+    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is neither."""
+    if isinstance(annotation, types.UnionType):
+        return any(fits(value, a) for a in annotation.__args__)
+    if typing.get_origin(annotation) is list:
+        return type(value) is list and all(fits(v, typing.get_args(annotation)[0]) for v in value)
+    if annotation is float:
+        return type(value) in (int, float)
+    return type(value) is annotation  # int, bool, str, dict, NoneType
+
+
+def type_name(annotation):
+    return str(annotation).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
+
+
+# RoPE scaling settings: what each type takes (transformers' defaults in YARN), all else is refused.
+YARN = {"original_max_position_embeddings": None, "attention_factor": None, "beta_fast": 32.0, "beta_slow": 1.0,
+        "mscale": None, "mscale_all_dim": None, "truncate": True}
+
+
+def check_rope_scaling(scaling, max_position_embeddings):
+    """{"type" or "rope_type": ..., "factor": ..., YaRN's keys} -> the same with "rope_type" and every default."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("linear", "dynamic", "yarn"):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (use 'linear', 'dynamic' or 'yarn')")
+    out = {"rope_type": kind, "factor": scaling.get("factor")}
+    if type(out["factor"]) not in (int, float) or not 1 < out["factor"] < math.inf:
+        raise ValueError(f"rope_scaling factor must be a number > 1, got {out['factor']!r}")
+    extra = YARN if kind == "yarn" else {}
+    for key in scaling.keys() - {"rope_type", "type", "factor"}:
+        if key not in extra:
+            raise ValueError(f"rope_scaling key {key!r} is not supported for rope_type {kind!r}")
+    for key, default in extra.items():
+        value = scaling.get(key)
+        if key == "truncate":
+            ok, what = value is None or type(value) is bool, "a boolean"
+        elif key == "original_max_position_embeddings":
+            ok, what = value is None or type(value) is int and value >= 1, "an integer >= 1"
+        else:
+            ok, what = value is None or type(value) in (int, float) and 0 < value < math.inf, "a number > 0"
+        if not ok:
+            raise ValueError(f"rope_scaling {key} must be {what}, got {value!r}")
+        out[key] = default if value is None else value
+    if kind == "yarn" and out["original_max_position_embeddings"] is None:
+        out["original_max_position_embeddings"] = max_position_embeddings
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,7 +226,7 @@ def weight_shapes(config):
     H, KV = config.num_attention_heads, config.num_key_value_heads
     shapes = {"model.embed_tokens.weight": (config.vocab_size, C)}
     for i in range(config.num_hidden_layers):
-        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        layer, attn, mlp = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
         for proj, out_features, in_features in (("q_proj", H * D, C), ("k_proj", KV * D, C),
                                                 ("v_proj", KV * D, C), ("o_proj", C, H * D)):
             shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
@@ -122,8 +235,14 @@ def weight_shapes(config):
         shapes[f"{mlp}.gate_proj.weight"] = (I, C)
         shapes[f"{mlp}.up_proj.weight"] = (I, C)
         shapes[f"{mlp}.down_proj.weight"] = (C, I)
+        if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
+            shapes[f"{attn}.q_norm.weight"], shapes[f"{attn}.k_norm.weight"] = (H * D,), (KV * D,)
+            shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
+            shapes[f"{layer}.post_feedforward_layernorm.weight"] = (C,)
+    if config.norm_after:
+        shapes["model.norm.weight"] = (C,)
     shapes["lm_head.weight"] = (config.vocab_size, C)
-    return shapes  # OLMo's layer norms have no weights, so they have no entries
+    return shapes
 
 
 def linear(x, weights, name):
@@ -174,10 +293,16 @@ ACT2FN = {
 
 
 def layer_norm(x, eps=1e-5):
-    """LayerNorm with no learnable weight or bias (OLMo's choice): each vector to mean 0 and variance 1."""
+    """LayerNorm with no learnable weight or bias (OLMo 1's choice): each vector to mean 0 and variance 1."""
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # biased (divides by n), like torch's layer_norm
     return (x - mean) / np.sqrt(var + eps)
+
+
+def rms_norm(x, weight, eps):
+    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias): each vector divided by its root mean
+    square, then scaled by weight, in transformers' order."""
+    return weight * (x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,34 +310,69 @@ def layer_norm(x, eps=1e-5):
 #
 # Each head vector is split in two halves (x1, x2); frequency i rotates the pair (x1[i], x2[i]) by the angle
 # position * inv_freq[i]. Rotating q and k by their positions makes q.k depend only on the distance between them.
-# Everything is float32, as in olmo.py, so the angles round the same way.
+# Scaling stretches a model past the context it was trained on: linear divides every frequency, dynamic NTK raises
+# the base once a sequence is longer, YaRN (OLMo 3) interpolates only the slow frequencies. Everything is float32,
+# as in olmo.py, so the angles round the same way.
 
 
-def rope_inv_freq(config, position_ids):
-    """The rotation frequencies (head_dim/2,) for this call's positions (B, T)."""
-    dim = config.head_dim
-    scaling = config.rope_scaling or {}
-    kind, factor = scaling.get("rope_type", "default"), scaling.get("factor", 1.0)
-    exponents = np.arange(0, dim, 2).astype(np.float32) / dim
-    inv_freq = 1.0 / np.float32(config.rope_theta) ** exponents  # (dim/2,)
+def rope_inv_freq(config, scaling, position_ids):
+    """The rotation frequencies (head_dim/2,) for this call's positions (B, T), and the factor that scales cos and
+    sin (hence every attention score by its square; 1 except for YaRN)."""
+    dim, theta = config.head_dim, np.float32(config.rope_theta)
+    kind, factor = (scaling["rope_type"], scaling["factor"]) if scaling else ("default", 1.0)
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    inv_freq = 1.0 / theta ** exponents  # (dim/2,)
     max_pos = config.max_position_embeddings
     if kind == "linear":  # "position interpolation": every position divided by factor, i.e. every frequency
         inv_freq = inv_freq / np.float32(factor)
+    elif kind == "yarn":
+        return yarn(theta ** exponents, scaling, dim, config.rope_theta)
     elif kind == "dynamic" and position_ids.max() + 1 > max_pos:
         # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so long-wavelength
         # dimensions interpolate while short ones keep their resolution. Like transformers, "the sequence" is the
-        # largest position in this call; up to max_position_embeddings this is the unscaled base.
+        # largest position in this call; up to max_position_embeddings this is the unscaled base. So while decoding
+        # past it, each step rotates with new frequencies but the cached keys keep the ones they were rotated with
+        # (transformers and olmo.py alike).
         seq_len = np.float32(position_ids.max() + 1)
-        base = config.rope_theta * (factor * seq_len / max_pos - (factor - 1)) ** (dim / (dim - 2))
-        inv_freq = 1.0 / np.float32(base) ** exponents
-    return inv_freq.astype(np.float32)
+        base = theta * (np.float32(factor) * seq_len / np.float32(max_pos) - np.float32(factor - 1)) ** np.float32(
+            dim / (dim - 2))
+        inv_freq = 1.0 / base ** exponents
+    return inv_freq, 1.0
 
 
-def rotary_emb(config, position_ids):
-    """position_ids (B, T) -> cos, sin (B, T, head_dim), float32."""
-    freqs = position_ids[..., None].astype(np.float32) * rope_inv_freq(config, position_ids)  # (B, T, dim/2)
+def yarn(wavelengths, s, dim, theta):
+    """OLMo 3: YaRN (Peng et al., 2023). Frequencies that turn more than beta_fast times over the original context
+    keep their value (extrapolate), those turning fewer than beta_slow times are divided by factor (interpolate),
+    with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. Arithmetic as in transformers."""
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, original = s["factor"], s["original_max_position_embeddings"]
+    attention_factor = s["attention_factor"]
+    if attention_factor is None:
+        attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"]) \
+            if s["mscale"] and s["mscale_all_dim"] else mscale(factor)
+
+    def correction_dim(rotations):  # the dimension whose frequency turns `rotations` times over the context
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s["beta_fast"]), correction_dim(s["beta_slow"])
+    if s["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if high == low else high
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # 1: keep the frequency, 0: divide it by factor
+    return (1.0 / (factor * wavelengths) * (1 - extrapolation) + 1.0 / wavelengths * extrapolation,
+            attention_factor)
+
+
+def rotary_emb(config, scaling, position_ids):
+    """position_ids (B, T) -> cos, sin (B, T, head_dim), float32, with `scaling` (None: plain RoPE)."""
+    inv_freq, attention_factor = rope_inv_freq(config, scaling, position_ids)
+    freqs = position_ids[..., None].astype(np.float32) * inv_freq.astype(np.float32)  # (B, T, dim/2)
     emb = np.concatenate((freqs, freqs), axis=-1)  # both halves of a pair turn by the same angle
-    return np.cos(emb), np.sin(emb)
+    return np.cos(emb) * np.float32(attention_factor), np.sin(emb) * np.float32(attention_factor)
 
 
 def rotate_half(x):
@@ -230,20 +390,56 @@ def apply_rotary_pos_emb(x, cos, sin):
 # Attention
 
 
+def causal_mask(query_slots, key_valid, window=None):
+    """The one masking rule, for the full forward, prefill and decode alike. query_slots (T,) the queries' cache
+    slots; key_valid (B, S) bool, False at padding -> (B, 1, T, S) bool, True = may attend: key j is visible to the
+    query in slot i if j <= i, j holds a real token, and (OLMo 3's sliding layers) i - j < window. Every query also
+    sees itself, so a padding query has one finite score instead of a softmax over nothing (NaN); its output is
+    never used, since real tokens never attend to padding."""
+    i, j = query_slots[:, None], np.arange(key_valid.shape[1])
+    visible = j <= i  # (T, S)
+    if window is not None:
+        visible = visible & (i - j < window)
+    return (visible & key_valid[:, None, None, :]) | (i == j)
+
+
 def softmax(x):
     e = np.exp(x - x.max(axis=-1, keepdims=True))  # minus the max: exp never overflows, and -inf -> 0
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(weights, name, config, x, cos, sin, mask, cache=None, input_pos=0):
+QUERY_BLOCK = 256  # queries per block in attend: one block for decoding and for prompts up to 256 tokens
+
+
+def attend(q, k, v, mask):
+    """softmax(q k^T / sqrt(D) + mask) v. q (B, KV, group, T, D); k, v (B, KV, 1, S, D), shared by the group of
+    query heads by broadcasting (GQA without copying); mask (B, 1, T, S) -> (B, KV, group, T, D).
+    Over blocks of queries, because the scores of all of them at once, (B, KV, group, T, S) floats, would take
+    1.7 GB for a 6000-token prompt of a 12-head model; a block's take 256 / T of that. The queries are the last T
+    of the S slots, so a block's keys end at its last query's slot: later ones are masked anyway."""
+    T, S = q.shape[3], k.shape[3]
+    y = np.empty_like(q)
+    for start in range(0, T, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, T)
+        keys = S - T + stop  # the keys up to this block's last query
+        scores = q[:, :, :, start:stop] @ k[:, :, :, :keys].swapaxes(-1, -2) / np.float32(math.sqrt(q.shape[-1]))
+        scores = np.where(mask[:, :, None, start:stop, :keys], scores, -np.inf)  # (B, KV, group, block, keys)
+        y[:, :, :, start:stop] = softmax(scores) @ v[:, :, :, :keys]
+    return y
+
+
+def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
     """x (B, T, hidden); mask (B, 1, T, S) bool, True = may attend. cache = (k_cache, v_cache), each
-    (B, kv_heads, max_len, head_dim): x's keys and values are written at slots input_pos .. input_pos+T-1 and
-    attention runs over slots 0 .. input_pos+T-1 (S = input_pos + T). Without a cache, S = T."""
+    (B, KV, length, D): x's keys and values are written at slots (T,), and attention runs over the cache's first
+    S slots (the filled ones: S is the mask's width). Without a cache, S = T."""
     B, T, _ = x.shape
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = linear(x, weights, f"{name}.q_proj")  # (B, T, H*D)
     k = linear(x, weights, f"{name}.k_proj")  # (B, T, KV*D)
     v = linear(x, weights, f"{name}.v_proj")  # (B, T, KV*D)
+    if config.norm_after:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
+        q = rms_norm(q, weights[f"{name}.q_norm.weight"], config.rms_norm_eps)
+        k = rms_norm(k, weights[f"{name}.k_norm.weight"], config.rms_norm_eps)
     if config.clip_qkv is not None:  # OLMo-0424+: bounds activations, stabilising training
         c = config.clip_qkv
         q, k, v = np.clip(q, -c, c), np.clip(k, -c, c), np.clip(v, -c, c)
@@ -253,16 +449,11 @@ def attention(weights, name, config, x, cos, sin, mask, cache=None, input_pos=0)
     q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
     if cache is not None:
         k_cache, v_cache = cache
-        k_cache[:, :, input_pos:input_pos + T] = k  # written in place: the cache never grows or moves
-        v_cache[:, :, input_pos:input_pos + T] = v
-        k, v = k_cache[:, :, :input_pos + T], v_cache[:, :, :input_pos + T]  # (B, KV, S, D), views
+        k_cache[:, :, slots], v_cache[:, :, slots] = k, v  # written in place
+        k, v = k_cache[:, :, :mask.shape[-1]], v_cache[:, :, :mask.shape[-1]]  # (B, KV, S, D), views
     # Grouped-query attention: each group of H/KV query heads shares one key/value head. Reshaping q to
     # (B, KV, group, T, D) lets the matmul broadcast k and v over the group, instead of copying them H/KV times.
-    q = q.reshape(B, KV, H // KV, T, D)
-    k, v = k[:, :, None], v[:, :, None]  # (B, KV, 1, S, D)
-    scores = q @ k.swapaxes(-1, -2) / np.float32(math.sqrt(D))  # (B, KV, group, T, S)
-    scores = np.where(mask[:, :, None], scores, -np.inf)  # mask (B, 1, 1, T, S)
-    y = softmax(scores) @ v  # (B, KV, group, T, D)
+    y = attend(q.reshape(B, KV, H // KV, T, D), k[:, :, None], v[:, :, None], mask)  # (B, KV, group, T, D)
     y = y.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, H * D)
     return linear(y, weights, f"{name}.o_proj")  # (B, T, hidden)
 
@@ -283,10 +474,21 @@ def mlp(weights, name, config, x):
 # Block
 
 
-def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, input_pos=0):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
-    attn, ffn = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-    x = x + attention(weights, attn, config, layer_norm(x), cos, sin, mask, cache, input_pos)
+def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
+    """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its output,
+    before the residual add, so the residual stream itself is never rescaled (their stability fix):
+
+        OLMo 1                                        OLMo 2 and 3
+        x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
+        x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
+    """
+    layer, eps = f"model.layers.{i}", config.rms_norm_eps
+    attn, ffn = f"{layer}.self_attn", f"{layer}.mlp"
+    if config.norm_after:
+        x = x + rms_norm(attention(weights, attn, config, x, cos, sin, mask, cache, slots),
+                         weights[f"{layer}.post_attention_layernorm.weight"], eps)
+        return x + rms_norm(mlp(weights, ffn, config, x), weights[f"{layer}.post_feedforward_layernorm.weight"], eps)
+    x = x + attention(weights, attn, config, layer_norm(x), cos, sin, mask, cache, slots)
     return x + mlp(weights, ffn, config, layer_norm(x))
 
 
@@ -294,25 +496,21 @@ def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, input_pos=0
 # Model
 
 
-def olmo_model(weights, config, input_ids, position_ids, mask, caches=None, input_pos=0):
-    """Token ids -> final hidden states. input_ids, position_ids (B, T); mask (B, 1, T, S); caches: one
-    (k_cache, v_cache) per layer, or None."""
+def olmo_model(weights, config, input_ids, position_ids, query_slots, key_valid, caches=None):
+    """Token ids -> final hidden states (B, T, hidden). input_ids, position_ids (B, T); query_slots (T,) the
+    tokens' slots; key_valid (B, S) which slots hold real tokens; caches: one (k_cache, v_cache) per layer to
+    write at query_slots and attend over, or None to attend only within input_ids."""
     x = weights["model.embed_tokens.weight"][input_ids]  # (B, T, hidden): a row lookup
-    cos, sin = rotary_emb(config, position_ids)  # computed once, shared by every layer
-    for i in range(config.num_hidden_layers):
+    # RoPE tables and masks once per layer type, shared by every layer of that type. OLMo 3: RoPE scaling applies
+    # to the full-attention layers; the sliding ones keep plain RoPE.
+    rope = {kind: rotary_emb(config, config.rope_scaling if kind == "full_attention" else None, position_ids)
+            for kind in set(config.layer_types)}
+    masks = {kind: causal_mask(query_slots, key_valid, config.sliding_window
+                               if kind == "sliding_attention" else None) for kind in rope}
+    for i, kind in enumerate(config.layer_types):
         cache = None if caches is None else caches[i]
-        x = decoder_layer(weights, i, config, x, cos, sin, mask, cache, input_pos)
-    return layer_norm(x)
-
-
-def causal_mask(key_valid):
-    """key_valid (B, S) bool, False at padding -> (B, 1, S, S) bool: query i may attend to key j <= i that isn't
-    padding. Every query also sees itself, so a padding query has one finite score instead of a softmax over
-    nothing (NaN); its output is never used, since real tokens never attend to padding."""
-    S = key_valid.shape[1]
-    causal = np.tril(np.ones((S, S), dtype=bool))
-    diagonal = np.eye(S, dtype=bool)
-    return (causal & key_valid[:, None, None, :]) | diagonal
+        x = decoder_layer(weights, i, config, x, *rope[kind], masks[kind], cache, query_slots)
+    return rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps) if config.norm_after else layer_norm(x)
 
 
 def positions_from_mask(attention_mask):
@@ -321,49 +519,88 @@ def positions_from_mask(attention_mask):
     return np.maximum(np.cumsum(attention_mask.astype(np.int64), axis=-1) - 1, 0)
 
 
+def check_ids(input_ids, vocab_size):
+    """Token ids outside the vocabulary would wrap around (-1 is the last row of the embedding) or index past it:
+    refuse them, and anything that isn't an integer."""
+    if not np.issubdtype(input_ids.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got an array of {input_ids.dtype}")
+    if input_ids.size and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+
+
 class OlmoForCausalLM:
     """The config and the weight dict (transformers' names -> float32 arrays); the functions above do the rest."""
 
     def __init__(self, config, weights):
         self.config = config
         self.weights = weights
-        self.caches = None  # set by setup_cache
+        self.caches = None  # one (k_cache, v_cache) per layer, set by grow_cache
+        self.cached_ids = []  # the tokens whose keys and values the cache holds, for a one-row batch (see generate)
 
     def __call__(self, input_ids, attention_mask=None):
         """The full forward, no cache: input_ids (B, T) ints, attention_mask (B, T) 1 = token, 0 = left padding.
         Returns float32 logits (B, T, vocab). Logits at padding positions are meaningless."""
         input_ids = np.asarray(input_ids)
+        check_ids(input_ids, self.config.vocab_size)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        hidden = olmo_model(self.weights, self.config, input_ids, positions_from_mask(attention_mask),
-                            causal_mask(attention_mask.astype(bool)))
+        slots = np.arange(input_ids.shape[1])
+        hidden = olmo_model(self.weights, self.config, input_ids, positions_from_mask(attention_mask), slots,
+                            attention_mask.astype(bool))
         return linear(hidden, self.weights, "lm_head")  # (B, T, vocab)
 
     # ------------------------------------------------------------------------------------------------------------
     # KV cache and generation
     #
-    # Generation runs in two steps, as in gpt-fast: prefill pushes the whole prompt through once, filling the
-    # cache; then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th
-    # token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
+    # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the cache; then
+    # decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th token of the
+    # (left-padded) batch row; its RoPE position is s minus the row's padding.
 
-    def setup_cache(self, attention_mask, max_len):
-        """Allocate each layer's cache for max_len slots, float32 zeros (B, kv_heads, max_len, head_dim), and note
-        which slots hold real tokens: key_valid (B, max_len), False at the prompt's padding."""
-        B, T = attention_mask.shape
-        shape = (B, self.config.num_key_value_heads, max_len, self.config.head_dim)
-        self.caches = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
-                       for _ in range(self.config.num_hidden_layers)]
-        self.key_valid = np.pad(attention_mask.astype(bool), ((0, 0), (0, max_len - T)), constant_values=True)
+    def grow_cache(self, batch_size, needed):
+        """Make every layer's cache hold at least `needed` slots, keeping what it holds. The length grows in powers
+        of two (at least 256), as olmo.py's, so a large max_new_tokens costs nothing until the tokens are produced.
+        Unlike olmo.py, each step attends over the filled slots only (prefill and decode_one_token cut key_valid
+        there): NumPy has no compiler that needs a static shape."""
+        shape = None if self.caches is None else self.caches[0][0].shape
+        length = 0 if shape is None or shape[0] != batch_size else shape[2]
+        if needed <= length:
+            return
+        if not length:  # a new batch size: nothing cached is kept
+            self.cached_ids = []
+        new_length = max(256, 1 << (needed - 1).bit_length())
+        shape = (batch_size, self.config.num_key_value_heads, new_length, self.config.head_dim)
+        old, self.caches = self.caches, []
+        try:
+            for i in range(self.config.num_hidden_layers):
+                k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)  # float32, like the weights
+                if length:
+                    k[:, :, :length], v[:, :, :length] = old[i]
+                    old[i] = None  # free each layer's old cache once copied
+                self.caches.append((k, v))
+        except MemoryError as e:
+            self.cached_ids, self.caches = [], None
+            raise MemoryError(f"out of memory growing the KV cache to {new_length} tokens") from e
+        self.slots = np.arange(new_length)
 
-    def prefill(self, input_ids, attention_mask):
-        """input_ids, attention_mask (B, T) -> logits of the last position (B, vocab)."""
-        hidden = olmo_model(self.weights, self.config, input_ids, positions_from_mask(attention_mask),
-                            causal_mask(attention_mask.astype(bool)), self.caches, input_pos=0)
+    def setup_cache(self, attention_mask, length):
+        """Make the cache hold `length` slots for the batch of attention_mask (B, T), and note which slots hold real
+        tokens: key_valid (B, S), False at the prompt's padding (the slots after the prompt get generated tokens)."""
+        self.grow_cache(attention_mask.shape[0], length)
+        self.key_valid = np.pad(attention_mask.astype(bool), ((0, 0), (0, len(self.slots) - attention_mask.shape[1])),
+                                constant_values=True)
+
+    def prefill(self, input_ids, attention_mask, start=0):
+        """input_ids, attention_mask (B, T); the cache already holds slots < start -> logits of the last position
+        (B, vocab)."""
+        T = input_ids.shape[1]
+        hidden = olmo_model(self.weights, self.config, input_ids[:, start:], positions_from_mask(attention_mask)[
+            :, start:], self.slots[start:T], self.key_valid[:, :T], self.caches)
         return linear(hidden[:, -1], self.weights, "lm_head")  # the vocab projection only where we sample
 
-    def decode_one_token(self, token, input_pos, position_ids):
-        """token, position_ids (B, 1); input_pos the cache slot (an int) -> logits (B, vocab)."""
-        mask = self.key_valid[:, None, None, :input_pos + 1]  # (B, 1, 1, S): the filled slots, less padding
-        hidden = olmo_model(self.weights, self.config, token, position_ids, mask, self.caches, input_pos)
+    def decode_one_token(self, token, slot, position_ids):
+        """token, position_ids (B, 1); slot (1,) the cache slot -> logits (B, vocab)."""
+        hidden = olmo_model(self.weights, self.config, token, position_ids, slot, self.key_valid[:, :slot[0] + 1],
+                            self.caches)
         return linear(hidden[:, -1], self.weights, "lm_head")
 
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
@@ -372,18 +609,36 @@ class OlmoForCausalLM:
         Returns (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has produced
         an EOS (rows that finish early are filled with pad_token_id after it, as in transformers).
         temperature=0 is greedy; rng a np.random.Generator for sampling; callback(tokens (B,)) is called with
-        each step's tokens (for streaming)."""
-        input_ids = np.asarray(input_ids, dtype=np.int64)
+        each step's tokens (for streaming).
+        A one-row batch reuses the cached keys and values of the longest prefix it shares with what the cache
+        holds (a chat's history): only the rest is prefilled. The result is the same as starting afresh, since
+        a slot's keys depend only on the tokens up to it -- except for dynamic RoPE past the trained length, whose
+        frequencies depend on the whole call, so there nothing is reused."""
+        input_ids = np.asarray(input_ids)
+        check_ids(input_ids, self.config.vocab_size)
+        input_ids = input_ids.astype(np.int64)
         B, T = input_ids.shape
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
         eos = np.array([] if eos_token_id is None else eos_token_id, dtype=np.int64).reshape(-1)  # int or list
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
-        self.setup_cache(attention_mask, T + max_new_tokens)
+        dynamic = (self.config.rope_scaling or {}).get("rope_type") == "dynamic"
+        one_row = B == 1 and bool(attention_mask.all())
+
+        def reusable(n):  # dynamic RoPE past the trained length rotates with frequencies that depend on n
+            return one_row and not (dynamic and n > self.config.max_position_embeddings)
+
+        self.setup_cache(attention_mask, T + 1)
+        start, ids = 0, input_ids[0].tolist()
+        if reusable(T):
+            while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
+                start += 1
+        self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
         next_position = attention_mask.sum(-1, keepdims=True)  # (B, 1): RoPE position of the first new token
         tokens = [input_ids]
         finished = np.zeros(B, dtype=bool)
         if max_new_tokens > 0:
-            logits = self.prefill(input_ids, attention_mask)
+            logits = self.prefill(input_ids, attention_mask, start)
+            self.cached_ids = ids if reusable(T) else []
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, rng)  # (B,)
             token = np.where(finished, pad, token)
@@ -395,7 +650,11 @@ class OlmoForCausalLM:
                 if finished.all():
                     break
             if i + 1 < max_new_tokens:
-                logits = self.decode_one_token(token[:, None], T + i, next_position + i)
+                if T + i + 1 > len(self.slots):
+                    self.setup_cache(attention_mask, T + i + 1)
+                logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
+                if reusable(T + i + 1) and len(self.cached_ids) == T + i:
+                    self.cached_ids.append(int(token[0]))
         return np.concatenate(tokens, axis=1)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -419,7 +678,8 @@ class OlmoForCausalLM:
 
 
 def check_state_dict(state_dict, expected):
-    """Names and shapes must match exactly: a wrong checkpoint must fail loudly, naming the tensor."""
+    """Names and shapes must match exactly: a wrong checkpoint must fail loudly, naming the tensor. (Integer
+    tensors never get here: load_safetensors refuses every dtype but F32, F16 and BF16.)"""
     for name, shape in expected.items():
         if name not in state_dict:
             raise ValueError(f"checkpoint is missing tensor {name}")
@@ -432,21 +692,25 @@ def check_state_dict(state_dict, expected):
 
 def resolve_checkpoint(path):
     """Local directories only: fetching from the hub would need huggingface_hub, and this file needs only NumPy."""
-    if not os.path.isdir(path):
-        raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
-                         f"`huggingface-cli download {path} --local-dir DIR`)")
-    return path
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):  # not shaped like "org/name"
+        raise ValueError(f"{path} is not a checkpoint directory")
+    raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
+                     f"`huggingface-cli download {path} --local-dir DIR`)")
 
 
 def load_state_dict(path):
     """Every tensor of the checkpoint: model.safetensors, or the shards model.safetensors.index.json lists."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
+    index = "model.safetensors.index.json"
+    if os.path.exists(os.path.join(path, index)):
         try:
-            with open(index) as f:
+            with open(os.path.join(path, index)) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"cannot read model.safetensors.index.json: {e}") from None
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
+            raise ValueError(f"cannot read {index}: {e}") from None
+        if not all(isinstance(f, str) and f and os.path.basename(f) == f for f in files):
+            raise ValueError(f"{index}: weight_map values must be file names in {path}")
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     elif any(os.path.exists(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
@@ -462,7 +726,8 @@ def load_state_dict(path):
 
 # A .safetensors file is: 8 bytes, the little-endian length N of a JSON header; the header, mapping each tensor's
 # name to {"dtype", "shape", "data_offsets": [begin, end)} (offsets count from the first byte after the header),
-# plus an optional "__metadata__" entry; then the tensors' raw little-endian bytes, back to back, to the end of file.
+# plus an optional "__metadata__" object; then the tensors' raw little-endian bytes, back to back, to the end of
+# file. F64 is refused rather than narrowed behind the user's back (convert.py writes float32).
 DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # BF16: raw bits, see below
 MAX_HEADER = 100_000_000  # the safetensors library's own limit: a larger N means a corrupt file
 
@@ -487,20 +752,22 @@ def load_safetensors(file):
         fail(f"header length {n} runs past the end of the file ({len(buffer)} bytes)")
     try:
         header = json.loads(buffer[8:8 + n])
-    except ValueError as e:
-        fail(f"header is not valid JSON ({e})")
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
+        fail(f"header is not valid JSON ({type(e).__name__})")
     if not isinstance(header, dict):
         fail("header is not a JSON object")
-    header.pop("__metadata__", None)
+    if not isinstance(header.pop("__metadata__", {}), dict):
+        fail("header's __metadata__ is not a JSON object")
     entries = []
     for name, info in header.items():
         try:
             dtype, shape, (begin, stop) = info["dtype"], list(info["shape"]), info["data_offsets"]
-            well_formed = all(type(d) is int and d >= 0 for d in shape + [begin, stop])
+            well_formed = type(dtype) is str and all(type(d) is int and d >= 0 for d in shape + [begin, stop])
         except (TypeError, KeyError, ValueError):
             well_formed = False
         if not well_formed:
-            fail(f"tensor {name} has a malformed header entry {info!r}")
+            fail(f"tensor {name} has a malformed header entry (it needs a dtype name, and a shape and data_offsets "
+                 "of integers >= 0)")
         if dtype not in DTYPES:
             fail(f"tensor {name} has dtype {dtype!r}; only {', '.join(DTYPES)} are supported")
         entries.append((begin, stop, name, dtype, tuple(shape)))
@@ -531,11 +798,15 @@ def load_safetensors(file):
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
     """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep the
-    top_k logits (ties with the k-th included), then the smallest set of tokens whose probability reaches top_p."""
+    top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose probability
+    reaches top_p."""
     if temperature == 0:
         return logits.argmax(axis=-1)
-    logits = logits.astype(np.float64) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to inf
+    # (inf - inf = NaN); below 1e-30 the distribution is one-hot anyway (as in olmo.py).
+    logits = logits.astype(np.float64)
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / max(temperature, 1e-30)
+    if top_k and top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k, axis=-1)[:, [-top_k]]  # the k-th largest, (B, 1)
         logits = np.where(logits < kth, -np.inf, logits)
     if top_p is not None and top_p < 1.0:
