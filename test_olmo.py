@@ -1987,22 +1987,35 @@ def test_memory_mapped_load_equals_copying_load(small_checkpoint):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+SHAPES_7B = {  # the released 7B shapes, by generation (OLMo-7B, OLMo-2-1124-7B, Olmo-3-7B)
+    "olmo": dict(),
+    "olmo2": dict(vocab_size=100352, rms_norm_eps=1e-6, rope_theta=500000.0, pad_token_id=100277,
+                  eos_token_id=100257),
+    "olmo3": dict(vocab_size=100278, rms_norm_eps=1e-6, pad_token_id=100277, eos_token_id=100257,
+                  max_position_embeddings=65536, rope_scaling={"rope_type": "yarn", "factor": 8.0,
+                                                               "original_max_position_embeddings": 8192}),
+}
+
+
 @cuda
-def test_7b_shape_bf16_on_gpu_equals_transformers(tmp_path):
-    """The OLMo-7B shape (4 of its 32 layers, to stay quick) with random weights of std 1/sqrt(fan_in), so logits
-    have std ~1, loaded by both in bf16. bf16 keeps 8 mantissa bits (steps of 0.4%), and the two implementations
-    round at different points (e.g. different attention kernels), so over 4 layers logits agree to a few 1e-2,
-    not 1e-5: tolerance 0.1 absolute plus 2% relative, still far below the O(1) change of a real bug."""
+@pytest.mark.parametrize("kind", SHAPES_7B)
+def test_7b_shape_bf16_on_gpu_equals_transformers(tmp_path, kind):
+    """Each generation's 7B shape (4 of its 32 layers, to stay quick: for OLMo 3 three sliding, one full) with
+    random weights of std 1/sqrt(fan_in), so logits have std ~1, and norm weights 1 +- 0.3, loaded by both in bf16.
+    bf16 keeps 8 mantissa bits (steps of 0.4%), and the two implementations round at different points (e.g.
+    different attention kernels), so over 4 layers logits agree to a few 1e-2, not 1e-5: tolerance 0.1 absolute
+    plus 2% relative, still far below the O(1) change of a real bug."""
+    config_class, model_class = (getattr(transformers, name) for name in GENERATIONS[kind])
     with torch.device("cuda"):
-        ref = transformers.OlmoForCausalLM(transformers.OlmoConfig(num_hidden_layers=4))
+        ref = model_class(config_class(num_hidden_layers=4, **SHAPES_7B[kind]))
     with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, p.shape[-1] ** -0.5)
+        for name, p in ref.named_parameters():
+            p.normal_(1, 0.3) if name.endswith("norm.weight") else p.normal_(0, p.shape[-1] ** -0.5)
     ref.save_pretrained(tmp_path)
     del ref
     # both load the saved fp32 weights as bf16 (casting a built model with .to() would also round transformers'
     # RoPE frequencies to bf16, which a loaded model doesn't)
-    ref = transformers.OlmoForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).to("cuda").eval()
+    ref = model_class.from_pretrained(tmp_path, dtype=torch.bfloat16).to("cuda").eval()
     model = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path), device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 50280, (2, 64), device="cuda")
     with torch.no_grad():
@@ -2010,13 +2023,14 @@ def test_7b_shape_bf16_on_gpu_equals_transformers(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("OLMO_7B_PATH") or not torch.cuda.is_available(),
-                    reason="set OLMO_7B_PATH to a downloaded allenai/OLMo-7B-hf and run on a GPU")
+                    reason="set OLMO_7B_PATH to a downloaded OLMo checkpoint of any generation (allenai/OLMo-7B-hf, "
+                           "OLMo-2-1124-7B, Olmo-3-7B, ...) and run on a GPU")
 def test_real_olmo_7b_equals_transformers():
     path = os.environ["OLMO_7B_PATH"]
-    ref = transformers.OlmoForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
     model = olmo.OlmoForCausalLM.from_pretrained(path, device="cuda", dtype=torch.bfloat16)
     ids = torch.tensor([[1, 510, 3158, 8516, 30013, 27287, 689, 253, 22658, 4370, 15]], device="cuda")
     with torch.no_grad():
         assert_close(model(ids).float(), ref(ids).logits.float(), atol=0.05, rtol=0.01)
     expected = ref.generate(ids, max_new_tokens=20, do_sample=False)
-    assert torch.equal(model.generate(ids, 20, eos_token_id=50279), expected)
+    assert torch.equal(model.generate(ids, 20, eos_token_id=model.config.eos_token_id), expected)
