@@ -959,6 +959,10 @@ NP_DYNAMIC = dict(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidde
                   attention_bias=True, clip_qkv=0.8, rope_theta=500.0,
                   rope_scaling={"rope_type": "dynamic", "factor": 2.5}, pad_token_id=1, bos_token_id=None,
                   eos_token_id=None)
+# ... and OLMo 3 with a window of 2, YaRN from an original length of 4, one full-attention layer in three.
+NP_OLMO3 = dict(NP_DYNAMIC, model_type="olmo3", clip_qkv=None, num_hidden_layers=3, sliding_window=2,
+                rms_norm_eps=1e-6, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                rope_scaling={"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 4})
 
 
 def three_models(cfg, seed):
@@ -976,7 +980,7 @@ def np_step_logits(model, ids, mask, new):
     model.setup_cache(mask, T + new.shape[1])
     steps = [model.prefill(ids, mask)]
     for i in range(new.shape[1] - 1):
-        steps.append(model.decode_one_token(new[:, i:i + 1], T + i, mask.sum(-1, keepdims=True) + i))
+        steps.append(model.decode_one_token(new[:, i:i + 1], np.array([T + i]), mask.sum(-1, keepdims=True) + i))
     return np.stack(steps, 1)
 
 
@@ -1001,6 +1005,7 @@ def assert_same_greedy(tokens, expected, logits, T):
 @given(cfg=configs(), length=st.integers(1, 24), seed=st.integers(0, 99))
 @example(cfg=NP_DYNAMIC, length=20, seed=0)
 @example(cfg={**NP_DYNAMIC, "hidden_act": "gelu_pytorch_tanh", "num_key_value_heads": 1}, length=12, seed=1)
+@example(cfg=NP_OLMO3, length=20, seed=2)
 def test_numpy_logits_equal_olmo_and_transformers(cfg, length, seed):
     ref, model, twin = three_models(cfg, seed)
     ids = ids_for(cfg, 2, length, seed).numpy()
@@ -1021,11 +1026,13 @@ def test_numpy_logits_equal_olmo_and_transformers(cfg, length, seed):
        seed=st.integers(0, 99))
 @example(cfg=NP_DYNAMIC, lengths=[3, 10, 6], new=8, seed=0)
 @example(cfg={**NP_DYNAMIC, "hidden_act": "gelu_new", "rope_scaling": None}, lengths=[5, 2], new=12, seed=1)
+@example(cfg=NP_OLMO3, lengths=[3, 9], new=10, seed=2)
 def test_numpy_cached_generation_equals_olmo_and_full_forward(cfg, lengths, new, seed):
-    """Left-padded batch, greedy: the same tokens as olmo.py's generate; the same per-step logits through the
-    cache as olmo.py's; and -- except for dynamic RoPE past the trained length, where cached keys keep the
-    rotation they were computed with -- the same logits as one full forward over the final sequence."""
-    _, model, twin = three_models(cfg, seed)
+    """Left-padded batch, greedy, every generation (past OLMo 3's windows and YaRN's original length): the same
+    tokens as olmo.py's generate; the same per-step logits through the cache as olmo.py's; the same full-forward
+    logits along the final sequence as transformers'; and -- except for dynamic RoPE past the trained length,
+    where cached keys keep the rotation they were computed with -- the same logits as that full forward."""
+    ref, model, twin = three_models(cfg, seed)
     ids, mask = left_pad([ids_for(cfg, 1, n, seed + i)[0].numpy() for i, n in enumerate(lengths)])
     T = ids.shape[1]
     tokens = twin.generate(ids, new, attention_mask=mask)
@@ -1038,6 +1045,11 @@ def test_numpy_cached_generation_equals_olmo_and_full_forward(cfg, lengths, new,
 
     full_mask = np.concatenate([mask, np.ones((len(lengths), new - 1), dtype=mask.dtype)], 1)
     full = twin(tokens[:, :-1], attention_mask=full_mask)[:, T - 1:]
+    with torch.no_grad():  # transformers' forward, not its generate: with OLMo 3's sliding windows (a window of 1,
+        # a padded batch) transformers 5.23's cached generate departs from its own forward
+        theirs = ref(torch.from_numpy(tokens[:, :-1]), attention_mask=torch.from_numpy(full_mask),
+                     position_ids=torch.from_numpy(olmo_numpy.positions_from_mask(full_mask))).logits[:, T - 1:]
+    assert_close(full, theirs, **NP_TOL)
     if dynamic_past_max(cfg, max(lengths) + new - 1):
         assume(new > 1)
         assert not np.allclose(full, steps, atol=1e-3)
