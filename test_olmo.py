@@ -1090,6 +1090,69 @@ def test_numpy_generation_stops_at_eos_like_olmo():
     assert np.array_equal(twin.generate(ids, 0, attention_mask=mask), ids)
 
 
+def test_numpy_cache_grows_and_long_prompts_run_in_query_blocks(tmp_path, monkeypatch):
+    """As olmo.py's: the cache starts at 256 slots whatever the budget and doubles as tokens are produced. A prompt
+    longer than a query block (16 here, so a 250-token prompt is 16 blocks) gives the per-step logits of
+    transformers' forward along the same tokens, past the doubling, OLMo 3's windows and YaRN's original length."""
+    cfg = tiny_olmo3()
+    ref = reference_model(cfg, 5)
+    twin = olmo_numpy.OlmoForCausalLM.from_pretrained(save(ref, tmp_path))
+    ids = ids_for(cfg, 1, 6, 0).numpy()
+    first = twin.generate(ids, 4)
+    tokens = twin.generate(ids, 10 ** 9, eos_token_id=int(first[0, -1]))
+    assert len(twin.slots) == 256 and np.array_equal(tokens[:, :10], first)
+    monkeypatch.setattr(olmo_numpy, "QUERY_BLOCK", 16)
+    ids = ids_for(cfg, 1, 250, 0).numpy()
+    out = twin.generate(ids, 10)
+    assert len(twin.slots) == 512
+    steps = np_step_logits(twin, ids, np.ones_like(ids), out[:, 250:])
+    with torch.no_grad():
+        assert_close(steps, ref(torch.from_numpy(out[:, :-1])).logits[:, 249:], **NP_TOL)
+
+
+@pytest.mark.parametrize("cfg", [tiny_olmo3(), {**SMALL, "max_position_embeddings": 12,
+                                                "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}])
+def test_numpy_shared_prefix_is_reused_exactly(cfg, tmp_path, monkeypatch):
+    """As olmo.py's: a one-row generate after another prefills only what differs from the cached tokens, and gives
+    exactly what a fresh model gives; dynamic RoPE past the trained length reuses nothing."""
+    path = save(reference_model(cfg, 2), tmp_path)
+    twin, fresh = olmo_numpy.OlmoForCausalLM.from_pretrained(path), olmo_numpy.OlmoForCausalLM.from_pretrained(path)
+    starts = []
+    prefill = twin.prefill
+    monkeypatch.setattr(twin, "prefill", lambda ids, mask, start=0: starts.append(start) or prefill(ids, mask, start))
+    turn = twin.generate(ids_for(cfg, 1, 5, 0).numpy(), 4)
+    for more in (3, 1):  # the conversation so far, the reply included, plus a new message
+        ids = np.concatenate([turn, ids_for(cfg, 1, more, more).numpy()], 1)
+        turn = twin.generate(ids, 4)
+        assert np.array_equal(turn, fresh.generate(ids, 4))
+    assert starts == [0, 8, 0 if dynamic_past_max(cfg, turn.shape[1] - 4) else 15]
+    different = turn.copy()
+    different[0, 2] = (different[0, 2] + 1) % cfg["vocab_size"]  # an edit early in the history
+    assert np.array_equal(twin.generate(different, 3), fresh.generate(different, 3))
+    assert starts[-1] == (0 if dynamic_past_max(cfg, different.shape[1]) else 2)
+
+
+def test_numpy_bad_ids_top_k_zero_and_tiny_temperatures():
+    """Like olmo.py: ids outside the vocabulary (-1 would silently wrap to the last row) are refused naming the id;
+    top_k=0 is off; a tiny temperature is greedy, not NaN."""
+    twin = olmo_numpy.OlmoForCausalLM(olmo_numpy.OlmoConfig.from_dict(SMALL), {
+        name: np.ones(shape, np.float32) for name, shape in olmo_numpy.weight_shapes(
+            olmo_numpy.OlmoConfig.from_dict(SMALL)).items()})
+    for bad in (-1, SMALL["vocab_size"]):
+        for call in (twin, lambda ids: twin.generate(ids, 2)):
+            with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+                call(np.array([[3, bad, 5]]))
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        twin(np.array([[3.0, 4.5]]))
+    logits = np.array([[1.0, 3.0, 2.9, 0.0, -1.0]], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    draws = {int(olmo_numpy.sample(logits, 5.0, top_k=0, rng=rng)[0]) for _ in range(400)}
+    assert draws == {0, 1, 2, 3, 4}  # top_k=0 keeps every token (at temperature 5 each has p > 0.08)
+    for t in (1e-3, 1e-40, 1e-320, 5e-324):  # 1/t overflows float32 (and float64 for the last two)
+        assert [int(olmo_numpy.sample(logits, t, top_k=k, top_p=p, rng=rng)[0]) for k in (None, 2)
+                for p in (None, 0.5)] == [1] * 4
+
+
 def test_numpy_sample_greedy_top_k_top_p():
     logits = np.array([[1.0, 3.0, 3.0, 0.0, -1.0], [0.0, 0.0, 5.0, 0.0, 0.0]], dtype=np.float32)
     assert olmo_numpy.sample(logits).tolist() == [1, 2]  # temperature 0: argmax (first of a tie)
