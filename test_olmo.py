@@ -1187,6 +1187,12 @@ def test_numpy_erf_and_activations():
      "torch_dtype": "float32", "num_key_value_heads": 8, "clip_qkv": 8.0},
     {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}, "architectures": ["X"]},
     {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "tie_word_embeddings": True},
+    {"model_type": "olmo2", "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16"},
+    {"model_type": "olmo3", "num_hidden_layers": 8, "sliding_window": 16, "rope_scaling": {
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192, "attention_factor": 1.2}},
+    {"model_type": "olmo3", "num_hidden_layers": 2, "layer_types": ["full_attention", "sliding_attention"],
+     "rope_parameters": {"full_attention": {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 2.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
 ])
 def test_numpy_config_equals_olmo_config(d):
     assert asdict(olmo_numpy.OlmoConfig.from_dict(d)) == asdict(olmo.OlmoConfig.from_dict(d))
@@ -1194,8 +1200,11 @@ def test_numpy_config_equals_olmo_config(d):
 
 @pytest.mark.parametrize("d", [
     {"model_type": "hf_olmo"}, {"hidden_size": 100, "num_attention_heads": 3}, {"num_key_value_heads": 5},
-    {"hidden_act": "tanh"}, {"rope_scaling": {"type": "yarn", "factor": 2.0}},
-    {"rope_scaling": {"type": "linear", "factor": 0.5}},
+    {"hidden_act": "tanh"}, {"rope_scaling": {"type": "longrope", "factor": 2.0}},
+    {"rope_scaling": {"type": "linear", "factor": 0.5}}, {"tie_word_embeddings": "false"}, {"hidden_size": 32.0},
+    {"rope_theta": float("nan")}, {"eos_token_id": [1, "2"]}, {"model_type": "olmo2", "clip_qkv": 8.0},
+    {"model_type": "olmo3", "sliding_window": 0}, {"model_type": "olmo3", "layer_types": ["global"]},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "truncate": "false"}}, {"rope_parameters": [1]},
 ])
 def test_numpy_bad_configs_fail_like_olmo(d):
     with pytest.raises(ValueError) as expected:
@@ -1253,8 +1262,9 @@ def test_numpy_loads_sharded_and_tied_checkpoints(tmp_path):
 
 
 def write_safetensors(path, header, data, n=None):
-    """Write a raw .safetensors file: the 8-byte length (n, default the true one), the JSON header, the data."""
-    raw = json.dumps(header).encode()
+    """Write a raw .safetensors file: the 8-byte length (n, default the true one), the JSON header (a str is
+    written as it is), the data."""
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw) if n is None else n) + raw + data)
     return str(path)
@@ -1290,12 +1300,23 @@ F32_BYTES = np.arange(6, dtype="<f4").tobytes()  # 24 bytes
     ({"a": {"dtype": "F32", "shape": [6], "data_offsets": ["0", "24"]}}, F32_BYTES, None, "malformed"),
     ({"a": [1, 2]}, F32_BYTES, None, "tensor a has a malformed"),
     ([1, 2], F32_BYTES, None, "not a JSON object"),
+    ({"a": {"dtype": ["F32"], "shape": [6], "data_offsets": [0, 24]}}, F32_BYTES, None, "tensor a has a malformed"),
+    ({"a": {"dtype": {"F32": 1}, "shape": [6], "data_offsets": [0, 24]}}, F32_BYTES, None, "malformed"),
+    ({"a": {"dtype": "F32", "shape": [6], "data_offsets": [0.0, 24.0]}}, F32_BYTES, None, "malformed"),
+    ({"a": {"dtype": "F32", "shape": [6], "data_offsets": [False, 24]}}, F32_BYTES, None, "malformed"),
+    ({"a": {"dtype": "F32", "shape": [6.0], "data_offsets": [0, 24]}}, F32_BYTES, None, "malformed"),
+    ({"a": {"dtype": "F32", "shape": 6, "data_offsets": [0, 24]}}, F32_BYTES, None, "malformed"),
+    ({"__metadata__": ["format", "pt"], "a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}}, F32_BYTES,
+     None, "__metadata__ is not a JSON object"),
+    ({"__metadata__": None, "a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}}, F32_BYTES, None,
+     "__metadata__ is not a JSON object"),
+    ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", F32_BYTES, None, "header is not valid JSON"),  # too deep
 ])
 def test_numpy_corrupt_safetensors_raise_naming_file_and_tensor(tmp_path, header, data, n, message):
     path = write_safetensors(tmp_path / "bad.safetensors", header, data, n)
     with pytest.raises(ValueError, match=message) as e:
         olmo_numpy.load_safetensors(path)
-    assert str(e.value).startswith(f"cannot read {path}: ")
+    assert str(e.value).startswith(f"cannot read {path}: ") and "\n" not in str(e.value)
 
 
 def test_numpy_unreadable_safetensors(tmp_path):
@@ -1316,12 +1337,17 @@ def test_numpy_wrong_tensors_are_named_like_olmo(small_checkpoint, tmp_path, edi
         olmo_numpy.OlmoForCausalLM.from_pretrained(path)
     with pytest.raises(ValueError) as expected:
         olmo.OlmoForCausalLM.from_pretrained(path)
-    assert str(ours.value) == str(expected.value)
+    if "has dtype" not in message:  # an integer tensor: the twin's reader refuses it first, by its safetensors name
+        assert str(ours.value) == str(expected.value)
 
 
-def test_numpy_missing_paths_and_bin_checkpoints(tmp_path):
-    with pytest.raises(ValueError, match="not a checkpoint directory"):
-        olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path / "nope"))
+def test_numpy_missing_paths_and_bin_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "nope"), "./foo/bar", "foo/bar/baz", "nope"):  # not shaped like a hub id
+        with pytest.raises(ValueError, match="not a checkpoint directory$"):
+            olmo_numpy.OlmoForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError, match="`huggingface-cli download allenai/OLMo-1B-hf --local-dir DIR`"):
+        olmo_numpy.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")
     with pytest.raises(ValueError, match="config.json"):
         olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
