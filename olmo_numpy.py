@@ -2,13 +2,11 @@
 
 Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP and the
 KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the .safetensors
-reader is a few lines of header parsing over a memory map. It tells the same story in the same order as olmo.py:
-config -> norm -> RoPE -> attention -> MLP -> block -> model -> cache and generation -> loading -> CLI, with the
-same names where the concept is the same, so the two files read side by side; OLMo 2 and 3 are again the lines under
-"OLMo 2:" and "OLMo 3:" comments. Its logits equal olmo.py's and transformers' to float32 rounding (the tests check
-both). It needs only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32; float16 and bfloat16
-checkpoints are widened to float32 when they load. Local checkpoint directories only (fetching hub ids would need
-huggingface_hub).
+reader is a few lines of header parsing over a memory map. It tells olmo.py's story in olmo.py's order, with the
+same names where the concept is the same (OLMo 2 and 3 again under "OLMo 2:" and "OLMo 3:" comments), so the two
+read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the tests check both). It needs
+only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32; float16 and bfloat16 checkpoints are
+widened to float32 when they load. Local checkpoint directories only (hub ids would need huggingface_hub).
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads, D head_dim.
 A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is what RoPE rotates
@@ -128,8 +126,9 @@ class OlmoConfig:
     @classmethod
     def from_dict(cls, d, source="config.json"):
         """Read a config.json as transformers 4.x writes it (top-level rope_theta, rope_scaling with "type" or
-        "rope_type") or as transformers 5 does (rope_parameters, for OLMo 3 nested per layer type). Every known field must have its JSON type (no "false" for false, no 128.0
-        for 128); unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the source."""
+        "rope_type") or as transformers 5 does (rope_parameters, for OLMo 3 nested per layer type). Every known
+        field must have its JSON type (no "false" for false, no 128.0 for 128); unknown keys (architectures,
+        transformers_version, ...) are irrelevant. Errors name the source."""
         try:
             d = dict(d)
             if "torch_dtype" in d:
@@ -235,8 +234,7 @@ def weight_shapes(config):
             shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
             if config.attention_bias:
                 shapes[f"{attn}.{proj}.bias"] = (out_features,)
-        shapes[f"{mlp}.gate_proj.weight"] = (I, C)
-        shapes[f"{mlp}.up_proj.weight"] = (I, C)
+        shapes[f"{mlp}.gate_proj.weight"] = shapes[f"{mlp}.up_proj.weight"] = (I, C)
         shapes[f"{mlp}.down_proj.weight"] = (C, I)
         if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
             shapes[f"{attn}.q_norm.weight"], shapes[f"{attn}.k_norm.weight"] = (H * D,), (KV * D,)
@@ -318,31 +316,6 @@ def rms_norm(x, weight, eps):
 # as in olmo.py, so the angles round the same way.
 
 
-def rope_inv_freq(config, rope, position_ids):
-    """One layer type's rotation frequencies (head_dim/2,) for this call's positions (B, T), and the factor that
-    scales cos and sin (hence every attention score by its square; 1 except for YaRN)."""
-    dim, theta = config.head_dim, np.float32(rope["rope_theta"])
-    kind, factor = rope["rope_type"], rope.get("factor", 1.0)
-    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
-    inv_freq = 1.0 / theta ** exponents  # (dim/2,)
-    max_pos = config.max_position_embeddings
-    if kind == "linear":  # "position interpolation": every position divided by factor, i.e. every frequency
-        inv_freq = inv_freq / np.float32(factor)
-    elif kind == "yarn":
-        return yarn(theta ** exponents, rope, dim, rope["rope_theta"])
-    elif kind == "dynamic" and position_ids.max() + 1 > max_pos:
-        # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so long-wavelength
-        # dimensions interpolate while short ones keep their resolution. Like transformers, "the sequence" is the
-        # largest position in this call; up to max_position_embeddings this is the unscaled base. So while decoding
-        # past it, each step rotates with new frequencies but the cached keys keep the ones they were rotated with
-        # (transformers and olmo.py alike).
-        seq_len = np.float32(position_ids.max() + 1)
-        base = theta * (np.float32(factor) * seq_len / np.float32(max_pos) - np.float32(factor - 1)) ** np.float32(
-            dim / (dim - 2))
-        inv_freq = 1.0 / base ** exponents
-    return inv_freq, 1.0
-
-
 def yarn(wavelengths, s, dim, theta):
     """OLMo 3: YaRN (Peng et al., 2023). Frequencies that turn more than beta_fast times over the original context
     keep their value (extrapolate), those turning fewer than beta_slow times are divided by factor (interpolate),
@@ -371,8 +344,23 @@ def yarn(wavelengths, s, dim, theta):
 
 
 def rotary_emb(config, rope, position_ids):
-    """position_ids (B, T) -> cos, sin (B, T, head_dim), float32, for the RoPE settings `rope` of a layer type."""
-    inv_freq, attention_factor = rope_inv_freq(config, rope, position_ids)
+    """position_ids (B, T) -> cos, sin (B, T, head_dim), float32, for one layer type's RoPE settings `rope`."""
+    dim, theta, factor = config.head_dim, np.float32(rope["rope_theta"]), np.float32(rope.get("factor", 1.0))
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    inv_freq = 1.0 / theta ** exponents  # (dim/2,)
+    attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
+    max_pos = config.max_position_embeddings
+    if rope["rope_type"] == "linear":  # "position interpolation": every position divided by factor
+        inv_freq = inv_freq / factor
+    elif rope["rope_type"] == "yarn":
+        inv_freq, attention_factor = yarn(theta ** exponents, rope, dim, rope["rope_theta"])
+    elif rope["rope_type"] == "dynamic" and position_ids.max() + 1 > max_pos:
+        # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so long-wavelength
+        # dimensions interpolate while short ones keep their resolution. As in transformers and olmo.py, "the
+        # sequence" is the largest position in this call, and cached keys keep the frequencies they got.
+        seq_len = np.float32(position_ids.max() + 1)
+        base = theta * (factor * seq_len / np.float32(max_pos) - (factor - 1)) ** np.float32(dim / (dim - 2))
+        inv_freq = 1.0 / base ** exponents
     freqs = position_ids[..., None].astype(np.float32) * inv_freq.astype(np.float32)  # (B, T, dim/2)
     emb = np.concatenate((freqs, freqs), axis=-1)  # both halves of a pair turn by the same angle
     return np.cos(emb) * np.float32(attention_factor), np.sin(emb) * np.float32(attention_factor)
@@ -680,8 +668,7 @@ class OlmoForCausalLM:
 
 
 def check_state_dict(state_dict, expected):
-    """Names and shapes must match exactly: a wrong checkpoint must fail loudly, naming the tensor. (Integer
-    tensors never get here: load_safetensors refuses every dtype but F32, F16 and BF16.)"""
+    """Names and shapes must match exactly (dtypes: see load_safetensors): a wrong checkpoint fails, naming it."""
     for name, shape in expected.items():
         if name not in state_dict:
             raise ValueError(f"checkpoint is missing tensor {name}")
