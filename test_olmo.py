@@ -1257,7 +1257,8 @@ def test_numpy_loads_sharded_and_tied_checkpoints(tmp_path):
     twin = olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path / "bf16"))
     assert twin.weights["model.layers.0.mlp.up_proj.weight"].dtype == np.float32
     with torch.no_grad():
-        expected = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path / "bf16"))(torch.from_numpy(ids))
+        olmo_fp32 = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32)
+        expected = olmo_fp32(torch.from_numpy(ids))
     assert_close(twin(ids), expected, **NP_TOL)
 
 
