@@ -301,8 +301,7 @@ def layer_norm(x, eps=1e-5):
 
 
 def rms_norm(x, weight, eps):
-    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias): each vector divided by its root mean
-    square, then scaled by weight, in transformers' order."""
+    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias), multiplied in transformers' order."""
     return weight * (x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps)))
 
 
@@ -403,11 +402,10 @@ QUERY_BLOCK = 256  # queries per block in attend: one block for decoding and for
 
 
 def attend(q, k, v, mask):
-    """softmax(q k^T / sqrt(D) + mask) v. q (B, KV, group, T, D); k, v (B, KV, 1, S, D), shared by the group of
-    query heads by broadcasting (GQA without copying); mask (B, 1, T, S) -> (B, KV, group, T, D).
-    Over blocks of queries, because the scores of all of them at once, (B, KV, group, T, S) floats, would take
-    1.7 GB for a 6000-token prompt of a 12-head model; a block's take 256 / T of that. The queries are the last T
-    of the S slots, so a block's keys end at its last query's slot: later ones are masked anyway."""
+    """softmax(q k^T / sqrt(D) + mask) v: q (B, KV, group, T, D), k and v (B, KV, 1, S, D) broadcast over the group
+    (GQA without copies), mask (B, 1, T, S) -> (B, KV, group, T, D). In blocks of queries, because all the scores at
+    once, (B, KV, group, T, S) floats, take 1.7 GB for a 6000-token prompt of a 12-head model. The queries are the
+    last T of the S slots, so a block's keys can end at its last query's slot: later ones are masked anyway."""
     T, S = q.shape[3], k.shape[3]
     y = np.empty_like(q)
     for start in range(0, T, QUERY_BLOCK):
@@ -523,8 +521,7 @@ class OlmoForCausalLM:
     """The config and the weight dict (transformers' names -> float32 arrays); the functions above do the rest."""
 
     def __init__(self, config, weights):
-        self.config = config
-        self.weights = weights
+        self.config, self.weights = config, weights
         self.caches = None  # one (k_cache, v_cache) per layer, set by grow_cache
         self.cached_ids = []  # the tokens whose keys and values the cache holds, for a one-row batch (see generate)
 
@@ -582,9 +579,9 @@ class OlmoForCausalLM:
     def prefill(self, input_ids, attention_mask, start=0):
         """input_ids, attention_mask (B, T); the cache already holds slots < start -> logits of the last position
         (B, vocab)."""
-        T = input_ids.shape[1]
-        hidden = olmo_model(self.weights, self.config, input_ids[:, start:], positions_from_mask(attention_mask)[
-            :, start:], self.slots[start:T], self.key_valid[:, :T], self.caches)
+        T, positions = input_ids.shape[1], positions_from_mask(attention_mask)
+        hidden = olmo_model(self.weights, self.config, input_ids[:, start:], positions[:, start:], self.slots[start:T],
+                            self.key_valid[:, :T], self.caches)
         return linear(hidden[:, -1], self.weights, "lm_head")  # the vocab projection only where we sample
 
     def decode_one_token(self, token, slot, position_ids):
