@@ -25,6 +25,9 @@ import types
 import typing
 from dataclasses import dataclass, fields
 
+# Threads: NumPy's BLAS keeps its default, a thread per core, on purpose: a real model's decode step streams every
+# weight from memory, which one core alone doesn't do at full speed (160m: 30 vs 45 ms per token with a second core
+# free). For tiny models, or cores busy with other work, one thread is faster: set OPENBLAS_NUM_THREADS=1.
 import numpy as np
 
 # ----------------------------------------------------------------------------------------------------------------
