@@ -200,12 +200,13 @@ def test_cached_generation_equals_transformers_and_full_forward(cfg, lengths, ne
     out = ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=1,
                        output_logits=True, return_dict_in_generate=True)
     tokens = model.generate(ids, new, attention_mask=mask, callback=lambda t: None)
-    assert torch.equal(tokens, out.sequences)
 
     # the per-step logits, through the same prefill / decode_one_token path generate uses
     T = ids.shape[1]
     steps = step_logits(model, ids, mask, tokens[:, T:])
-    assert_close(steps, torch.stack(out.logits, 1))
+    assert_same_greedy(tokens.numpy(), out.sequences.numpy(), steps.numpy(), T)
+    same = (tokens == out.sequences).all(1)  # a row past a near tie (one example here has a 6e-5 gap) may differ
+    assert_close(steps[same], torch.stack(out.logits, 1)[same])
 
     full_mask = torch.cat([mask, torch.ones(len(lengths), new - 1, dtype=mask.dtype)], 1)
     with torch.no_grad():
