@@ -1,0 +1,305 @@
+"""The command line of olmo.py and olmo_numpy.py, written once.
+
+    python olmo.py --model DIR --prompt "Language models are"        (PyTorch)
+    python olmo_numpy.py --model DIR --prompt "Language models are"  (NumPy)
+
+The story of one run: parse and check the flags -> load the model -> read generation_config.json for the sampling
+defaults -> encode the prompt as transformers' AutoTokenizer would -> stream the continuation to stdout, whole
+characters only -> one line of stats on stderr. Anything a user can get wrong ends in one `error: ...` line on
+stderr and exit status 2, never a traceback.
+
+This file imports neither torch nor numpy: each twin's `__main__` calls `main(backend)` with a small object that
+knows its framework:
+
+    backend.name                    for --help and the "loaded" line ("PyTorch", "NumPy"); load() may add detail
+    backend.add_arguments(parser)   the twin's own flags, --model first (olmo.py adds --device, --dtype, ...)
+    backend.load(args)              -> (model, checkpoint_dir); model.config is the twin's OlmoConfig
+    backend.generate(model, ids, max_new_tokens, callback, temperature, top_k, top_p, eos_token_id)
+                                    ids: list[int]; callback(token_id: int) for each new token
+    backend.max_context(model)      -> positions the model was trained for, or None when RoPE scales (dynamic)
+
+Chat mode (`--chat`, in the Chat section at the end) reuses the same pieces: `load_tokenizer`, `Stream` and
+`sampling_settings`.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, instead of usage + error
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(backend, argv=None):
+    p = Parser(description=f"Generate text with OLMo ({backend.name}). Sampling flags left out take "
+                           "generation_config.json's values, as transformers does.")
+    backend.add_arguments(p)
+    p.add_argument("--prompt", help="the text to continue (this or --chat is required)")
+    p.add_argument("--chat", action="store_true", help="talk to an Instruct model: one message per line of stdin (default: off)")
+    p.add_argument("--system", help="chat mode: a system message (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="at most this many new tokens (default: 100)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json's if it sets "
+                                                     "do_sample, else 0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only; 0 = off (default: "
+                                             "generation_config.json's if it sets do_sample, else off)")
+    p.add_argument("--top-p", type=float, help="sample from the most likely tokens up to this probability mass "
+                                               "(default: generation_config.json's if it sets do_sample, else off)")
+    p.add_argument("--seed", type=int, help="seed for sampling, 0 <= seed < 2**64 (default: a random seed)")
+    args = p.parse_args(argv)
+
+    if args.chat == (args.prompt is not None):
+        p.error("give either --prompt TEXT or --chat" if args.chat else "--prompt (or --chat) is required")
+    if args.system is not None and not args.chat:
+        p.error("--system is for --chat")
+    for flag in ("prompt", "system"):
+        text = getattr(args, flag)
+        try:  # bytes that aren't UTF-8 reach Python as lone surrogates, which no tokenizer can take
+            text is None or text.encode("utf-8")
+        except UnicodeEncodeError:
+            p.error(f"--{flag} is not valid UTF-8 text")
+    if args.max_new_tokens < 0:
+        p.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 0:
+        p.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # also refuses nan: every comparison with it is False
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:  # what both torch and NumPy accept
+        p.error(f"--seed must be in [0, 2**64), got {args.seed}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation_config.json: the checkpoint's sampling defaults
+#
+# transformers' rules: sampling happens only if do_sample is true, and then with temperature (default 1.0), top_k
+# (default 50; 0 = off) and top_p (default 1.0 = off); otherwise decoding is greedy. A null is the same as a missing
+# key (transformers 5 writes its defaults that way). Flags win over the file.
+
+
+def read_generation_config(path, vocab_size):
+    """The checkpoint's generation_config.json as {field: value} with only the fields we use, checked; {} if the
+    file is absent. Anything we can't interpret raises ValueError naming the file, the field and the value."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise ValueError(f"cannot read {file}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{file} does not hold a JSON object")
+
+    def number(x):  # bool is a subclass of int in Python, but true is not a number in JSON
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    def token_id(x):
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < vocab_size
+
+    rules = {
+        "do_sample": (lambda x: isinstance(x, bool), "a boolean"),
+        "temperature": (lambda x: number(x) and math.isfinite(x) and x >= 0, "a finite number >= 0"),
+        "top_k": (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, "an integer >= 0"),
+        "top_p": (lambda x: number(x) and 0 < x <= 1, "a number in (0, 1]"),
+        "eos_token_id": (lambda x: token_id(x) or isinstance(x, list) and all(map(token_id, x)),
+                         f"a token id or a list of token ids in [0, {vocab_size})"),
+    }
+    gen = {}
+    for field, (valid, what) in rules.items():
+        if d.get(field) is None:
+            continue
+        if not valid(d[field]):
+            raise ValueError(f"{file}: {field} must be {what}, got {json.dumps(d[field])[:80]}")
+        gen[field] = d[field]
+    return gen
+
+
+def sampling_settings(args, path, config):
+    """Flags win; then generation_config.json (sampling only if do_sample); then greedy. EOS ids come from
+    generation_config.json, else config.json. Returns the keyword arguments of generate()."""
+    gen = read_generation_config(path, config.vocab_size)
+    sampling = gen.get("do_sample", False)
+    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 1.0) * sampling
+    top_k = args.top_k if args.top_k is not None else gen.get("top_k", 50) if sampling else None
+    top_p = args.top_p if args.top_p is not None else gen.get("top_p") if sampling else None
+    return dict(temperature=float(temperature), top_k=top_k or None, top_p=None if top_p == 1 else top_p,
+                eos_token_id=gen.get("eos_token_id", config.eos_token_id))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer: the prompt's ids exactly as transformers' AutoTokenizer.from_pretrained(path) gives them
+#
+# What transformers 5 does with a checkpoint that ships tokenizer.json (read tokenization_auto.py and
+# tokenization_utils_tokenizers.py): tokenizer_config.json's add_bos_token / add_eos_token are dropped whenever
+# tokenizer.json exists, and config.json's bos_token_id is never consulted, so whether a BOS is added is decided by
+# the class AutoTokenizer picks:
+# - GPTNeoXTokenizer (tokenizer_config.json names it, or names no class and model_type is "olmo", as for OLMo 1):
+#   it rebuilds the pipeline from the vocabulary and resets the post-processor to add nothing: no BOS, no EOS.
+# - every other class (OLMo 2 and 3 map to TokenizersBackend): tokenizer.json's own post-processor runs, so a
+#   template that prepends BOS prepends it.
+
+
+def load_tokenizer(path):
+    """The checkpoint's tokenizers.Tokenizer, set up so that tokenizer.encode(text).ids are AutoTokenizer's ids."""
+    from tokenizers import Tokenizer, processors
+
+    file = os.path.join(path, "tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(file)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise ValueError(f"cannot read {file}: {e}") from None
+    tokenizer_class = read_json_object(os.path.join(path, "tokenizer_config.json")).get("tokenizer_class")
+    model_type = read_json_object(os.path.join(path, "config.json")).get("model_type")
+    if tokenizer_class is None:
+        neox = model_type == "olmo"
+    else:
+        neox = isinstance(tokenizer_class, str) and tokenizer_class.removesuffix("Fast") == "GPTNeoXTokenizer"
+    if neox:  # what GPTNeoXTokenizer's update_post_processor() installs with add_bos_token = add_eos_token = False
+        tokenizer.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    return tokenizer
+
+
+def read_json_object(file):
+    """A JSON object from file, {} if there is no such file."""
+    if not os.path.exists(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"cannot read {file}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{file} does not hold a JSON object")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming: print each new token's text as soon as it is whole
+
+
+class Stream:
+    """Call with each new token id; prints the text to stdout as it grows, then finish() ends the line.
+
+    Byte-level BPE can split one character (an emoji, CJK) over several tokens; until the rest arrives the decoded
+    text ends in U+FFFD, so a chunk is printed only once its text is whole. Decoding always restarts one printed
+    chunk back (ids[prefix:]) rather than at the new token: some decoders (SentencePiece's) treat the start of a
+    sequence specially, and decoding everything each step would cost O(n^2) over a long generation."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer = tokenizer
+        self.out = out or sys.stdout
+        self.ids = []  # every token id received
+        self.prefix = self.read = 0  # ids[prefix:read] decode to the end of what was printed
+
+    def __call__(self, token_id):
+        self.ids.append(token_id)
+        printed, text = self.decode(self.ids[self.prefix:self.read]), self.decode(self.ids[self.prefix:])
+        if len(text) > len(printed) and not text.endswith("\ufffd"):
+            self.write(text[len(printed):])
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def finish(self):
+        """Print the rest (a character cut off by the end of generation shows as U+FFFD) and a newline."""
+        printed, text = self.decode(self.ids[self.prefix:self.read]), self.decode(self.ids[self.prefix:])
+        self.write(text[len(printed):] + "\n")
+        self.prefix = self.read = len(self.ids)
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def write(self, text):
+        self.out.write(text)
+        self.out.flush()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run
+
+
+def run(backend, args):
+    t0 = time.perf_counter()
+    model, path = backend.load(args)
+    tokenizer = load_tokenizer(path)
+    settings = sampling_settings(args, path, model.config)
+    print(f"loaded {args.model} ({backend.name}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if args.chat:
+        return chat_session(backend, model, path, tokenizer, args, settings)
+
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise ValueError("the prompt is empty")
+    trained = backend.max_context(model)
+    if trained is not None and len(ids) + args.max_new_tokens > trained:
+        print(f"warning: the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} go past the "
+              f"{trained} positions the model was trained on; text past them degrades", file=sys.stderr)
+
+    stream, times = Stream(tokenizer), []
+
+    def on_token(token_id):
+        times.append(time.perf_counter())
+        stream(token_id)
+
+    print(args.prompt, end="", flush=True)
+    t0 = time.perf_counter()
+    try:
+        backend.generate(model, ids, args.max_new_tokens, on_token, **settings)
+    except MemoryError:  # the cache grows with the tokens produced: memory can run out on the way
+        stream.finish()
+        raise ValueError(f"out of memory after {len(stream.ids)} new tokens (the text above is complete "
+                         "up to there)") from None
+    stream.finish()
+    print(stats(t0, times, getattr(args, "compile", False)), file=sys.stderr)
+    return 0
+
+
+def stats(t0, times, compiled):
+    """One line: tokens and speed. With --compile the first decode step (between the first and second token)
+    is where torch.compile compiles: it is reported apart and left out of tokens/s."""
+    n = len(times)
+    seconds = (times[-1] if times else time.perf_counter()) - t0
+    line = f"{n} tokens in {seconds:.2f}s"
+    if compiled and n >= 3:
+        compile_seconds = times[1] - times[0]
+        return line + f" (compiling took {compile_seconds:.1f}s), {(n - 2) / (times[-1] - times[1]):.1f} tokens/s"
+    return line + f", {n / seconds:.1f} tokens/s" if seconds > 0 else line
+
+
+def main(backend, argv=None):
+    """Parse argv (default: sys.argv[1:]), run, and return the exit status: 0, 2 for an error the user can fix,
+    130 after Ctrl-C, 141 when the reader of stdout went away (as for a process killed by SIGPIPE)."""
+    args = parse_args(backend, argv)
+    try:
+        return run(backend, args)
+    except BrokenPipeError:
+        # `... | head -c 20`: the reader has what it wanted. Stop quietly, with the status a shell shows for a
+        # writer killed by SIGPIPE (`yes | head` gives 141 too), so `set -o pipefail` scripts still see that the
+        # output was cut short. stdout now points at /dev/null: Python's final flush would fail again otherwise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (ValueError, OSError) as e:  # a bad path, config or checkpoint: the user's to fix, so no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: keep what was printed, end the line
+        print(flush=True)
+        return 130
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat
+
+
+def chat_session(backend, model, path, tokenizer, args, settings):
+    """--chat: talk to the model through its chat template, one user message per line of stdin; returns the
+    exit status."""
+    raise ValueError("--chat is not implemented yet")
