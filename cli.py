@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -297,9 +298,257 @@ def main(backend, argv=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Chat
+#
+# A chat front end is three things. A template: Jinja code shipped with the checkpoint that turns a conversation
+# (a list of {"role", "content"} messages) into the text the model was fine-tuned on. A conversation: the messages
+# so far, the model's replies included as the text it printed. And a cache that remembers it: each turn renders the
+# whole conversation again and hands generate all of its token ids; generate keeps the cached keys and values of
+# the longest prefix those ids share with the previous call's (the previous prompt and the reply) and prefills
+# only the rest, so a turn costs its new tokens, not the whole history.
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def read_text(file):
+    try:
+        with open(file, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {file}: {e}") from None
+
+
+def find_chat_template(path):
+    """(template source, the file it came from), found by transformers' rules (AutoTokenizer.from_pretrained and
+    get_chat_template): chat_template.jinja, with any additional_chat_templates/NAME.jinja, takes priority over
+    tokenizer_config.json's "chat_template" (a string, or a list of {"name", "template"}); of several named
+    templates the one named "default" is used. chat_template.json, the legacy file of multimodal processors, which
+    a tokenizer doesn't read, is the last place looked."""
+    files = {"default": os.path.join(path, "chat_template.jinja")}
+    extra = os.path.join(path, "additional_chat_templates")
+    if os.path.isdir(extra):
+        files.update({name.removesuffix(".jinja"): os.path.join(extra, name)
+                      for name in sorted(os.listdir(extra)) if name.endswith(".jinja")})
+    files = {name: file for name, file in files.items() if os.path.isfile(file)}
+    if files:
+        if "default" not in files:
+            raise ValueError(f"{extra} holds chat templates {', '.join(files)} but none named 'default' (and there "
+                             "is no chat_template.jinja)")
+        return read_text(files["default"]), files["default"]
+    config_file = os.path.join(path, "tokenizer_config.json")
+    template = read_json_object(config_file).get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": "..."}, {"name": "tool_use", ...}]
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in template):
+            raise ValueError(f"{config_file}: chat_template is a list but not of {{\"name\", \"template\"}} objects")
+        template = {t["name"]: t.get("template") for t in template}
+    if isinstance(template, dict):
+        if "default" not in template:
+            raise ValueError(f"{config_file} has chat templates {', '.join(map(str, template))} but none named "
+                             "'default'")
+        template = template["default"]
+    if template is not None:
+        if not isinstance(template, str):
+            raise ValueError(f"{config_file}: chat_template is {template!r}, not a string")
+        return template, config_file
+    json_file = os.path.join(path, "chat_template.json")
+    if os.path.isfile(json_file):
+        template = read_json_object(json_file).get("chat_template")
+        if not isinstance(template, str):
+            raise ValueError(f"{json_file}: chat_template is {template!r}, not a string")
+        return template, json_file
+    raise ValueError(f"{path} has no chat template (use --prompt for plain text)")
+
+
+def special_token_variables(path):
+    """The template's variables bos_token, eos_token, ...: transformers' special_tokens_map, read from
+    tokenizer_config.json, where a token is a string or an object with its "content" (null or absent: the variable
+    stays undefined, which renders as nothing). Other "*_token" strings (a model's own, like image_token) are
+    variables too, as in transformers."""
+    file = os.path.join(path, "tokenizer_config.json")
+    variables = {}
+    for name, value in read_json_object(file).items():
+        if name in SPECIAL_TOKENS and isinstance(value, dict):
+            value = value.get("content")
+            if not isinstance(value, str):
+                raise ValueError(f"{file}: {name} is an object without a string \"content\"")
+        if name in SPECIAL_TOKENS and value is not None and not isinstance(value, str):
+            raise ValueError(f"{file}: {name} is {value!r}, not a string or a token object")
+        if isinstance(value, str) and name.endswith("_token"):
+            variables[name] = value
+    return variables
+
+
+def compile_chat_template(source, file):
+    """The template compiled as transformers compiles it: a sandbox that refuses Python internals (a template is
+    code from a download), trim_blocks and lstrip_blocks (a block tag's own line leaves no whitespace), {% break %}
+    and {% continue %}, and transformers' helpers."""
+    from datetime import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        # {% generation %}...{% endgeneration %} marks the assistant's text for training masks; it renders its body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):  # how a template refuses a conversation it can't format
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # Jinja's own escapes HTML
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class TemplateDict:  # dict(...) and dict.fromkeys(...) without the class itself (no type tricks)
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):  # namespace(...) refusing attribute names starting with "_"
+        def __init__(*args, **kwargs):
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                TemplateNamespace.check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace.check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"a namespace attribute may not start with '_': {name!r}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
+                       dict=TemplateDict(), namespace=TemplateNamespace)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"{file}: the chat template does not compile: {e}") from None
+
+
+def render_chat(template, messages, variables):
+    """The conversation as the prompt text, ending with the header of the assistant's reply."""
+    return template.render(messages=messages, tools=None, documents=None, add_generation_prompt=True, **variables)
+
+
+def chat_messages(system, turns, message):
+    """[system] + (user, assistant) for each earlier turn + the new user message, as apply_chat_template takes
+    them."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for user, reply in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return messages + [{"role": "user", "content": message}]
+
+
+def chat_prompt(template, file, variables, tokenizer, messages):
+    """messages -> the prompt's token ids, as apply_chat_template(messages, add_generation_prompt=True) gives them:
+    the rendered text tokenized with add_special_tokens=False (the template writes BOS itself if the model has
+    one)."""
+    try:
+        text = render_chat(template, messages, variables)
+    except Exception as e:  # the template's own refusal (raise_exception), a sandbox violation, or a bug in it
+        raise ValueError(f"{file}: the chat template failed: {' '.join(str(e).split())}") from None
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def read_message(interactive):
+    """The next line of stdin without its line end, or None at the end of input. On a terminal, prompt with "> "
+    on stderr. A line that isn't UTF-8 is skipped with a notice."""
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.buffer.readline()
+        if not line:
+            return None
+        try:
+            return line.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError:
+            print("that line is not UTF-8 text; skipped", file=sys.stderr)
+
+
+def stream_reply(backend, model, ids, tokenizer, max_new_tokens, settings):
+    """Generate one reply to the prompt ids, streaming it to stdout; returns its text as printed.
+
+    Ctrl-C only sets a flag, and the next token's callback raises KeyboardInterrupt out of generate, so the reply
+    stops between two steps (an interrupt at any point inside the model could leave the cache half written)."""
+    stream, interrupted = Stream(tokenizer), []
+
+    def on_token(token_id):
+        if interrupted:
+            raise KeyboardInterrupt
+        stream(token_id)
+
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(True))
+    try:
+        backend.generate(model, ids, max_new_tokens, on_token, **settings)
+    except KeyboardInterrupt:
+        pass  # the reply ends here and stays in the conversation as far as it got
+    except MemoryError:
+        stream.finish()
+        raise ValueError(f"out of memory after {len(stream.ids)} tokens of this reply") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    stream.finish()
+    return stream.decode(stream.ids)  # byte-level BPE decodes the same whole or in pieces: the printed text
 
 
 def chat_session(backend, model, path, tokenizer, args, settings):
-    """--chat: talk to the model through its chat template, one user message per line of stdin; returns the
-    exit status."""
-    raise ValueError("--chat is not implemented yet")
+    """--chat: talk to the model through its chat template, one user message per line of stdin. Returns the exit
+    status: 0 at the end of input, 130 after Ctrl-C at the prompt."""
+    source, file = find_chat_template(path)
+    template, variables = compile_chat_template(source, file), special_token_variables(path)
+    context = backend.max_context(model)  # None: the RoPE scales (dynamic) to any length
+    if context is not None and args.max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the {context} "
+                         "positions the model was trained on")
+
+    def prompt(turns, message):
+        return chat_prompt(template, file, variables, tokenizer, chat_messages(args.system, turns, message))
+
+    interactive = sys.stdin.isatty()
+    turns = []  # [(user message, reply as printed)], oldest first
+    while True:
+        try:
+            message = read_message(interactive)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the session
+            if interactive:
+                print(file=sys.stderr)  # end the prompt's line
+            return 130
+        if message is None:
+            return 0
+        if message.strip() == "/reset":  # a new conversation; --system stays
+            turns = []
+            if interactive:
+                print("(new conversation)", file=sys.stderr)
+            continue
+        if not message.strip():
+            continue
+        # The prompt and a whole reply must fit in the trained context: drop the oldest turns until they do.
+        ids = prompt(turns, message)
+        dropped = 0
+        while context is not None and len(ids) + args.max_new_tokens > context and dropped < len(turns):
+            dropped += 1
+            ids = prompt(turns[dropped:], message)
+        if context is not None and len(ids) + args.max_new_tokens > context:
+            print(f"this message makes a prompt of {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} "
+                  f"for the reply that is more than the {context} positions the model was trained on: not sent",
+                  file=sys.stderr)
+            continue
+        if dropped:
+            print(f"dropped the oldest {dropped} turn{'s' * (dropped > 1)} of the conversation to fit the "
+                  f"{context} positions the model was trained on", file=sys.stderr)
+            turns = turns[dropped:]
+        turns.append((message, stream_reply(backend, model, ids, tokenizer, args.max_new_tokens, settings)))
