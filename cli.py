@@ -483,7 +483,8 @@ def stream_reply(backend, model, ids, tokenizer, max_new_tokens, settings):
     """Generate one reply to the prompt ids, streaming it to stdout; returns its text as printed.
 
     Ctrl-C only sets a flag, and the next token's callback raises KeyboardInterrupt out of generate, so the reply
-    stops between two steps (an interrupt at any point inside the model could leave the cache half written)."""
+    stops between two steps (an interrupt at any point inside the model could leave the cache half written). An
+    interrupted reply ends with the last whole text printed: the tokens of a character cut off are dropped."""
     stream, interrupted = Stream(tokenizer), []
 
     def on_token(token_id):
@@ -494,15 +495,15 @@ def stream_reply(backend, model, ids, tokenizer, max_new_tokens, settings):
     previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(True))
     try:
         backend.generate(model, ids, max_new_tokens, on_token, **settings)
-    except KeyboardInterrupt:
-        pass  # the reply ends here and stays in the conversation as far as it got
+        stream.finish()
+    except KeyboardInterrupt:  # the reply ends here and stays in the conversation as far as it was printed
+        stream.write("\n")
     except MemoryError:
         stream.finish()
         raise ValueError(f"out of memory after {len(stream.ids)} tokens of this reply") from None
     finally:
         signal.signal(signal.SIGINT, previous)
-    stream.finish()
-    return stream.decode(stream.ids)  # byte-level BPE decodes the same whole or in pieces: the printed text
+    return stream.decode(stream.ids[:stream.read])  # what was printed (byte-level BPE decodes alike in pieces)
 
 
 def chat_session(backend, model, path, tokenizer, args, settings):

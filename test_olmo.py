@@ -1766,3 +1766,141 @@ def test_real_olmo_7b_equals_transformers():
         assert_close(model(ids).float(), ref(ids).logits.float(), atol=0.05, rtol=0.01)
     expected = ref.generate(ids, max_new_tokens=20, do_sample=False)
     assert torch.equal(model.generate(ids, 20, eos_token_id=50279), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --chat: the template rendered as transformers renders it, and conversations through both CLIs
+#
+# The references: transformers' AutoTokenizer.apply_chat_template over the same tokenizer files, and its
+# OlmoForCausalLM.generate (greedy) on the prompts that renders. Replies are compared as exact text. Greedy tokens
+# can only differ where the top two logits are closer than the implementations disagree (ATOL = 1e-5 for olmo.py,
+# 2e-5 for the NumPy twin, see above); every reference step's top-2 gap is checked to be above 1e-4, so an equal
+# reply is the only passing outcome.
+
+import cli  # noqa: E402  (the CLI both twins share; its chat section)
+
+# OLMo 1 Instruct's template (Tulu style). The newline after each {{ ... }} stays, while a line holding only a
+# block tag vanishes (trim_blocks, lstrip_blocks): "<|user|>\nHi\n<|assistant|>\n".
+TULU_TEMPLATE = (
+    "{{ eos_token }}{% for message in messages %}\n"
+    "{% if message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+# OLMo 2 Instruct's shape: a BOS string, whitespace control with {%- -%}, the last reply without a newline.
+OLMO2_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}\n"
+    "  {%- if message['role'] == 'system' -%}{{ '<|system|>\\n' + message['content'] + '\\n' }}\n"
+    "  {%- elif message['role'] == 'user' -%}{{ '<|user|>\\n' + message['content'] + '\\n' }}\n"
+    "  {%- elif not loop.last -%}{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}\n"
+    "  {%- else -%}{{ '<|assistant|>\\n' + message['content'] + eos_token }}{%- endif -%}\n"
+    "  {%- if loop.last and add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}\n"
+    "{%- endfor -%}")
+# Refuses a system message and roles that don't alternate, as several hub templates do.
+STRICT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<start_of_turn>{{ message['role'] }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+# tojson (transformers': no HTML escaping, unicode kept, keyword options), namespace, {% continue %}, {% break %},
+# the {% generation %} tag, strftime_now, and indented block tags (lstrip_blocks removes the indent).
+JSON_TEMPLATE = """{% set ns = namespace(shown=0) %}{{ strftime_now('%Y') | length }}
+{% for message in messages %}
+    {% if message['content'] == '' %}{% continue %}{% endif %}
+    {% if ns.shown == 4 %}
+        {% break %}
+    {% endif %}
+    {% set ns.shown = ns.shown + 1 %}
+    {% if message['role'] == 'assistant' %}
+        {% generation %}{{ message | tojson }}{% endgeneration %}
+    {% else %}
+  {{ message['content'] | tojson(indent=2, sort_keys=True) }}
+    {% endif %}
+{% endfor %}
+{{ dict(n=ns.shown) | tojson(separators=(',', ':')) }}{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+PAD = {"__type": "AddedToken", "content": "<|padding|>", "lstrip": False, "rstrip": False, "normalized": False,
+       "single_word": False, "special": True}
+CHAT_CONFIGS = {  # tokenizer_config.json of each: special tokens as strings, nulls and token objects
+    "tulu": dict(chat_template=TULU_TEMPLATE, tokenizer_class="GPTNeoXTokenizer", bos_token=None,
+                 eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=PAD),
+    "olmo2": dict(chat_template=OLMO2_TEMPLATE, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                  pad_token=PAD),
+    "strict": dict(chat_template=STRICT_TEMPLATE, eos_token="<|endoftext|>"),
+    "json": dict(chat_template=JSON_TEMPLATE, eos_token={**PAD, "content": "<|endoftext|>"}),
+}
+CHAT_PIECES = ["", " ", "\n", "\n\n", "\t", "Hi", " there", "Language models", "🙂", "👍🏽", "日本語", "e\u0301",
+               "<|user|>", "<|endoftext|>", "{{ eos_token }}", "\"quoted\" & <b>", "\\"]
+
+
+def chat_text():
+    """Message text: empty, multi-line, emoji, CJK, a combining accent (NFC), special-token and template syntax."""
+    return st.lists(st.sampled_from(CHAT_PIECES) | st.text(max_size=5), max_size=6).map("".join)
+
+
+@st.composite
+def conversations(draw):
+    """[system] + user/assistant turns ending with a user message, as --chat builds them."""
+    messages = [{"role": "system", "content": draw(chat_text())}] if draw(st.booleans()) else []
+    for i in range(draw(st.integers(0, 2))):
+        messages += [{"role": "user", "content": draw(chat_text())},
+                     {"role": "assistant", "content": draw(chat_text())}]
+    return messages + [{"role": "user", "content": draw(chat_text())}]
+
+
+def train_chat_tokenizer(path):
+    """OLMo 1's tokenizer in miniature: byte-level BPE after NFC normalization, with chat special tokens."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.normalizer = tokenizers.normalizers.NFC()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|padding|>", "<|system|>", "<|user|>", "<|assistant|>"])
+    tok.train_from_iterator(["<|user|>\nLanguage models are fun. 🙂 日本語も少し。\n<|assistant|>\n"] * 20, trainer)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return tok
+
+
+def write_chat_config(path, name, **changes):
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({**CHAT_CONFIGS[name], **changes}, f)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizers(tmp_path_factory):
+    """{template name: (our prompt ids of a conversation, transformers' AutoTokenizer)}, over the same files."""
+    root = tmp_path_factory.mktemp("chat_tokenizers")
+    tok = train_chat_tokenizer(str(root))
+    result = {}
+    for name in CHAT_CONFIGS:
+        path = str(root / name)
+        os.makedirs(path)
+        shutil.copy(root / "tokenizer.json", path)
+        if name == "olmo2":  # a tokenizer.json that adds BOS by itself: apply_chat_template must not let it
+            tok.post_processor = tokenizers.processors.TemplateProcessing(
+                single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+            tok.save(os.path.join(path, "tokenizer.json"))
+        write_chat_config(path, name)
+        source, file = cli.find_chat_template(path)
+        template, variables = cli.compile_chat_template(source, file), cli.special_token_variables(path)
+        tokenizer = cli.load_tokenizer(path)
+        result[name] = (lambda messages, t=template, f=file, v=variables, tok=tokenizer:
+                        cli.chat_prompt(t, f, v, tok, messages),
+                        transformers.AutoTokenizer.from_pretrained(path))
+    return result
+
+
+@settings(max_examples=80)
+@given(name=st.sampled_from(sorted(CHAT_CONFIGS)), messages=conversations())
+def test_chat_prompt_ids_equal_apply_chat_template(chat_tokenizers, name, messages):
+    import jinja2
+    ours, reference = chat_tokenizers[name]
+    try:
+        expected = reference.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    except jinja2.TemplateError as e:  # the template's raise_exception: ours refuses with the same message
+        with pytest.raises(ValueError, match="the chat template failed: " + re.escape(str(e))):
+            ours(messages)
+        return
+    assert ours(messages) == expected
