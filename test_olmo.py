@@ -1869,10 +1869,16 @@ def write_chat_config(path, name, **changes):
 
 
 @pytest.fixture(scope="module")
-def chat_tokenizers(tmp_path_factory):
+def chat_tokenizer(tmp_path_factory):
+    """(directory holding the trained tokenizer.json, the tokenizers.Tokenizer)."""
+    root = tmp_path_factory.mktemp("chat_tokenizer")
+    return root, train_chat_tokenizer(str(root))
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizers(chat_tokenizer):
     """{template name: (our prompt ids of a conversation, transformers' AutoTokenizer)}, over the same files."""
-    root = tmp_path_factory.mktemp("chat_tokenizers")
-    tok = train_chat_tokenizer(str(root))
+    root, tok = chat_tokenizer
     result = {}
     for name in CHAT_CONFIGS:
         path = str(root / name)
@@ -1904,3 +1910,53 @@ def test_chat_prompt_ids_equal_apply_chat_template(chat_tokenizers, name, messag
             ours(messages)
         return
     assert ours(messages) == expected
+
+
+def write_template_layout(path, layout):
+    """A tokenizer directory whose templates are spread as `layout` says; "WIN" marks the one transformers uses."""
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>", "chat_template": {
+            "jinja": "config", "extra": "config", "string": "WIN", "list": [
+                {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "WIN"}],
+            "json_last": "WIN", "json_only": None}[layout]}, f)
+    if layout == "jinja":
+        open(os.path.join(path, "chat_template.jinja"), "w").write("WIN")
+    if layout == "extra":  # additional_chat_templates/default.jinja is the default too
+        os.makedirs(os.path.join(path, "additional_chat_templates"))
+        open(os.path.join(path, "additional_chat_templates", "default.jinja"), "w").write("WIN")
+        open(os.path.join(path, "additional_chat_templates", "other.jinja"), "w").write("other")
+    if layout in ("json_last", "json_only"):  # a processor's legacy file: tokenizers don't read it
+        json.dump({"chat_template": "WIN" if layout == "json_only" else "json"},
+                  open(os.path.join(path, "chat_template.json"), "w"))
+
+
+@pytest.mark.parametrize("layout", ["jinja", "extra", "string", "list", "json_last", "json_only"])
+def test_chat_template_found_where_transformers_finds_it(chat_tokenizer, tmp_path, layout):
+    shutil.copy(chat_tokenizer[0] / "tokenizer.json", tmp_path)
+    write_template_layout(str(tmp_path), layout)
+    source, file = cli.find_chat_template(str(tmp_path))
+    assert source == "WIN"
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    if layout == "json_only":  # the last resort, where AutoTokenizer has none
+        assert reference.chat_template is None and file.endswith("chat_template.json")
+    else:
+        assert reference.get_chat_template() == "WIN"
+
+
+@pytest.mark.parametrize("config, message", [
+    ({}, "has no chat template (use --prompt for plain text)"),
+    ({"chat_template": None}, "has no chat template (use --prompt for plain text)"),
+    ({"chat_template": [{"name": "tool_use", "template": "x"}]}, "tokenizer_config.json has chat templates "
+                                                                 "tool_use but none named 'default'"),
+    ({"chat_template": ["x"]}, "chat_template is a list but not of"),
+    ({"chat_template": 7}, "tokenizer_config.json: chat_template is 7, not a string"),
+    ({"chat_template": "{% if %}"}, "tokenizer_config.json: the chat template does not compile"),
+    ({"chat_template": "x", "eos_token": 7}, "tokenizer_config.json: eos_token is 7, not a string"),
+    ({"chat_template": "x", "bos_token": {"id": 3}}, "bos_token is an object without a string \"content\""),
+])
+def test_chat_bad_templates_raise_naming_the_file(tmp_path, config, message):
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        source, file = cli.find_chat_template(str(tmp_path))
+        cli.compile_chat_template(source, file), cli.special_token_variables(str(tmp_path))
