@@ -1960,3 +1960,159 @@ def test_chat_bad_templates_raise_naming_the_file(tmp_path, config, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         source, file = cli.find_chat_template(str(tmp_path))
         cli.compile_chat_template(source, file), cli.special_token_variables(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(chat_tokenizer, tmp_path_factory):
+    """A random tiny OLMo 1 with OLMo 1 Instruct's template and a short context (96 positions), so that a
+    conversation soon outgrows it: (path, transformers model, tokenizers.Tokenizer, AutoTokenizer)."""
+    path = str(tmp_path_factory.mktemp("chat_checkpoint"))
+    ref = reference_model({**SMALL, "vocab_size": 300, "eos_token_id": 0, "max_position_embeddings": 96}, 7)
+    save(ref, path)
+    shutil.copy(chat_tokenizer[0] / "tokenizer.json", path)
+    write_chat_config(path, "tulu")
+    return path, ref, chat_tokenizer[1], transformers.AutoTokenizer.from_pretrained(path)
+
+
+def chat_reference(checkpoint, lines, new_tokens, system=None):
+    """What `--chat` must print for these lines of stdin, computed with transformers: (stdout, notices), notices
+    being "dropped" for a turn that had to drop the oldest turns and "not sent" for a message too long to fit.
+    Each turn: the conversation (earlier replies as printed) through apply_chat_template, greedy generate, the
+    new tokens decoded without special tokens; while the prompt and new_tokens don't fit the context, the oldest
+    turn goes."""
+    path, ref, tok, auto = checkpoint
+    context, out, notices, turns = ref.config.max_position_embeddings, "", [], []
+    for line in lines:
+        if line == "/reset":
+            turns = []
+            continue
+
+        def prompt(kept):
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            for user, reply in kept:
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            messages.append({"role": "user", "content": line})
+            return auto.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+        first = next((k for k in range(len(turns) + 1) if len(prompt(turns[k:])) + new_tokens <= context), None)
+        if first is None:
+            notices.append("not sent")
+            continue
+        notices += ["dropped"] * (first > 0)
+        turns, ids = turns[first:], prompt(turns[first:])
+        with torch.no_grad():
+            result = ref.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=0,
+                                  pad_token_id=1, output_scores=True, return_dict_in_generate=True)
+        top2 = torch.stack([s[0].topk(2).values for s in result.scores])
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-4  # no near-tie: greedy tokens are determined (see above)
+        reply = tok.decode(result.sequences[0, len(ids):].tolist(), skip_special_tokens=True)
+        out += reply + "\n"
+        turns.append((line, reply))
+    return out, notices
+
+
+CHAT_LINES = ["Hello 🙂", "Language models are fun.", "日本語も少し。", "", "/reset", "Language models",
+              "The quick brown fox jumps over the lazy dog, again and again, all day long " * 2,
+              "Are they?", "Yes, fun. 🙂", "Tell me more", "And more."]
+
+
+@pytest.fixture(scope="module")
+def chat_expected(chat_checkpoint):
+    out, notices = chat_reference(chat_checkpoint, [line for line in CHAT_LINES if line], 8, system="Be brief.")
+    assert "dropped" in notices and "not sent" in notices  # the conversation does outgrow the context
+    return out, notices
+
+
+@pytest.mark.parametrize("script", ["olmo.py", "olmo_numpy.py"])
+def test_chat_through_a_pipe_equals_transformers(chat_checkpoint, chat_expected, script):
+    """Replies (only they, on stdout) equal transformers' greedy replies turn by turn, across /reset, turns
+    dropped to fit the 96-position context and a message too long to send at all; EOF ends with status 0."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, script), "--model", chat_checkpoint[0], "--chat",
+                           "--system", "Be brief.", "--max-new-tokens", "8"],
+                          input="\n".join(CHAT_LINES).encode(), capture_output=True, cwd=HERE, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert out == chat_expected[0]
+    assert err.count("dropped the oldest") == chat_expected[1].count("dropped") and err.count("not sent") == 1
+    assert "> " not in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def chat_endless_checkpoint(chat_checkpoint, tmp_path_factory):
+    """chat_checkpoint with no EOS and a long context: replies run until stopped."""
+    path = str(tmp_path_factory.mktemp("chat_endless"))
+    for name in os.listdir(chat_checkpoint[0]):
+        shutil.copy(os.path.join(chat_checkpoint[0], name), path)
+    for name, changes in (("config.json", {"eos_token_id": None, "max_position_embeddings": 100000}),
+                          ("generation_config.json", {"eos_token_id": None})):
+        with open(os.path.join(path, name)) as f:
+            d = json.load(f)
+        with open(os.path.join(path, name), "w") as f:
+            json.dump({**d, **changes}, f)
+    return path
+
+
+def greedy_text(checkpoint, messages, new_tokens):
+    """transformers' greedy continuation of the chat prompt of messages, decoded without special tokens."""
+    path, ref, tok, auto = checkpoint
+    ids = auto.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        new = ref.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=1)[0, len(ids):]
+    return tok.decode(new.tolist(), skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("script", ["olmo.py", "olmo_numpy.py"])
+def test_chat_ctrl_c_stops_the_reply_and_at_the_prompt_exits_130(chat_checkpoint, chat_endless_checkpoint, script):
+    """On a terminal (stdin a pty): "> " on stderr when the session waits for a line. Ctrl-C in a reply that would
+    run for 50000 tokens ends it with a newline and returns to the prompt, the reply staying in the conversation
+    as printed: the next reply continues that conversation. Ctrl-C at the prompt exits 130."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), "--model", chat_endless_checkpoint,
+                             "--chat", "--max-new-tokens", "50000"], stdin=slave, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(slave)
+    out, err = proc.stdout.fileno(), proc.stderr.fileno()
+
+    def wait_for_prompt():
+        seen = b""
+        while not seen.endswith(b"> "):
+            chunk = os.read(err, 1)
+            assert chunk, seen.decode()
+            seen += chunk
+
+    def interrupted_reply(line):
+        """Send line, wait for 32 bytes of the reply, Ctrl-C, wait for the prompt: the reply as printed."""
+        os.write(master, line.encode() + b"\n")
+        printed = b""
+        while len(printed) < 32:
+            printed += os.read(out, 32 - len(printed))
+        proc.send_signal(signal.SIGINT)
+        wait_for_prompt()  # the reply and its newline were flushed to stdout before the prompt was written
+        os.set_blocking(out, False)
+        while True:
+            try:
+                chunk = os.read(out, 65536)
+            except BlockingIOError:
+                break
+            printed += chunk
+        os.set_blocking(out, True)
+        return printed.decode()
+
+    try:
+        wait_for_prompt()
+        first = interrupted_reply("Hello 🙂")
+        second = interrupted_reply("Language models")
+        proc.send_signal(signal.SIGINT)  # at the prompt
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        os.close(master)
+    assert first.endswith("\n") and second.endswith("\n")
+    first, second = first[:-1], second[:-1]
+    hello = [{"role": "user", "content": "Hello 🙂"}]
+    assert greedy_text(chat_checkpoint, hello, len(first.encode()) + 16).startswith(first)
+    followup = hello + [{"role": "assistant", "content": first}, {"role": "user", "content": "Language models"}]
+    assert greedy_text(chat_checkpoint, followup, len(second.encode()) + 16).startswith(second)
+    assert "Traceback" not in proc.stderr.read().decode()
