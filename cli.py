@@ -461,7 +461,10 @@ def chat_prompt(template, file, variables, tokenizer, messages):
         text = render_chat(template, messages, variables)
     except Exception as e:  # the template's own refusal (raise_exception), a sandbox violation, or a bug in it
         raise ValueError(f"{file}: the chat template failed: {' '.join(str(e).split())}") from None
-    return tokenizer.encode(text, add_special_tokens=False).ids
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:  # a sandbox violation that merely renders as nothing ends here too
+        raise ValueError(f"{file}: the chat template renders the conversation as empty text")
+    return ids
 
 
 def read_message(interactive):

@@ -10,6 +10,7 @@ of their sections.
 """
 
 import base64
+import io
 import json
 import math
 import os
@@ -2116,3 +2117,52 @@ def test_chat_ctrl_c_stops_the_reply_and_at_the_prompt_exits_130(chat_checkpoint
     followup = hello + [{"role": "assistant", "content": first}, {"role": "user", "content": "Language models"}]
     assert greedy_text(chat_checkpoint, followup, len(second.encode()) + 16).startswith(second)
     assert "Traceback" not in proc.stderr.read().decode()
+
+
+def chat_in_process(module, path, lines, monkeypatch, capsys, *flags):
+    """module's (olmo's or olmo_numpy's) --chat in this process, stdin piped from lines: (status, out, err)."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("".join(f"{x}\n" for x in lines).encode())))
+    return main_in_process(module.main, ["--model", path, "--chat", "--max-new-tokens", "4", *flags], capsys)
+
+
+def copy_with_template(path, dest, template):
+    shutil.copytree(path, dest)
+    with open(os.path.join(dest, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(dest, "tokenizer_config.json"), "w") as f:
+        json.dump({**config, "chat_template": template}, f)
+    return str(dest)
+
+
+@pytest.mark.parametrize("module", [olmo, olmo_numpy], ids=["olmo", "olmo_numpy"])
+def test_chat_without_a_template_one_line_exit_2(chat_checkpoint, tmp_path, module, monkeypatch, capsys):
+    path = copy_with_template(chat_checkpoint[0], tmp_path / "plain", None)
+    status, out, err = chat_in_process(module, path, ["hi"], monkeypatch, capsys)
+    assert (status, out) == (2, "")
+    assert err.splitlines()[-1] == f"error: {path} has no chat template (use --prompt for plain text)"
+
+
+SANDBOX_ESCAPES = [  # (template, what the one error line says)
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "access to attribute '__class__' of 'str' object is unsafe"),
+    ("{{ cycler.__init__.__globals__.os.system('touch pwned') }}", "is unsafe"),
+    ("{{ lipsum.__globals__['os'].system('touch pwned') }}", "is unsafe"),
+    ("{{ (messages | attr('__class__')).__base__ }}", "is unsafe"),
+    ("{{ '{0.__init__.__globals__[os]}'.format(raise_exception) }}", "is unsafe"),
+    ("{{ dict.__class__.__mro__ }}", "is unsafe"),
+    ("{% set _ = messages.append({'role': 'user', 'content': 'x'}) %}", "is unsafe"),
+    ("{% set ns = namespace() %}{% set ns._secret = 1 %}", "may not start with '_'"),
+    ("{{ raise_exception.__globals__ }}", "renders the conversation as empty text"),  # unsafe renders as nothing
+]
+
+
+@pytest.mark.parametrize("module", [olmo, olmo_numpy], ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("template, message", SANDBOX_ESCAPES)
+def test_chat_template_sandbox_escapes_fail_in_one_line(chat_checkpoint, tmp_path, module, template, message,
+                                                        monkeypatch, capsys):
+    path = copy_with_template(chat_checkpoint[0], tmp_path / "evil", template)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = chat_in_process(module, path, ["hi"], monkeypatch, capsys)
+    assert (status, out) == (2, "") and not os.path.exists(tmp_path / "pwned")
+    assert err.count("\n") == 2 and err.startswith("loaded ")  # the "loaded" line, then the error
+    assert err.splitlines()[1].startswith(f"error: {path}/tokenizer_config.json: the chat template ")
+    assert message in err
