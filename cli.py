@@ -43,7 +43,7 @@ def make_parser(backend):
     p = Parser(description=f"Generate text with OLMo ({backend.name}). Sampling flags left out take "
                            "generation_config.json's values, as transformers does.")
     backend.add_arguments(p)
-    p.add_argument("--prompt", help="the text to continue (this or --chat is required)")
+    p.add_argument("--prompt", help="the text to continue (no default: give --prompt or --chat)")
     p.add_argument("--chat", action="store_true",
                    help="talk to an Instruct model: one message per line of stdin (default: off)")
     p.add_argument("--system", help="chat mode: a system message (default: none)")
