@@ -18,8 +18,11 @@ knows its framework:
                                     ids: list[int]; callback(token_id: int) for each new token
     backend.max_context(model)      -> positions the model was trained for, or None when RoPE scales (dynamic)
 
-Chat mode (`--chat`, in the Chat section at the end) reuses the same pieces: `load_tokenizer`, `Stream` and
-`sampling_settings`.
+`main(backend, argv=None)` returns the exit status: 0; 2 after an `error: ...` line (bad flags, files, checkpoints:
+the user's to fix); 130 after Ctrl-C; 141 when whoever reads stdout stops reading (`| head`).
+
+Chat mode (`--chat`) is `chat_session(backend, model, path, tokenizer, args, settings)` in the Chat section at the
+end; it reuses the pieces of a --prompt run: `load_tokenizer`, `Stream` and `sampling_settings`.
 """
 
 import argparse
@@ -66,12 +69,9 @@ def parse_args(backend, argv=None):
         p.error("give either --prompt TEXT or --chat" if args.chat else "--prompt (or --chat) is required")
     if args.system is not None and not args.chat:
         p.error("--system is for --chat")
-    for flag in ("prompt", "system"):
-        text = getattr(args, flag)
-        try:  # bytes that aren't UTF-8 reach Python as lone surrogates, which no tokenizer can take
-            text is None or text.encode("utf-8")
-        except UnicodeEncodeError:
-            p.error(f"--{flag} is not valid UTF-8 text")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
+        if text is not None and not is_utf8(text):
+            p.error(f"{flag} is not valid UTF-8 text")
     if args.max_new_tokens < 0:
         p.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -83,6 +83,15 @@ def parse_args(backend, argv=None):
     if args.seed is not None and not 0 <= args.seed < 2**64:  # what both torch and NumPy accept
         p.error(f"--seed must be in [0, 2**64), got {args.seed}")
     return args
+
+
+def is_utf8(text):
+    """Bytes that aren't UTF-8 reach Python (argv, stdin) as lone surrogates, which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,7 +308,10 @@ def stats(t0, times, compiled):
 def main(backend, argv=None):
     """Parse argv (default: sys.argv[1:]), run, and return the exit status: 0, 2 for an error the user can fix,
     130 after Ctrl-C, 141 when the reader of stdout went away (as for a process killed by SIGPIPE)."""
-    args = parse_args(backend, argv)
+    try:
+        args = parse_args(backend, argv)
+    except SystemExit as e:  # --help (0) or a bad flag (2, its error line already printed)
+        return e.code
     try:
         return run(backend, args)
     except BrokenPipeError:
