@@ -18,8 +18,11 @@ knows its framework:
                                     ids: list[int]; callback(token_id: int) for each new token
     backend.max_context(model)      -> positions the model was trained for, or None when RoPE scales (dynamic)
 
-Chat mode (`--chat`, in the Chat section at the end) reuses the same pieces: `load_tokenizer`, `Stream` and
-`sampling_settings`.
+`main(backend, argv=None)` returns the exit status: 0; 2 after an `error: ...` line (bad flags, files, checkpoints:
+the user's to fix); 130 after Ctrl-C; 141 when whoever reads stdout stops reading (`| head`).
+
+Chat mode (`--chat`) is `chat_session(backend, model, path, tokenizer, args, settings)` in the Chat section at the
+end; it reuses the pieces of a --prompt run: `load_tokenizer`, `Stream` and `sampling_settings`.
 """
 
 import argparse
@@ -40,12 +43,13 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def parse_args(backend, argv=None):
+def make_parser(backend):
     p = Parser(description=f"Generate text with OLMo ({backend.name}). Sampling flags left out take "
                            "generation_config.json's values, as transformers does.")
     backend.add_arguments(p)
-    p.add_argument("--prompt", help="the text to continue (this or --chat is required)")
-    p.add_argument("--chat", action="store_true", help="talk to an Instruct model: one message per line of stdin (default: off)")
+    p.add_argument("--prompt", help="the text to continue (no default: give --prompt or --chat)")
+    p.add_argument("--chat", action="store_true",
+                   help="talk to an Instruct model: one message per line of stdin (default: off)")
     p.add_argument("--system", help="chat mode: a system message (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="at most this many new tokens (default: 100)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json's if it sets "
@@ -55,18 +59,20 @@ def parse_args(backend, argv=None):
     p.add_argument("--top-p", type=float, help="sample from the most likely tokens up to this probability mass "
                                                "(default: generation_config.json's if it sets do_sample, else off)")
     p.add_argument("--seed", type=int, help="seed for sampling, 0 <= seed < 2**64 (default: a random seed)")
+    return p
+
+
+def parse_args(backend, argv=None):
+    p = make_parser(backend)
     args = p.parse_args(argv)
 
     if args.chat == (args.prompt is not None):
         p.error("give either --prompt TEXT or --chat" if args.chat else "--prompt (or --chat) is required")
     if args.system is not None and not args.chat:
         p.error("--system is for --chat")
-    for flag in ("prompt", "system"):
-        text = getattr(args, flag)
-        try:  # bytes that aren't UTF-8 reach Python as lone surrogates, which no tokenizer can take
-            text is None or text.encode("utf-8")
-        except UnicodeEncodeError:
-            p.error(f"--{flag} is not valid UTF-8 text")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
+        if text is not None and not is_utf8(text):
+            p.error(f"{flag} is not valid UTF-8 text")
     if args.max_new_tokens < 0:
         p.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -80,6 +86,15 @@ def parse_args(backend, argv=None):
     return args
 
 
+def is_utf8(text):
+    """Bytes that aren't UTF-8 reach Python (argv, stdin) as lone surrogates, which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # generation_config.json: the checkpoint's sampling defaults
 #
@@ -88,10 +103,8 @@ def parse_args(backend, argv=None):
 # key (transformers 5 writes its defaults that way). Flags win over the file.
 
 
-def read_generation_config(path, vocab_size):
-    """The checkpoint's generation_config.json as {field: value} with only the fields we use, checked; {} if the
-    file is absent. Anything we can't interpret raises ValueError naming the file, the field and the value."""
-    file = os.path.join(path, "generation_config.json")
+def read_json_object(file):
+    """A JSON object from file, {} if there is no such file."""
     if not os.path.exists(file):
         return {}
     try:
@@ -101,6 +114,14 @@ def read_generation_config(path, vocab_size):
         raise ValueError(f"cannot read {file}: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{file} does not hold a JSON object")
+    return d
+
+
+def read_generation_config(path, vocab_size):
+    """The checkpoint's generation_config.json as {field: value} with only the fields we use, checked; {} if the
+    file is absent. Anything we can't interpret raises ValueError naming the file, the field and the value."""
+    file = os.path.join(path, "generation_config.json")
+    d = read_json_object(file)
 
     def number(x):  # bool is a subclass of int in Python, but true is not a number in JSON
         return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -121,9 +142,18 @@ def read_generation_config(path, vocab_size):
         if d.get(field) is None:
             continue
         if not valid(d[field]):
-            raise ValueError(f"{file}: {field} must be {what}, got {json.dumps(d[field])[:80]}")
+            raise ValueError(f"{file}: {field} must be {what}, got {shown(d[field])}")
         gen[field] = d[field]
     return gen
+
+
+def shown(value):
+    """A JSON value as an error message shows it: short."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def sampling_settings(args, path, config):
@@ -141,48 +171,48 @@ def sampling_settings(args, path, config):
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer: the prompt's ids exactly as transformers' AutoTokenizer.from_pretrained(path) gives them
 #
-# What transformers 5 does with a checkpoint that ships tokenizer.json (read tokenization_auto.py and
-# tokenization_utils_tokenizers.py): tokenizer_config.json's add_bos_token / add_eos_token are dropped whenever
-# tokenizer.json exists, and config.json's bos_token_id is never consulted, so whether a BOS is added is decided by
-# the class AutoTokenizer picks:
-# - GPTNeoXTokenizer (tokenizer_config.json names it, or names no class and model_type is "olmo", as for OLMo 1):
-#   it rebuilds the pipeline from the vocabulary and resets the post-processor to add nothing: no BOS, no EOS.
-# - every other class (OLMo 2 and 3 map to TokenizersBackend): tokenizer.json's own post-processor runs, so a
-#   template that prepends BOS prepends it.
+# Which BOS/EOS tokens a prompt gets depends only on the class AutoTokenizer picks (transformers 5, read in
+# tokenization_auto.py and tokenization_utils_tokenizers.py): with a tokenizer.json present, tokenizer_config.json's
+# add_bos_token / add_eos_token are dropped, and config.json's bos_token_id is never consulted.
+# - OLMo 1 (model_type "olmo", tokenizer_config.json naming GPTNeoXTokenizer or no class): GPTNeoXTokenizer rebuilds
+#   the pipeline around tokenizer.json's vocabulary -- NFC normalization, byte-level pre-tokenization -- and a
+#   post-processor that adds nothing: no BOS.
+# - model_type "olmo" with GPT2Tokenizer: the same rebuild without NFC, keeping tokenizer.json's post-processor.
+# - otherwise (OLMo 2 and 3 always): tokenizer.json as it is, its post-processor included -- a template that
+#   prepends BOS prepends it.
 
 
 def load_tokenizer(path):
     """The checkpoint's tokenizers.Tokenizer, set up so that tokenizer.encode(text).ids are AutoTokenizer's ids."""
-    from tokenizers import Tokenizer, processors
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 
     file = os.path.join(path, "tokenizer.json")
     try:
         tokenizer = Tokenizer.from_file(file)
     except Exception as e:  # the tokenizers library raises its own exception types
         raise ValueError(f"cannot read {file}: {e}") from None
-    tokenizer_class = read_json_object(os.path.join(path, "tokenizer_config.json")).get("tokenizer_class")
-    model_type = read_json_object(os.path.join(path, "config.json")).get("model_type")
-    if tokenizer_class is None:
-        neox = model_type == "olmo"
-    else:
-        neox = isinstance(tokenizer_class, str) and tokenizer_class.removesuffix("Fast") == "GPTNeoXTokenizer"
-    if neox:  # what GPTNeoXTokenizer's update_post_processor() installs with add_bos_token = add_eos_token = False
+    settings_file = os.path.join(path, "tokenizer_config.json")
+    settings = read_json_object(settings_file)
+    tokenizer_class = settings.get("tokenizer_class") or "GPTNeoXTokenizer"
+    if not isinstance(tokenizer_class, str):
+        raise ValueError(f"{settings_file}: tokenizer_class must be a string, got {shown(tokenizer_class)}")
+    tokenizer_class = tokenizer_class.removesuffix("Fast")  # transformers 5 has only the fast classes
+    model_type = read_json_object(os.path.join(path, "config.json")).get("model_type", "olmo")
+    if model_type != "olmo" or tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizer"):
+        return tokenizer
+    if tokenizer_class not in ("GPTNeoXTokenizer", "GPT2Tokenizer"):
+        raise ValueError(f"{settings_file}: tokenizer_class {tokenizer_class!r} is not supported (use "
+                         "GPTNeoXTokenizer, GPT2Tokenizer or TokenizersBackend)")
+    add_prefix_space = settings.get("add_prefix_space", False)
+    if not isinstance(add_prefix_space, bool):
+        raise ValueError(f"{settings_file}: add_prefix_space must be a boolean, got {shown(add_prefix_space)}")
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    if tokenizer_class == "GPTNeoXTokenizer":
+        tokenizer.normalizer = normalizers.NFC()
         tokenizer.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    else:
+        tokenizer.normalizer = None
     return tokenizer
-
-
-def read_json_object(file):
-    """A JSON object from file, {} if there is no such file."""
-    if not os.path.exists(file):
-        return {}
-    try:
-        with open(file, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"cannot read {file}: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{file} does not hold a JSON object")
-    return d
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +309,10 @@ def stats(t0, times, compiled):
 def main(backend, argv=None):
     """Parse argv (default: sys.argv[1:]), run, and return the exit status: 0, 2 for an error the user can fix,
     130 after Ctrl-C, 141 when the reader of stdout went away (as for a process killed by SIGPIPE)."""
-    args = parse_args(backend, argv)
+    try:
+        args = parse_args(backend, argv)
+    except SystemExit as e:  # --help (0) or a bad flag (2, its error line already printed)
+        return e.code
     try:
         return run(backend, args)
     except BrokenPipeError:
