@@ -380,13 +380,13 @@ def find_chat_template(path):
         template = template["default"]
     if template is not None:
         if not isinstance(template, str):
-            raise ValueError(f"{config_file}: chat_template is {template!r}, not a string")
+            raise ValueError(f"{config_file}: chat_template is {shown(template)}, not a string")
         return template, config_file
     json_file = os.path.join(path, "chat_template.json")
     if os.path.isfile(json_file):
         template = read_json_object(json_file).get("chat_template")
         if not isinstance(template, str):
-            raise ValueError(f"{json_file}: chat_template is {template!r}, not a string")
+            raise ValueError(f"{json_file}: chat_template is {shown(template)}, not a string")
         return template, json_file
     raise ValueError(f"{path} has no chat template (use --prompt for plain text)")
 
@@ -404,7 +404,7 @@ def special_token_variables(path):
             if not isinstance(value, str):
                 raise ValueError(f"{file}: {name} is an object without a string \"content\"")
         if name in SPECIAL_TOKENS and value is not None and not isinstance(value, str):
-            raise ValueError(f"{file}: {name} is {value!r}, not a string or a token object")
+            raise ValueError(f"{file}: {name} is {shown(value)}, not a string or a token object")
         if isinstance(value, str) and name.endswith("_token"):
             variables[name] = value
     return variables

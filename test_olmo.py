@@ -2444,3 +2444,26 @@ def test_chat_template_sandbox_escapes_fail_in_one_line(chat_checkpoint, tmp_pat
     assert err.count("\n") == 2 and err.startswith("loaded ")  # the "loaded" line, then the error
     assert err.splitlines()[1].startswith(f"error: {path}/tokenizer_config.json: the chat template ")
     assert message in err
+
+
+def test_chat_budget_dynamic_rope_and_bad_lines(chat_checkpoint, tmp_path, monkeypatch, capsys):
+    """A reply budget that leaves no room in the context is refused; with dynamic RoPE nothing is ever dropped; a
+    line that isn't UTF-8 is skipped with a notice, and the session goes on."""
+    path = chat_checkpoint[0]
+    status, out, err = chat_in_process(olmo_numpy, path, ["hi"], monkeypatch, capsys, "--max-new-tokens", "96")
+    assert (status, out) == (2, "") and err.splitlines()[-1] == (
+        "error: --max-new-tokens 96 leaves no room for a message in the 96 positions the model was trained on")
+
+    dynamic = shutil.copytree(path, tmp_path / "dynamic")
+    with open(dynamic / "config.json") as f:
+        config = json.load(f)
+    with open(dynamic / "config.json", "w") as f:
+        json.dump({**config, "max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+                   "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, f)
+    lines = ["Language models are fun.", "日本語も少し。", "Hello 🙂 " * 4]
+    status, out, err = chat_in_process(olmo_numpy, str(dynamic), lines, monkeypatch, capsys, "--max-new-tokens", "30")
+    assert status == 0 and "dropped" not in err and "not sent" not in err and out.count("\n") >= 3
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\nLanguage models\n")))
+    status, out, err = main_in_process(olmo_numpy.main, ["--model", path, "--chat", "--max-new-tokens", "4"], capsys)
+    assert status == 0 and out.endswith("\n") and "that line is not UTF-8 text; skipped" in err
