@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import resource
+import select
 import shutil
 import signal
 import struct
@@ -2354,19 +2355,23 @@ def test_chat_ctrl_c_stops_the_reply_and_at_the_prompt_exits_130(chat_checkpoint
     os.close(slave)
     out, err = proc.stdout.fileno(), proc.stderr.fileno()
 
+    def read(fd, n):  # up to n bytes, failing instead of hanging if the session stops responding
+        assert select.select([fd], [], [], 60)[0], "no output for 60 s"
+        chunk = os.read(fd, n)
+        assert chunk, "the session ended"
+        return chunk
+
     def wait_for_prompt():
         seen = b""
         while not seen.endswith(b"> "):
-            chunk = os.read(err, 1)
-            assert chunk, seen.decode()
-            seen += chunk
+            seen += read(err, 1)
 
     def interrupted_reply(line):
         """Send line, wait for 32 bytes of the reply, Ctrl-C, wait for the prompt: the reply as printed."""
         os.write(master, line.encode() + b"\n")
         printed = b""
         while len(printed) < 32:
-            printed += os.read(out, 32 - len(printed))
+            printed += read(out, 32 - len(printed))
         proc.send_signal(signal.SIGINT)
         wait_for_prompt()  # the reply and its newline were flushed to stdout before the prompt was written
         os.set_blocking(out, False)
