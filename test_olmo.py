@@ -826,17 +826,12 @@ def test_numpy_cli_has_no_torch_flags(cli_checkpoint, capsys):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_cli_errors_in_a_real_process(cli_checkpoint, tmp_path, script):
-    """A flag and a file a user gets wrong, in a fresh process: exit status 2, one line, no traceback (the other
-    cases run in this process, above: a fresh process costs seconds of torch import)."""
-    path, _ = cli_checkpoint
-    bad_gen = shutil.copytree(path, tmp_path / "bad_gen")
-    (bad_gen / "generation_config.json").write_text('{"do_sample": true,')
-    cases = [(["--prompt", SURROGATES], "--prompt is not valid UTF-8"),  # real argv bytes, not a str
-             (["--prompt", "hi", "--model", str(bad_gen)], re.escape(str(bad_gen / "generation_config.json")))]
-    for flags, message in cases:
-        result = run_cli("--model", path, *flags, script=script)
-        assert result.stdout == "" and re.search(message, error_line(result.returncode, result.stderr))
+def test_cli_errors_in_a_real_process(cli_checkpoint, script):
+    """`--prompt $'\xff\xfe'` as a shell passes it (real argv bytes, not a str), in a fresh process: exit status 2,
+    one line, no traceback. (The other bad flags and files run in this process, above and below: a fresh process
+    costs seconds of torch import.)"""
+    result = run_cli("--model", cli_checkpoint[0], "--prompt", SURROGATES, script=script)
+    assert result.stdout == "" and "--prompt is not valid UTF-8" in error_line(result.returncode, result.stderr)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
