@@ -16,7 +16,6 @@ knows its framework:
     backend.load(args)              -> (model, checkpoint_dir); model.config is the twin's OlmoConfig
     backend.generate(model, ids, max_new_tokens, callback, temperature, top_k, top_p, eos_token_id)
                                     ids: list[int]; callback(token_id: int) for each new token
-    backend.max_context(model)      -> positions the model was trained for, or None when RoPE scales (dynamic)
 
 `main(backend, argv=None)` returns the exit status: 0; 2 after an `error: ...` line (bad flags, files, checkpoints:
 the user's to fix); 130 after Ctrl-C; 141 when whoever reads stdout stops reading (`| head`).
@@ -269,7 +268,7 @@ def run(backend, args):
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise ValueError("the prompt is empty")
-    trained = backend.max_context(model)
+    trained = trained_context(model.config)
     if trained is not None and len(ids) + args.max_new_tokens > trained:
         print(f"warning: the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} go past the "
               f"{trained} positions the model was trained on; text past them degrades", file=sys.stderr)
@@ -291,6 +290,12 @@ def run(backend, args):
     stream.finish()
     print(stats(t0, times, getattr(args, "compile", False)), file=sys.stderr)
     return 0
+
+
+def trained_context(config):
+    """The positions the model was trained on (linear and YaRN scaling included); None with dynamic RoPE, which
+    rescales its frequencies to any length."""
+    return None if (config.rope_scaling or {}).get("rope_type") == "dynamic" else config.max_position_embeddings
 
 
 def stats(t0, times, compiled):

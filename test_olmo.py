@@ -606,6 +606,19 @@ def test_cli_streams_prompt_and_continuation(cli_checkpoint, script):
     assert "tokens/s" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("rope_type, warns", [("dynamic", False), ("linear", True)])
+def test_cli_warns_past_the_trained_context_unless_rope_is_dynamic(cli_checkpoint, tmp_path, capsys, rope_type,
+                                                                   warns):
+    """Dynamic RoPE rescales to any length, so going past max_position_embeddings warns only without it."""
+    copy = shutil.copytree(cli_checkpoint[0], tmp_path / rope_type)
+    config = json.loads((copy / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0}
+    (copy / "config.json").write_text(json.dumps(config))
+    status, _, err = main_in_process(olmo_numpy.main, ["--model", str(copy), "--prompt", "Language",
+                                                       "--max-new-tokens", "70"], capsys)
+    assert status == 0 and err.count("warning:") == warns, err
+
+
 class Chunks:
     """A stand-in for stdout that keeps each write apart."""
 
@@ -950,13 +963,14 @@ def test_cli_help_shows_every_default(script, capsys):
 def test_cli_revision_goes_to_the_hub(cli_checkpoint, monkeypatch, capsys):
     """--revision picks an intermediate training checkpoint (a hub revision); without it none is asked for."""
     asked = []
-    monkeypatch.setattr(olmo, "resolve_checkpoint", lambda path, **kw: asked.append((path, kw)) or cli_checkpoint[0])
+    monkeypatch.setattr(olmo, "resolve_checkpoint", lambda path, revision=None: asked.append((path, revision))
+                        or cli_checkpoint[0])
     for flags in (["--revision", "step1000-tokens4B"], []):
         status, _, err = main_in_process(olmo.main, ["--model", "allenai/OLMo-1B-hf", "--prompt", "hi",
                                                      "--max-new-tokens", "1", *flags], capsys)
         assert status == 0, err
-    hub = [(path, kw) for path, kw in asked if path == "allenai/OLMo-1B-hf"]  # from_pretrained gets the directory
-    assert hub == [("allenai/OLMo-1B-hf", {"revision": "step1000-tokens4B"}), ("allenai/OLMo-1B-hf", {})]
+    hub = [(path, rev) for path, rev in asked if path == "allenai/OLMo-1B-hf"]  # from_pretrained gets the directory
+    assert hub == [("allenai/OLMo-1B-hf", "step1000-tokens4B"), ("allenai/OLMo-1B-hf", None)]
 
 
 # The prompt's ids: as transformers' AutoTokenizer.from_pretrained(dir) gives them, for each way a checkpoint can
