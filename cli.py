@@ -121,18 +121,18 @@ def read_generation_config(path, vocab_size):
     file = os.path.join(path, "generation_config.json")
     d = read_json_object(file)
 
-    def number(x):  # bool is a subclass of int in Python, but true is not a number in JSON
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    def integer(x):  # in JSON, true is not 1 (in Python, bool is a subclass of int)
+        return type(x) is int
 
     def token_id(x):
-        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < vocab_size
+        return integer(x) and 0 <= x < vocab_size
 
     rules = {
-        "do_sample": (lambda x: isinstance(x, bool), "a boolean"),
-        "temperature": (lambda x: number(x) and math.isfinite(x) and x >= 0, "a finite number >= 0"),
-        "top_k": (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, "an integer >= 0"),
-        "top_p": (lambda x: number(x) and 0 < x <= 1, "a number in (0, 1]"),
-        "eos_token_id": (lambda x: token_id(x) or isinstance(x, list) and all(map(token_id, x)),
+        "do_sample": (lambda x: type(x) is bool, "a boolean"),
+        "temperature": (lambda x: type(x) in (int, float) and math.isfinite(x) and x >= 0, "a finite number >= 0"),
+        "top_k": (lambda x: integer(x) and x >= 0, "an integer >= 0"),
+        "top_p": (lambda x: type(x) in (int, float) and 0 < x <= 1, "a number in (0, 1]"),
+        "eos_token_id": (lambda x: token_id(x) or type(x) is list and all(map(token_id, x)),
                          f"a token id or a list of token ids in [0, {vocab_size})"),
     }
     gen = {}
@@ -158,11 +158,14 @@ def sampling_settings(args, path, config):
     """Flags win; then generation_config.json (sampling only if do_sample); then greedy. EOS ids come from
     generation_config.json, else config.json. Returns the keyword arguments of generate()."""
     gen = read_generation_config(path, config.vocab_size)
-    sampling = gen.get("do_sample", False)
-    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 1.0) * sampling
-    top_k = args.top_k if args.top_k is not None else gen.get("top_k", 50) if sampling else None
-    top_p = args.top_p if args.top_p is not None else gen.get("top_p") if sampling else None
-    return dict(temperature=float(temperature), top_k=top_k or None, top_p=None if top_p == 1 else top_p,
+    if gen.get("do_sample"):
+        defaults = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, **gen}
+    else:  # greedy: transformers ignores the sampling fields without do_sample
+        defaults = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
+    flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    s = {name: defaults[name] if flag is None else flag for name, flag in flags.items()}
+    return dict(temperature=float(s["temperature"]), top_k=s["top_k"] or None,  # top_k 0 and top_p 1: off
+                top_p=None if s["top_p"] == 1 else s["top_p"],
                 eos_token_id=gen.get("eos_token_id", config.eos_token_id))
 
 
