@@ -163,9 +163,9 @@ def sampling_settings(args, path, config):
     else:  # greedy: transformers ignores the sampling fields without do_sample
         defaults = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
     flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    s = {name: defaults[name] if flag is None else flag for name, flag in flags.items()}
-    return dict(temperature=float(s["temperature"]), top_k=s["top_k"] or None,  # top_k 0 and top_p 1: off
-                top_p=None if s["top_p"] == 1 else s["top_p"],
+    chosen = {name: defaults[name] if flag is None else flag for name, flag in flags.items()}
+    return dict(temperature=float(chosen["temperature"]), top_k=chosen["top_k"] or None,  # top_k 0, top_p 1: off
+                top_p=None if chosen["top_p"] == 1 else chosen["top_p"],
                 eos_token_id=gen.get("eos_token_id", config.eos_token_id))
 
 
@@ -302,15 +302,16 @@ def trained_context(config):
 
 
 def stats(t0, times, compiled):
-    """One line: tokens and speed. With --compile the first decode step (between the first and second token)
-    is where torch.compile compiles: it is reported apart and left out of tokens/s."""
-    n = len(times)
-    seconds = (times[-1] if times else time.perf_counter()) - t0
-    line = f"{n} tokens in {seconds:.2f}s"
+    """One line: tokens and speed, from the time generation started (t0) and each token's arrival. With --compile
+    the first decode step (between the first and second token) is where torch.compile compiles: it is reported
+    apart and left out of tokens/s."""
+    n, end = len(times), times[-1] if times else t0
+    line = f"{n} tokens in {end - t0:.2f}s"
+    start, counted = t0, n
     if compiled and n >= 3:
-        compile_seconds = times[1] - times[0]
-        return line + f" (compiling took {compile_seconds:.1f}s), {(n - 2) / (times[-1] - times[1]):.1f} tokens/s"
-    return line + f", {n / seconds:.1f} tokens/s" if seconds > 0 else line
+        line += f" (compiling the decode step took {times[1] - times[0]:.1f}s)"
+        start, counted = times[1], n - 2
+    return line + (f", {counted / (end - start):.1f} tokens/s" if end > start else "")
 
 
 def main(backend, argv=None):

@@ -945,7 +945,7 @@ def test_cli_compile_time_is_reported_apart():
     """With --compile the first decode step (between the first two tokens) compiles: it is reported on its own and
     left out of tokens/s. Times: 1 s of prefill, 10 s of compiling, then 1 s per token."""
     line = cli.stats(0.0, [1.0, 11.0, 12.0, 13.0], compiled=True)
-    assert "4 tokens in 13.00s" in line and "compiling took 10.0s" in line and "1.0 tokens/s" in line
+    assert line.startswith("4 tokens in 13.00s") and "took 10.0s" in line and line.endswith(", 1.0 tokens/s")
     assert cli.stats(0.0, [1.0, 2.0, 3.0, 4.0], compiled=False).endswith("4 tokens in 4.00s, 1.0 tokens/s")
 
 
