@@ -13,7 +13,8 @@ knows its framework:
 
     backend.name                    for --help and the "loaded" line ("PyTorch", "NumPy"); load() may add detail
     backend.add_arguments(parser)   the twin's own flags, --model first (olmo.py adds --device, --dtype, ...)
-    backend.load(args)              -> (model, checkpoint_dir); model.config is the twin's OlmoConfig
+    backend.load(args)              -> (model, checkpoint_dir); of model.config (the twin's OlmoConfig) this file
+                                    reads vocab_size, eos_token_id, max_position_embeddings and rope_scaling
     backend.generate(model, ids, max_new_tokens, callback, temperature, top_k, top_p, eos_token_id)
                                     ids: list[int]; callback(token_id: int) for each new token
 
