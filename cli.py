@@ -13,10 +13,10 @@ knows its framework:
 
     backend.name                    for --help and the "loaded" line ("PyTorch", "NumPy"); load() may add detail
     backend.add_arguments(parser)   the twin's own flags, --model first (olmo.py adds --device, --dtype, ...)
-    backend.load(args)              -> (model, checkpoint_dir); model.config is the twin's OlmoConfig
+    backend.load(args)              -> (model, checkpoint_dir); of model.config (the twin's OlmoConfig) this file
+                                    reads vocab_size, eos_token_id, max_position_embeddings and rope_scaling
     backend.generate(model, ids, max_new_tokens, callback, temperature, top_k, top_p, eos_token_id)
                                     ids: list[int]; callback(token_id: int) for each new token
-    backend.max_context(model)      -> positions the model was trained for, or None when RoPE scales (dynamic)
 
 `main(backend, argv=None)` returns the exit status: 0; 2 after an `error: ...` line (bad flags, files, checkpoints:
 the user's to fix); 130 after Ctrl-C; 141 when whoever reads stdout stops reading (`| head`).
@@ -123,18 +123,18 @@ def read_generation_config(path, vocab_size):
     file = os.path.join(path, "generation_config.json")
     d = read_json_object(file)
 
-    def number(x):  # bool is a subclass of int in Python, but true is not a number in JSON
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    def integer(x):  # in JSON, true is not 1 (in Python, bool is a subclass of int)
+        return type(x) is int
 
     def token_id(x):
-        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < vocab_size
+        return integer(x) and 0 <= x < vocab_size
 
     rules = {
-        "do_sample": (lambda x: isinstance(x, bool), "a boolean"),
-        "temperature": (lambda x: number(x) and math.isfinite(x) and x >= 0, "a finite number >= 0"),
-        "top_k": (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, "an integer >= 0"),
-        "top_p": (lambda x: number(x) and 0 < x <= 1, "a number in (0, 1]"),
-        "eos_token_id": (lambda x: token_id(x) or isinstance(x, list) and all(map(token_id, x)),
+        "do_sample": (lambda x: type(x) is bool, "a boolean"),
+        "temperature": (lambda x: type(x) in (int, float) and math.isfinite(x) and x >= 0, "a finite number >= 0"),
+        "top_k": (lambda x: integer(x) and x >= 0, "an integer >= 0"),
+        "top_p": (lambda x: type(x) in (int, float) and 0 < x <= 1, "a number in (0, 1]"),
+        "eos_token_id": (lambda x: token_id(x) or type(x) is list and all(map(token_id, x)),
                          f"a token id or a list of token ids in [0, {vocab_size})"),
     }
     gen = {}
@@ -160,11 +160,14 @@ def sampling_settings(args, path, config):
     """Flags win; then generation_config.json (sampling only if do_sample); then greedy. EOS ids come from
     generation_config.json, else config.json. Returns the keyword arguments of generate()."""
     gen = read_generation_config(path, config.vocab_size)
-    sampling = gen.get("do_sample", False)
-    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 1.0) * sampling
-    top_k = args.top_k if args.top_k is not None else gen.get("top_k", 50) if sampling else None
-    top_p = args.top_p if args.top_p is not None else gen.get("top_p") if sampling else None
-    return dict(temperature=float(temperature), top_k=top_k or None, top_p=None if top_p == 1 else top_p,
+    if gen.get("do_sample"):
+        defaults = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, **gen}
+    else:  # greedy: transformers ignores the sampling fields without do_sample
+        defaults = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
+    flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    chosen = {name: defaults[name] if flag is None else flag for name, flag in flags.items()}
+    return dict(temperature=float(chosen["temperature"]), top_k=chosen["top_k"] or None,  # top_k 0, top_p 1: off
+                top_p=None if chosen["top_p"] == 1 else chosen["top_p"],
                 eos_token_id=gen.get("eos_token_id", config.eos_token_id))
 
 
@@ -270,7 +273,7 @@ def run(backend, args):
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise ValueError("the prompt is empty")
-    trained = backend.max_context(model)
+    trained = trained_context(model.config)
     if trained is not None and len(ids) + args.max_new_tokens > trained:
         print(f"warning: the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} go past the "
               f"{trained} positions the model was trained on; text past them degrades", file=sys.stderr)
@@ -294,16 +297,23 @@ def run(backend, args):
     return 0
 
 
+def trained_context(config):
+    """The positions the model was trained on (linear and YaRN scaling included); None with dynamic RoPE, which
+    rescales its frequencies to any length."""
+    return None if (config.rope_scaling or {}).get("rope_type") == "dynamic" else config.max_position_embeddings
+
+
 def stats(t0, times, compiled):
-    """One line: tokens and speed. With --compile the first decode step (between the first and second token)
-    is where torch.compile compiles: it is reported apart and left out of tokens/s."""
-    n = len(times)
-    seconds = (times[-1] if times else time.perf_counter()) - t0
-    line = f"{n} tokens in {seconds:.2f}s"
+    """One line: tokens and speed, from the time generation started (t0) and each token's arrival. With --compile
+    the first decode step (between the first and second token) is where torch.compile compiles: it is reported
+    apart and left out of tokens/s."""
+    n, end = len(times), times[-1] if times else t0
+    line = f"{n} tokens in {end - t0:.2f}s"
+    start, counted = t0, n
     if compiled and n >= 3:
-        compile_seconds = times[1] - times[0]
-        return line + f" (compiling took {compile_seconds:.1f}s), {(n - 2) / (times[-1] - times[1]):.1f} tokens/s"
-    return line + f", {n / seconds:.1f} tokens/s" if seconds > 0 else line
+        line += f" (compiling the decode step took {times[1] - times[0]:.1f}s)"
+        start, counted = times[1], n - 2
+    return line + (f", {counted / (end - start):.1f} tokens/s" if end > start else "")
 
 
 def main(backend, argv=None):

@@ -830,25 +830,20 @@ class Backend:
         device = args.device or available[0]
         if device not in available:
             raise ValueError(f"--device {device} is not available here (available: {', '.join(available)})")
-        dtype = DTYPES[args.dtype] if args.dtype else torch.float32 if device == "cpu" else torch.bfloat16
-        self.name = f"PyTorch on {device}, {str(dtype).removeprefix('torch.')}"
+        dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+        self.name = f"PyTorch on {device}, {dtype}"
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        path = resolve_checkpoint(args.model, **{"revision": args.revision} if args.revision else {})
-        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=dtype)
+        path = resolve_checkpoint(args.model, args.revision)
+        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES[dtype])
         if args.compile:  # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps
             mode = "reduce-overhead" if device.startswith("cuda") else "default"
             model.decode_one_token = torch.compile(model.decode_one_token, mode=mode, fullgraph=True)
         return model, path
 
     def generate(self, model, ids, max_new_tokens, callback, **settings):
-        device = model.lm_head.weight.device
-        model.generate(torch.tensor([ids], device=device), max_new_tokens, callback=lambda t: callback(int(t[0])),
-                       **settings)
-
-    def max_context(self, model):
-        scaling = model.config.rope_scaling or {}
-        return None if scaling.get("rope_type") == "dynamic" else model.config.max_position_embeddings
+        ids = torch.tensor([ids], device=model.lm_head.weight.device)
+        model.generate(ids, max_new_tokens, callback=lambda t: callback(int(t[0])), **settings)
 
 
 def main(argv=None):

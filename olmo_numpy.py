@@ -572,10 +572,6 @@ class Backend:
         model.generate(np.array([ids]), max_new_tokens, rng=self.rng, callback=lambda t: callback(int(t[0])),
                        **settings)
 
-    def max_context(self, model):
-        scaling = model.config.rope_scaling or {}
-        return None if scaling.get("rope_type") == "dynamic" else model.config.max_position_embeddings
-
 
 def main(argv=None):
     import cli  # beside this file: the command line olmo.py and olmo_numpy.py share
