@@ -557,7 +557,7 @@ def chat_session(backend, model, path, tokenizer, args, settings):
     status: 0 at the end of input, 130 after Ctrl-C at the prompt."""
     source, file = find_chat_template(path)
     template, variables = compile_chat_template(source, file), special_token_variables(path)
-    context = backend.max_context(model)  # None: the RoPE scales (dynamic) to any length
+    context = trained_context(model.config)  # None: the RoPE scales (dynamic) to any length
     if context is not None and args.max_new_tokens >= context:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the {context} "
                          "positions the model was trained on")
