@@ -518,6 +518,8 @@ def read_message(interactive):
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.buffer.readline()
         if not line:
+            if interactive:
+                print(file=sys.stderr)  # Ctrl-D: end the prompt's line
             return None
         try:
             return line.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
