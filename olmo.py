@@ -825,122 +825,49 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+# CLI: cli.py holds the command line both twins share; this is what it needs from torch.
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_args(argv=None):
-    import argparse
+class Backend:
+    name = "PyTorch"
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line and exit status 2, instead of usage + error
-            print(f"error: {message}", file=sys.stderr)
-            raise SystemExit(2)
+    def add_arguments(self, p):
+        p.add_argument("--model", default="allenai/OLMo-1B-hf", help="checkpoint directory or hub id "
+                                                                     "(default: %(default)s)")
+        p.add_argument("--revision", help="hub revision: branch, tag or commit, e.g. an intermediate training "
+                                          "checkpoint such as step1000-tokens4B (default: the latest)")
+        p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+        p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, float32 on the CPU")
+        p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
 
-    p = Parser(description="Generate text with OLMo.")
-    p.add_argument("--model", default="allenai/OLMo-1B-hf", help="checkpoint directory or hub id")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else greedy)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
-    p.add_argument("--top-p", type=float, help="sample from the most likely tokens up to this probability mass")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="default: cuda, then mps, then cpu")
-    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 0:
-        p.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature is not None and args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        p.error(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    return args
+    def load(self, args):
+        cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        available = cuda + ["mps"] * torch.backends.mps.is_available() + ["cpu"]  # the first is the default
+        device = args.device or available[0]
+        if device not in available:
+            raise ValueError(f"--device {device} is not available here (available: {', '.join(available)})")
+        dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+        self.name = f"PyTorch on {device}, {dtype}"
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        path = resolve_checkpoint(args.model, args.revision)
+        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES[dtype])
+        if args.compile:  # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps
+            mode = "reduce-overhead" if device.startswith("cuda") else "default"
+            model.decode_one_token = torch.compile(model.decode_one_token, mode=mode, fullgraph=True)
+        return model, path
 
-
-def sampling_settings(args, path, config):
-    """Flags win; then generation_config.json (transformers' semantics: sample only if do_sample); then greedy."""
-    gen = {}
-    if os.path.exists(os.path.join(path, "generation_config.json")):
-        with open(os.path.join(path, "generation_config.json")) as f:
-            gen = json.load(f)
-    sampling = gen.get("do_sample", False)
-    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 1.0) * sampling
-    top_k = args.top_k if args.top_k is not None else gen.get("top_k", 50) if sampling else None
-    top_p = args.top_p if args.top_p is not None else gen.get("top_p") if sampling else None
-    eos = gen.get("eos_token_id", config.eos_token_id)
-    return dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos)
-
-
-def run(args):
-    from tokenizers import Tokenizer
-
-    device = args.device or default_device()
-    dtype = DTYPES[args.dtype] if args.dtype else torch.float32 if device == "cpu" else torch.bfloat16
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    path = resolve_checkpoint(args.model)
-    try:
-        tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    except Exception as e:
-        raise ValueError(f"cannot read {os.path.join(path, 'tokenizer.json')}: {e}") from None
-    model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=dtype)
-    settings = sampling_settings(args, path, model.config)
-    if args.compile:  # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps
-        mode = "reduce-overhead" if device == "cuda" else "default"
-        model.decode_one_token = torch.compile(model.decode_one_token, mode=mode, fullgraph=True)
-    print(f"loaded {args.model} on {device} ({dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-
-    ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-    if model.config.bos_token_id is not None:
-        ids = [model.config.bos_token_id] + ids
-    if not ids:
-        raise ValueError("the prompt is empty")
-    print(args.prompt, end="", flush=True)
-    new_ids, printed = [], ""
-
-    def stream(token):
-        # Byte-level BPE can split one character (an emoji, CJK) over several tokens; until the rest arrives the
-        # decoded text ends in U+FFFD, so print only once the text is whole.
-        nonlocal printed
-        new_ids.append(int(token[0]))
-        text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and text.startswith(printed):
-            print(text[len(printed):], end="", flush=True)
-            printed = text
-
-    t0 = time.perf_counter()
-    model.generate(torch.tensor([ids], device=device), args.max_new_tokens, callback=stream, **settings)
-    seconds = time.perf_counter() - t0
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    print(text[len(printed):] if text.startswith(printed) else "", flush=True)
-    print(f"{len(new_ids)} tokens in {seconds:.2f}s, {len(new_ids) / seconds:.1f} tokens/s", file=sys.stderr)
+    def generate(self, model, ids, max_new_tokens, callback, **settings):
+        ids = torch.tensor([ids], device=model.lm_head.weight.device)
+        model.generate(ids, max_new_tokens, callback=lambda t: callback(int(t[0])), **settings)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:  # a bad path, config or checkpoint: the user's to fix, so no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: keep what was printed, end the line
-        print(flush=True)
-        return 130
-    return 0
+    import cli  # beside this file: the command line olmo.py and olmo_numpy.py share
+    return cli.main(Backend(), argv)
 
 
 if __name__ == "__main__":
