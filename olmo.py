@@ -8,11 +8,10 @@ RMSNorm with weights, a norm on the queries and keys, and the norm moved after e
 sliding-window attention on three layers in four and YaRN to stretch the context. Each change is written once, where
 it happens, under a comment starting "OLMo 2:" or "OLMo 3:"; a reader of OLMo 1 can skip those lines.
 
-This file reads top to bottom in that order: config -> norm -> RoPE -> attention -> MLP -> block -> model ->
-cache and generation -> loading -> CLI. Module and parameter names match transformers' `OlmoForCausalLM`,
-`Olmo2ForCausalLM` and `Olmo3ForCausalLM`, so their checkpoints (allenai/OLMo-1B-hf, OLMo-2-1124-7B,
-Olmo-3-7B-Instruct, ...) load with strict name and shape checks and no renaming, and the logits equal
-transformers' (see test_olmo.py). It is meant to be read and copied, not configured: no framework.
+It reads top to bottom: config -> norm -> RoPE -> attention -> MLP -> block -> model -> cache and generation ->
+loading -> CLI. Names match transformers' `OlmoForCausalLM`, `Olmo2ForCausalLM` and `Olmo3ForCausalLM`, so their
+checkpoints load with strict name and shape checks and no renaming, and the logits equal transformers' (see
+test_olmo.py). It is meant to be read and copied, not configured: no framework.
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), heads / kv_heads query and key-value heads.
 A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is what RoPE rotates
@@ -74,23 +73,18 @@ class OlmoConfig:
             if not ok:
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
 
-        if self.model_type not in ("olmo", "olmo2", "olmo3"):
-            raise ValueError(f"model_type is {self.model_type!r}, not 'olmo', 'olmo2' or 'olmo3' (for 'hf_olmo' "
-                             "or trainer checkpoints run convert.py first)")
+        require(self.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
+                "'hf_olmo' or trainer checkpoints run convert.py first)")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
             require(1 <= getattr(self, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                             f"{self.num_attention_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
-                             f"num_key_value_heads {self.num_key_value_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head size {self.head_dim} (hidden_size / num_attention_heads) is odd; RoPE rotates "
-                             "pairs of dimensions")
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size", "divisible by num_attention_heads")
+        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
+                f"divisible by num_key_value_heads {self.num_key_value_heads}")
+        require(self.head_dim % 2 == 0, "hidden_size", f"num_attention_heads times an even head size (RoPE "
+                f"rotates pairs), not head size {self.head_dim}")
         require(self.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             ids = getattr(self, name)
@@ -133,8 +127,9 @@ class OlmoConfig:
     @classmethod
     def from_dict(cls, d, source="config.json"):
         """Read a config.json as transformers 4.x writes it (top-level rope_theta, rope_scaling with "type" or
-        "rope_type") or as transformers 5 does (rope_parameters, for OLMo 3 nested per layer type). Every known field must have its JSON type (no "false" for false, no 128.0
-        for 128); unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the source."""
+        "rope_type") or as transformers 5 does (rope_parameters, for OLMo 3 nested per layer type). Every known
+        field must have its JSON type (no "false" for false, no 128.0 for 128); unknown keys (architectures,
+        transformers_version, ...) are irrelevant. Errors name the source."""
         try:
             d = dict(d)
             if "torch_dtype" in d:
@@ -147,7 +142,8 @@ class OlmoConfig:
             known = {f.name: f.type for f in fields(cls)}
             for key, value in d.items():
                 if key in known and not fits(value, known[key]):
-                    raise ValueError(f"{key} must be {type_name(known[key])}, got {value!r}")
+                    kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
+                    raise ValueError(f"{key} must be {kind}, got {value!r}")
             return cls(**{k: v for k, v in d.items() if k in known})
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
@@ -175,51 +171,39 @@ def fits(value, annotation):
     return type(value) is annotation  # int, bool, str, dict, NoneType
 
 
-def type_name(annotation):
-    return str(annotation).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
+def positive(v):
+    return type(v) in (int, float) and 0 < v < math.inf
 
 
-# RoPE settings: what each type takes (with transformers' defaults for YaRN); anything else is refused.
-YARN = {"original_max_position_embeddings": None, "attention_factor": None, "beta_fast": 32.0, "beta_slow": 1.0,
-        "mscale": None, "mscale_all_dim": None, "truncate": True}
+# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
+# refused. YaRN's defaults are transformers'.
+FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
+ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
+    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
+    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
+    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
 
 
 def check_rope(rope, default_theta, max_position_embeddings, kind):
     """One layer type's RoPE settings ("type" or "rope_type", "rope_theta", "factor", YaRN's keys) -> the same
     with "rope_type", "rope_theta" and every default filled in."""
-    def fail(key, what):
-        raise ValueError(f"rope_parameters[{kind!r}] {key} must be {what}, got {rope.get(key)!r}")
-
+    where = f"rope_parameters[{kind!r}]"
     if not isinstance(rope, dict):
-        raise ValueError(f"rope_parameters[{kind!r}] must be an object, got {rope!r}")
-    out = {"rope_type": rope.get("rope_type", rope.get("type", "default")), "rope_theta": rope.get("rope_theta")}
-    if out["rope_type"] not in ("default", "linear", "dynamic", "yarn"):
-        fail("rope_type", "'default', 'linear', 'dynamic' or 'yarn'")
-    if out["rope_theta"] is None:
-        out["rope_theta"] = default_theta
-    if type(out["rope_theta"]) not in (int, float) or not 0 < out["rope_theta"] < math.inf:
-        fail("rope_theta", "a finite number > 0")
-    keys = {"rope_type", "type", "rope_theta"}
-    if out["rope_type"] != "default":
-        keys.add("factor")
-        out["factor"] = rope.get("factor")
-        if type(out["factor"]) not in (int, float) or not 1 < out["factor"] < math.inf:
-            fail("factor", "a number > 1")
-    for key, default in (YARN.items() if out["rope_type"] == "yarn" else ()):
-        keys.add(key)
-        value = rope.get(key)
-        if key == "truncate" and not (value is None or type(value) is bool):
-            fail(key, "a boolean")
-        if key == "original_max_position_embeddings" and not (value is None or type(value) is int and value >= 1):
-            fail(key, "an integer >= 1")
-        if key not in ("truncate", "original_max_position_embeddings") and not (
-                value is None or type(value) in (int, float) and 0 < value < math.inf):
-            fail(key, "a number > 0")
-        out[key] = default if value is None else value
-    if out["rope_type"] == "yarn" and out["original_max_position_embeddings"] is None:
+        raise ValueError(f"{where} must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{where} rope_type must be one of {', '.join(ROPE_TYPES)}, got {rope_type!r}")
+    takes = {"rope_theta": (default_theta, positive, "a finite number > 0"), **ROPE_TYPES[rope_type]}
+    for key in rope.keys() - takes.keys() - {"rope_type", "type"}:
+        raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
+    out = {"rope_type": rope_type}
+    for key, (default, ok, what) in takes.items():
+        value = out[key] = default if rope.get(key) is None else rope[key]
+        if not ok(value) if value is not None else key == "factor":
+            raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
+    if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
         out["original_max_position_embeddings"] = max_position_embeddings
-    for key in rope.keys() - keys:
-        raise ValueError(f"rope_parameters[{kind!r}] has {key!r}, which rope_type {out['rope_type']!r} doesn't take")
     return out
 
 
@@ -369,8 +353,7 @@ def causal_mask(query_slots, key_valid, window=None):
 
 
 class KVCache(nn.Module):
-    """Keys and values of every slot seen so far, (B, kv_heads, S, head_dim), written in place at the new slots.
-    Its length S grows in powers of two with the tokens actually produced (see OlmoForCausalLM.grow_cache)."""
+    """Keys and values of every slot so far, (B, kv_heads, S, head_dim), written in place (see grow_cache)."""
 
     def __init__(self, batch_size, length, num_kv_heads, head_dim, dtype, device):
         super().__init__()
@@ -537,8 +520,7 @@ class OlmoForCausalLM(nn.Module):
         if not self.lm_head.weight.is_meta:  # on the meta device (from_pretrained) there is nothing to fill
             self.apply(self._init_weights)
 
-    def _init_weights(self, module):
-        # transformers' init, for fresh models (tests, training from scratch)
+    def _init_weights(self, module):  # transformers' init, for fresh models (tests, training from scratch)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
         if isinstance(module, nn.Linear) and module.bias is not None:
@@ -574,19 +556,18 @@ class OlmoForCausalLM(nn.Module):
         of two (at least 256): a decode step attends over the whole cache -- a static shape per length, which is
         what torch.compile and CUDA graphs need, so they recompile only at each doubling -- and at most half of it
         is empty, so a large max_new_tokens costs nothing until the tokens are produced."""
-        attn, p = self.model.layers[0].self_attn, self.lm_head.weight
-        cache = attn.kv_cache
-        length = 0 if cache is None or cache.k_cache.shape[0] != batch_size or \
-            (cache.k_cache.dtype, cache.k_cache.device) != (p.dtype, p.device) else cache.k_cache.shape[2]
+        cache, p, c = self.model.layers[0].self_attn.kv_cache, self.lm_head.weight, self.config
+        k = cache and cache.k_cache
+        same = cache is not None and (k.shape[0], k.dtype, k.device) == (batch_size, p.dtype, p.device)
+        length = cache.k_cache.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
         if needed <= length:
             return
-        if not length:  # a new batch size, dtype or device: nothing cached is kept
-            self.cached_ids = []
+        self.cached_ids = self.cached_ids if same else []
         new_length = max(256, 1 << (needed - 1).bit_length())
         try:
             for layer in self.model.layers:
                 old, layer.self_attn.kv_cache = layer.self_attn.kv_cache, None  # free before allocating
-                new = KVCache(batch_size, new_length, attn.num_kv_heads, attn.head_dim, p.dtype, p.device)
+                new = KVCache(batch_size, new_length, c.num_key_value_heads, c.head_dim, p.dtype, p.device)
                 if length:
                     new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
                 layer.self_attn.kv_cache = new
@@ -622,11 +603,7 @@ class OlmoForCausalLM(nn.Module):
         """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding).
         Returns (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has produced
         an EOS (rows that finish early are filled with pad_token_id after it, as in transformers).
-        temperature=0 is greedy; callback(tokens (B,)) is called with each step's tokens (for streaming).
-        A one-row batch reuses the cached keys and values of the longest prefix it shares with what the cache
-        holds (a chat's history): only the rest is prefilled. The result is the same as starting afresh, since
-        a slot's keys depend only on the tokens up to it -- except for dynamic RoPE past the trained length, whose
-        frequencies depend on the whole call, so there nothing is reused."""
+        temperature=0 is greedy; callback(tokens (B,)) is called with each step's tokens (for streaming)."""
         check_ids(input_ids, self.config.vocab_size)
         B, T = input_ids.shape
         if attention_mask is None:
@@ -634,24 +611,23 @@ class OlmoForCausalLM(nn.Module):
         eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
                            device=input_ids.device).reshape(-1)  # an int or a list of ints
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
+        # A one-row batch keeps the cached keys and values of the longest prefix it shares with the last call (a
+        # chat's history) and prefills only the rest: exactly what starting afresh gives, since a slot's keys depend
+        # only on the tokens up to it. Not with dynamic RoPE past the trained length (frequencies per call length).
         dynamic = any(rope["rope_type"] == "dynamic" for rope in self.config.rope_parameters.values())
-        one_row = B == 1 and bool(attention_mask.all())
-
-        def reusable(n):  # dynamic RoPE past the trained length rotates with frequencies that depend on n
-            return one_row and not (dynamic and n > self.config.max_position_embeddings)
-
+        limit = self.config.max_position_embeddings if dynamic else math.inf
+        keep = B == 1 and bool(attention_mask.all())
         self.setup_cache(attention_mask, T + 1)
         start, ids = 0, input_ids[0].tolist()
-        if reusable(T):
-            while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
-                start += 1
+        while keep and T <= limit and start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
+            start += 1
         self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
         next_position = attention_mask.sum(-1, keepdim=True)  # (B, 1): RoPE position of the first new token
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         if max_new_tokens > 0:
             logits = self.prefill(input_ids, attention_mask, start)
-            self.cached_ids = ids if reusable(T) else []
+            self.cached_ids = ids if keep and T <= limit else []
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad)
@@ -668,7 +644,7 @@ class OlmoForCausalLM(nn.Module):
                 # the slot as a view of self.slots: a tensor built per step would be a host-to-device copy that
                 # stalls the CPU until the GPU catches up
                 logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
-                if reusable(T + i + 1) and len(self.cached_ids) == T + i:
+                if keep and T + i + 1 <= limit and len(self.cached_ids) == T + i:
                     self.cached_ids.append(int(token[0]))
         return torch.cat(tokens, dim=1)
 
@@ -840,7 +816,8 @@ class Backend:
         p.add_argument("--revision", help="hub revision: branch, tag or commit, e.g. an intermediate training "
                                           "checkpoint such as step1000-tokens4B (default: the latest)")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-        p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, float32 on the CPU")
+        p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU; on the CPU the checkpoint's own "
+                                                       "(config.json's torch_dtype, else float32)")
         p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
 
     def load(self, args):
@@ -849,12 +826,12 @@ class Backend:
         device = args.device or available[0]
         if device not in available:
             raise ValueError(f"--device {device} is not available here (available: {', '.join(available)})")
-        dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
-        self.name = f"PyTorch on {device}, {dtype}"
+        dtype = args.dtype or (None if device == "cpu" else "bfloat16")  # a bf16 7B stays 14 GB on a laptop
         if args.seed is not None:
             torch.manual_seed(args.seed)
         path = resolve_checkpoint(args.model, args.revision)
-        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES[dtype])
+        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=dtype and DTYPES[dtype])
+        self.name = f"PyTorch on {device}, {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
         if args.compile:  # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps
             mode = "reduce-overhead" if device.startswith("cuda") else "default"
             model.decode_one_token = torch.compile(model.decode_one_token, mode=mode, fullgraph=True)
