@@ -641,8 +641,7 @@ class OlmoForCausalLM(nn.Module):
             if i + 1 < max_new_tokens:
                 if T + i + 1 > len(self.slots):
                     self.setup_cache(attention_mask, T + i + 1)
-                # the slot as a view of self.slots: a tensor built per step would be a host-to-device copy that
-                # stalls the CPU until the GPU catches up
+                # the slot as a view of self.slots: a new tensor per step would be a host-to-device copy (a GPU stall)
                 logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
                 if keep and T + i + 1 <= limit and len(self.cached_ids) == T + i:
                     self.cached_ids.append(int(token[0]))
