@@ -2843,3 +2843,18 @@ def test_chat_budget_dynamic_rope_and_bad_lines(chat_checkpoint, tmp_path, monke
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\nLanguage models\n")))
     status, out, err = main_in_process(olmo_numpy.main, ["--model", path, "--chat", "--max-new-tokens", "4"], capsys)
     assert status == 0 and out.endswith("\n") and "that line is not UTF-8 text; skipped" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# README
+
+
+def test_readme_python_example_runs_as_written(cli_checkpoint, capsys):
+    """The README's Python example, run as written against a test checkpoint (its path swapped in), so the README
+    can't drift from the code: it must print one decoded continuation per prompt."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        code, = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert "path/to/OLMo-1B-hf" in code
+    exec(compile(code.replace("path/to/OLMo-1B-hf", cli_checkpoint[0]), "README.md", "exec"), {})
+    printed = eval(capsys.readouterr().out)
+    assert isinstance(printed, list) and len(printed) == 2 and all(isinstance(text, str) for text in printed)
