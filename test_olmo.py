@@ -1362,6 +1362,35 @@ def test_convert_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch, ex
     assert written and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+@pytest.fixture(scope="module")
+def tall_trainer_checkpoint(tmp_path_factory):
+    """250 layers of width 8: 1752 tiny tensors, so converting prints ~137 KB of progress lines on stderr."""
+    cfg = trainer_config(d_model=8, n_heads=2, n_layers=250, mlp_hidden_size=16, vocab_size=16, embedding_size=16,
+                         eos_token_id=15)
+    return write_trainer(tmp_path_factory.mktemp("tall") / "src", cfg, trainer_state(cfg))
+
+
+def test_convert_signals_mid_conversion_leave_nothing(tall_trainer_checkpoint, tmp_path):
+    # Deterministically mid-conversion: convert.py prints a progress line before each tensor, 137 KB in all, more
+    # than a pipe holds (64 KiB on Linux and macOS). Reading stderr only up to the first tensor's line means the
+    # process must block writing progress long before it can finish, with its staging directory on disk, until
+    # the signal arrives. The three processes start together (each spends seconds importing torch).
+    procs = {signum: subprocess.Popen([sys.executable, os.path.join(HERE, "convert.py"), str(tall_trainer_checkpoint),
+                                       str(tmp_path / f"dst-{signum.name}")], stderr=subprocess.PIPE, text=True)
+             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for signum, proc in procs.items():
+        head = [proc.stderr.readline() for _ in range(2)]
+        assert head[1].startswith("[1/1752] model.embed_tokens.weight"), head
+        assert any(p.name.startswith(f".dst-{signum.name}.partial-") for p in tmp_path.iterdir())
+        proc.send_signal(signum)
+    for signum, proc in procs.items():
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 128 + signum, (signum, err[-500:])  # the shell's "ended by signal N"
+        assert "Traceback" not in err
+        assert err.splitlines()[-1] == f"error: stopped by {signum.name}; nothing was written"
+    assert os.listdir(tmp_path) == []  # no destination, no staging directory
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # convert.py: dtypes and shards
 
@@ -1621,6 +1650,8 @@ def test_convert_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
         (src, tmp_path / "o3"): "alibi",
         (src, tmp_path / "o4", "--dtype", "float8"): "--dtype",
         (src, tmp_path / "o5", "--shard-size", "lots"): "--shard-size",
+        (src, tmp_path / "notes" / "a.txt" / "o6"): f"{tmp_path / 'notes' / 'a.txt'} is a file, not a directory",
+        (src, tmp_path / "notes" / "a.txt" / "deeper" / "o7"): "a.txt is a file",
     }
     for args, message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -1629,6 +1660,7 @@ def test_convert_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
         assert exit_info.value.code == 2, (args, lines)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "src"]
+    assert (tmp_path / "notes" / "a.txt").read_text() == "x"
 
     # The same through a real process, once (each one spends seconds importing torch).
     result = run_cli(str(src), str(tmp_path / "o6"), script="convert.py")
