@@ -1,13 +1,22 @@
-"""OLMo v1 in one readable PyTorch file.
+"""OLMo (1, 2 and 3) in one readable PyTorch file.
 
 OLMo (Groeneveld et al., 2024, https://arxiv.org/abs/2402.00838) is a decoder-only transformer: token embeddings,
 N blocks of (norm -> attention with rotary positions -> residual, norm -> gated MLP -> residual), a final norm and
-a linear head over the vocabulary. Its one unusual choice is the norm: a LayerNorm with no learnable weight or bias.
+a linear head over the vocabulary. OLMo 1's one unusual choice is the norm: a LayerNorm with no learnable weight.
+OLMo 2 (OLMo et al., 2024, https://arxiv.org/abs/2501.00656) changes three coupled things for training stability --
+RMSNorm with weights, a norm on the queries and keys, and the norm moved after each sublayer -- and OLMo 3 adds
+sliding-window attention on three layers in four and YaRN to stretch the context. Each change is written once, where
+it happens, under a comment starting "OLMo 2:" or "OLMo 3:"; a reader of OLMo 1 can skip those lines.
 
 This file reads top to bottom in that order: config -> norm -> RoPE -> attention -> MLP -> block -> model ->
-cache and generation -> loading -> CLI. Module and parameter names match transformers' `OlmoForCausalLM`, so its
-checkpoints (allenai/OLMo-1B-hf, OLMo-7B-hf, OLMo-7B-0424-hf, ...) load with strict=True and no renaming, and the
-logits equal transformers' (see test_olmo.py). It is meant to be read and copied, not configured: no framework.
+cache and generation -> loading -> CLI. Module and parameter names match transformers' `OlmoForCausalLM`,
+`Olmo2ForCausalLM` and `Olmo3ForCausalLM`, so their checkpoints (allenai/OLMo-1B-hf, OLMo-2-1124-7B,
+Olmo-3-7B-Instruct, ...) load with strict name and shape checks and no renaming, and the logits equal
+transformers' (see test_olmo.py). It is meant to be read and copied, not configured: no framework.
+
+Notation: B batch rows, T tokens in this call, S cache slots (keys), heads / kv_heads query and key-value heads.
+A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is what RoPE rotates
+by: the slot minus the row's left padding.
 
     python olmo.py --model path/to/OLMo-1B-hf --prompt "Language models are"
 """
@@ -15,8 +24,10 @@ logits equal transformers' (see test_olmo.py). It is meant to be read and copied
 import json
 import math
 import os
+import pickle
 import sys
-import time
+import types
+import typing
 from dataclasses import dataclass, fields
 
 import torch
@@ -29,8 +40,9 @@ import torch.nn.functional as F
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig, with its defaults: the OLMo-7B shape."""
+    """Every field of transformers' OlmoConfig, with its defaults (the OLMo-7B shape), plus the few OLMo 2 and 3 add."""
 
+    model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
@@ -45,62 +57,167 @@ class OlmoConfig:
     bos_token_id: int | None = None  # OLMo adds no BOS token to prompts
     eos_token_id: int | list[int] | None = 50279  # generation stops at this token ("<|endoftext|>")
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (OLMo-1B) or not (OLMo-7B)
-    rope_theta: float = 10000.0  # RoPE base: wavelengths grow geometrically from 2*pi to ~2*pi*theta
-    rope_scaling: dict | None = None  # None, {"rope_type": "linear" | "dynamic", "factor": f > 1}
+    rope_theta: float | None = None  # RoPE base (None: 10000, or 500000 for OLMo 3)
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "dynamic" | "yarn", "factor": f > 1, ...}
     attention_bias: bool = False  # biases on q/k/v/o projections
     attention_dropout: float = 0.0  # dropout on attention probabilities, in training mode only
-    clip_qkv: float | None = None  # clamp q, k and v to [-clip_qkv, clip_qkv] (OLMo-7B-0424 uses 8.0)
+    clip_qkv: float | None = None  # OLMo 1: clamp q, k and v to [-clip_qkv, clip_qkv] (OLMo-7B-0424 uses 8.0)
+    rms_norm_eps: float = 1e-5  # OLMo 2: the epsilon of its RMSNorms
+    sliding_window: int | None = None  # OLMo 3: a query sees this many keys (itself included); None: 4096
+    layer_types: list[str] | None = None  # OLMo 3: per layer "full_attention" or "sliding_attention"
+    dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
 
     def __post_init__(self):
+        def require(ok, name, what):
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        if self.model_type not in ("olmo", "olmo2", "olmo3"):
+            raise ValueError(f"model_type is {self.model_type!r}, not 'olmo', 'olmo2' or 'olmo3' (for 'hf_olmo' "
+                             "or trainer checkpoints run convert.py first)")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            require(getattr(self, name) >= 1, name, ">= 1")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
                              f"num_key_value_heads {self.num_key_value_heads}")
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (use one of {', '.join(ACT2FN)})")
+        require(self.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            ids = getattr(self, name)
+            ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
+            require(all(0 <= i < self.vocab_size for i in ids), name, f"null or in [0, {self.vocab_size})")
+        require(0 <= self.attention_dropout < 1, "attention_dropout", "in [0, 1)")
+        require(math.isfinite(self.initializer_range) and self.initializer_range >= 0, "initializer_range", ">= 0")
+        require(math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
+        require(self.clip_qkv is None or math.isfinite(self.clip_qkv) and self.clip_qkv > 0, "clip_qkv", "None or > 0")
+        require(self.clip_qkv is None or self.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
+        require(self.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
+        if self.rope_theta is None:
+            self.rope_theta = 500000.0 if self.model_type == "olmo3" else 10000.0
+        require(math.isfinite(self.rope_theta) and self.rope_theta > 0, "rope_theta", "a finite number > 0")
+        # OLMo 3: three sliding-window layers, then one full-attention layer, unless config.json lists them
+        olmo3 = self.model_type == "olmo3"
+        if olmo3 and self.sliding_window is None:
+            self.sliding_window = 4096
+        if self.layer_types is None or not olmo3:  # earlier generations have full attention everywhere
+            self.layer_types = ["sliding_attention" if olmo3 and i % 4 != 3 else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+        require(len(self.layer_types) == self.num_hidden_layers and
+                set(self.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
+                f"{self.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+        require(not olmo3 or self.sliding_window >= 1, "sliding_window", ">= 1")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("linear", "dynamic"):
-                raise ValueError(f"rope_scaling type {kind!r} is not supported (use 'linear' or 'dynamic')")
-            factor = self.rope_scaling.get("factor")
-            if not isinstance(factor, (int, float)) or factor <= 1:
-                raise ValueError(f"rope_scaling factor must be a number > 1, got {factor!r}")
-            self.rope_scaling = {"rope_type": kind, "factor": float(factor)}
+            self.rope_scaling = check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
 
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def norm_after(self):
+        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see OlmoDecoderLayer)."""
+        return self.model_type != "olmo"
+
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, source="config.json"):
         """Read a config.json as transformers 4.x writes it (top-level rope_theta, rope_scaling with "type" or
-        "rope_type") or as transformers 5 does (rope_parameters = {"rope_type", "rope_theta", "factor"})."""
-        if d.get("model_type", "olmo") != "olmo":
-            raise ValueError(f"model_type is {d.get('model_type')!r}, not 'olmo' (for 'hf_olmo' or trainer "
-                             "checkpoints run convert.py first)")
-        d = dict(d)
-        rope = d.pop("rope_parameters", None)
-        if rope:  # transformers 5: theta and scaling live together
-            d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-            if rope.get("rope_type", "default") != "default":
-                d["rope_scaling"] = rope
-        known = {f.name for f in fields(cls)}  # everything else (architectures, torch_dtype, ...) is irrelevant
-        return cls(**{k: v for k, v in d.items() if k in known})
+        "rope_type") or as transformers 5 does (rope_parameters = {"rope_type", "rope_theta", "factor", ...}, for
+        OLMo 3 nested per layer type). Every known field must have its JSON type (no "false" for false, no 128.0
+        for 128); unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the source."""
+        try:
+            d = dict(d)
+            if "torch_dtype" in d:
+                d.setdefault("dtype", d.pop("torch_dtype"))
+            rope = d.pop("rope_parameters", None)
+            if isinstance(rope, dict) and {"full_attention", "sliding_attention"} & rope.keys():
+                # OLMo 3, nested per layer type: the sliding layers must be plain RoPE with the full layers' theta
+                full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+                if not isinstance(full, dict) or not isinstance(sliding, dict) or \
+                        sliding.get("rope_type", "default") != "default" or \
+                        sliding.get("rope_theta") not in (None, full.get("rope_theta")):
+                    raise ValueError(f"rope_parameters must give the sliding_attention layers plain RoPE with the "
+                                     f"full_attention layers' rope_theta, got {rope!r}")
+                rope = full
+            if rope is not None:
+                if not isinstance(rope, dict):
+                    raise ValueError(f"rope_parameters must be an object, got {rope!r}")
+                rope = dict(rope)
+                if "rope_theta" in rope:
+                    d["rope_theta"] = rope.pop("rope_theta")
+                d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+            known = {f.name: f.type for f in fields(cls)}
+            for key, value in d.items():
+                if key in known and not fits(value, known[key]):
+                    raise ValueError(f"{key} must be {type_name(known[key])}, got {value!r}")
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path):
         try:
             with open(path) as f:
                 d = json.load(f)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ValueError(f"cannot read {path}: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path} does not hold a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(d, path)
+
+
+def fits(value, annotation):
+    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is neither."""
+    if isinstance(annotation, types.UnionType):
+        return any(fits(value, a) for a in annotation.__args__)
+    if typing.get_origin(annotation) is list:
+        return type(value) is list and all(fits(v, typing.get_args(annotation)[0]) for v in value)
+    if annotation is float:
+        return type(value) in (int, float)
+    return type(value) is annotation  # int, bool, str, dict, NoneType
+
+
+def type_name(annotation):
+    return str(annotation).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
+
+
+# RoPE scaling settings: what each type takes (transformers' defaults in YARN), all else is refused.
+YARN = {"original_max_position_embeddings": None, "attention_factor": None, "beta_fast": 32.0, "beta_slow": 1.0,
+        "mscale": None, "mscale_all_dim": None, "truncate": True}
+
+
+def check_rope_scaling(scaling, max_position_embeddings):
+    """{"type" or "rope_type": ..., "factor": ..., YaRN's keys} -> the same with "rope_type" and every default."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("linear", "dynamic", "yarn"):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (use 'linear', 'dynamic' or 'yarn')")
+    out = {"rope_type": kind, "factor": scaling.get("factor")}
+    if type(out["factor"]) not in (int, float) or not 1 < out["factor"] < math.inf:
+        raise ValueError(f"rope_scaling factor must be a number > 1, got {out['factor']!r}")
+    extra = YARN if kind == "yarn" else {}
+    for key in scaling.keys() - {"rope_type", "type", "factor"}:
+        if key not in extra:
+            raise ValueError(f"rope_scaling key {key!r} is not supported for rope_type {kind!r}")
+    for key, default in extra.items():
+        value = scaling.get(key)
+        if key == "truncate":
+            ok, what = value is None or type(value) is bool, "a boolean"
+        elif key == "original_max_position_embeddings":
+            ok, what = value is None or type(value) is int and value >= 1, "an integer >= 1"
+        else:
+            ok, what = value is None or type(value) in (int, float) and 0 < value < math.inf, "a number > 0"
+        if not ok:
+            raise ValueError(f"rope_scaling {key} must be {what}, got {value!r}")
+        out[key] = default if value is None else value
+    if kind == "yarn" and out["original_max_position_embeddings"] is None:
+        out["original_max_position_embeddings"] = max_position_embeddings
+    return out
 
 
 # The MLP gate's activations, by the names config.json uses (transformers' ACT2FN).
@@ -118,7 +235,7 @@ ACT2FN = {
 
 
 class OlmoLayerNorm(nn.Module):
-    """LayerNorm with no learnable weight or bias (OLMo's choice, for training stability and speed).
+    """LayerNorm with no learnable weight or bias (OLMo 1's choice, for training stability and speed).
     Computed in float32 even for bf16 activations, like transformers, so the statistics don't lose precision."""
 
     def __init__(self, hidden_size):
@@ -129,27 +246,47 @@ class OlmoLayerNorm(nn.Module):
         return F.layer_norm(x.float(), self.normalized_shape, eps=1e-5).to(x.dtype)
 
 
+class OlmoRMSNorm(nn.Module):
+    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias). In float32; the weight multiplies the
+    float32 result before the cast back, exactly as transformers' Olmo2RMSNorm (the order matters in bf16)."""
+
+    def __init__(self, hidden_size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(x.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rotary position embedding (RoPE), rotate-half layout
 #
 # Each head vector is split in two halves (x1, x2); frequency i rotates the pair (x1[i], x2[i]) by the angle
 # position * inv_freq[i]. Rotating q and k by their positions makes q.k depend only on the distance between them.
+# Scaling stretches a model past the context it was trained on: linear divides every frequency, dynamic NTK raises
+# the base once a sequence is longer, YaRN (OLMo 3) interpolates only the slow frequencies.
 
 
 class OlmoRotaryEmbedding(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, scaling=None):
         super().__init__()
         self.config = config
         self.dim = config.head_dim
-        scaling = config.rope_scaling or {}
-        self.rope_type = scaling.get("rope_type", "default")
-        self.factor = scaling.get("factor", 1.0)
+        scaling = scaling or {"rope_type": "default", "factor": 1.0}
+        self.rope_type, self.factor = scaling["rope_type"], scaling["factor"]
         # Computed on the CPU even when the model is built on the meta device: a few numbers that no checkpoint
         # holds. Linear scaling ("position interpolation") divides every position, i.e. every frequency, by factor.
         exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim
         inv_freq = 1.0 / config.rope_theta ** exponents  # (dim/2,)
+        self.attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
         if self.rope_type == "linear":
             inv_freq = inv_freq / self.factor
+        elif self.rope_type == "yarn":
+            inv_freq, self.attention_factor = yarn(config.rope_theta ** exponents, scaling, self.dim,
+                                                   config.rope_theta)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("exponents", exponents, persistent=False)
 
@@ -171,7 +308,34 @@ class OlmoRotaryEmbedding(nn.Module):
         inv_freq = self.dynamic_inv_freq(position_ids) if self.rope_type == "dynamic" else self.inv_freq
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # both halves of a pair turn by the same angle
-        return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+
+def yarn(wavelengths, s, dim, theta):
+    """OLMo 3: YaRN (Peng et al., 2023). Frequencies that turn more than beta_fast times over the original context
+    keep their value (extrapolate), those turning fewer than beta_slow times are divided by factor (interpolate),
+    with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. Arithmetic as in transformers."""
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, original = s["factor"], s["original_max_position_embeddings"]
+    attention_factor = s["attention_factor"]
+    if attention_factor is None:
+        attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"]) \
+            if s["mscale"] and s["mscale_all_dim"] else mscale(factor)
+
+    def correction_dim(rotations):  # the dimension whose frequency turns `rotations` times over the context
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s["beta_fast"]), correction_dim(s["beta_slow"])
+    if s["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if high == low else high
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1: keep the frequency, 0: divide it by factor
+    return (1.0 / (factor * wavelengths) * (1 - extrapolation) + 1.0 / wavelengths * extrapolation,
+            attention_factor)
 
 
 def rotate_half(x):
@@ -189,20 +353,33 @@ def apply_rotary_pos_emb(x, cos, sin):
 # Attention
 
 
-class KVCache(nn.Module):
-    """Keys and values of every position seen so far, preallocated for the whole generation and written in place,
-    so a decode step never copies or grows them and keeps static shapes (what torch.compile and CUDA graphs need)."""
+def causal_mask(query_slots, key_valid, window=None):
+    """The one masking rule, for the full forward, prefill and decode alike. query_slots (T,) the queries' cache
+    slots; key_valid (B, S) bool, False at padding -> (B, 1, T, S) bool, True = may attend: key j is visible to the
+    query in slot i if j <= i, j holds a real token, and (OLMo 3's sliding layers) i - j < window. Every query also
+    sees itself, so a padding query has one finite score instead of a softmax over nothing (NaN); its output is
+    never used, since real tokens never attend to padding."""
+    i, j = query_slots[:, None], torch.arange(key_valid.shape[1], device=key_valid.device)
+    visible = j <= i  # (T, S)
+    if window is not None:
+        visible = visible & (i - j < window)
+    return (visible & key_valid[:, None, None, :]) | (i == j)
 
-    def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype, device):
+
+class KVCache(nn.Module):
+    """Keys and values of every slot seen so far, (B, kv_heads, S, head_dim), written in place at the new slots.
+    Its length S grows in powers of two with the tokens actually produced (see OlmoForCausalLM.grow_cache)."""
+
+    def __init__(self, batch_size, length, num_kv_heads, head_dim, dtype, device):
         super().__init__()
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        shape = (batch_size, num_kv_heads, length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):
-        """Write k, v (B, kv_heads, T, head_dim) at slots input_pos (T,); return the whole cache."""
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
+    def update(self, slots, k, v):
+        """Write k, v (B, kv_heads, T, head_dim) at slots (T,); return the whole cache."""
+        self.k_cache.index_copy_(2, slots, k)
+        self.v_cache.index_copy_(2, slots, v)
         return self.k_cache, self.v_cache
 
 
@@ -218,13 +395,18 @@ class OlmoAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.kv_cache = None  # set by OlmoForCausalLM.setup_cache
+        if config.norm_after:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
+            self.q_norm = OlmoRMSNorm(self.num_heads * self.head_dim, config.rms_norm_eps)
+            self.k_norm = OlmoRMSNorm(self.num_kv_heads * self.head_dim, config.rms_norm_eps)
+        self.kv_cache = None  # set by OlmoForCausalLM.grow_cache
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        """x (B, T, hidden); mask (B, 1, T, S) bool, True = may attend; input_pos (T,) cache slots, or None to
+    def forward(self, x, cos, sin, mask, slots=None):
+        """x (B, T, hidden); mask (B, 1, T, S) bool, True = may attend; slots (T,) cache slots to write, or None to
         attend only within x (S = T)."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.config.norm_after:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.config.clip_qkv is not None:  # OLMo-0424+: bounds activations, stabilising training
             c = self.config.clip_qkv
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
@@ -232,8 +414,8 @@ class OlmoAttention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, kv_heads, S, head_dim)
+        if slots is not None:
+            k, v = self.kv_cache.update(slots, k, v)  # (B, kv_heads, S, head_dim)
         # One fused kernel for softmax(q k^T / sqrt(head_dim) + mask) v. enable_gqa lets each group of
         # num_heads / num_kv_heads query heads share a key/value head without copying k and v.
         y = F.scaled_dot_product_attention(
@@ -266,17 +448,31 @@ class OlmoMLP(nn.Module):
 
 
 class OlmoDecoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its output,
+    before the residual add, so the residual stream itself is never rescaled (their stability fix):
+
+        OLMo 1                                        OLMo 2 and 3
+        x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
+        x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
+    """
 
     def __init__(self, config):
         super().__init__()
+        self.norm_after = config.norm_after
         self.self_attn = OlmoAttention(config)
         self.mlp = OlmoMLP(config)
-        self.input_layernorm = OlmoLayerNorm(config.hidden_size)
-        self.post_attention_layernorm = OlmoLayerNorm(config.hidden_size)
+        if self.norm_after:
+            self.post_attention_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_feedforward_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+        else:
+            self.input_layernorm = OlmoLayerNorm(config.hidden_size)
+            self.post_attention_layernorm = OlmoLayerNorm(config.hidden_size)
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, slots=None):
+        if self.norm_after:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, slots))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -295,32 +491,36 @@ class OlmoModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = OlmoLayerNorm(config.hidden_size)
-        self.rotary_emb = OlmoRotaryEmbedding(config)
+        self.norm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps) if config.norm_after else \
+            OlmoLayerNorm(config.hidden_size)
+        # OLMo 3: RoPE scaling applies to the full-attention layers; the sliding ones keep plain RoPE
+        self.rotary_emb = nn.ModuleDict({kind: OlmoRotaryEmbedding(
+            config, config.rope_scaling if kind == "full_attention" else None) for kind in set(config.layer_types)})
 
-    def forward(self, input_ids, position_ids, mask, input_pos=None):
-        """input_ids, position_ids (B, T); mask (B, 1, T, S); input_pos (T,) cache slots or None."""
+    def forward(self, input_ids, position_ids, query_slots, key_valid, slots=None):
+        """input_ids, position_ids (B, T); query_slots (T,) the tokens' slots; key_valid (B, S) which slots hold
+        real tokens; slots: query_slots again to write the KV cache, or None to attend only within input_ids."""
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
-        cos, sin = self.rotary_emb(position_ids)  # computed once, shared by every layer
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+        # RoPE tables and masks once per layer type, shared by every layer of that type
+        rope = {kind: emb(position_ids) for kind, emb in self.rotary_emb.items()}
+        masks = {kind: causal_mask(query_slots, key_valid, self.config.sliding_window
+                                      if kind == "sliding_attention" else None) for kind in rope}
+        for layer, kind in zip(self.layers, self.config.layer_types):
+            x = layer(x, *rope[kind], masks[kind], slots)
         return self.norm(x)
-
-
-def causal_mask(key_valid):
-    """key_valid (B, S) bool, False at padding -> (B, 1, S, S) bool: query i may attend to key j <= i that isn't
-    padding. Every query also sees itself, so a padding query has one finite score instead of a softmax over
-    nothing (NaN); its output is never used, since real tokens never attend to padding."""
-    S = key_valid.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=key_valid.device).tril()
-    diagonal = torch.eye(S, dtype=torch.bool, device=key_valid.device)
-    return (causal & key_valid[:, None, None, :]) | diagonal
 
 
 def positions_from_mask(attention_mask):
     """attention_mask (B, T) of 1/0 -> RoPE positions (B, T): left padding doesn't count, so a padded row gets the
     positions it would have alone (what transformers' generate computes too)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def check_ids(input_ids, vocab_size):
+    """Token ids outside the vocabulary would index past the embedding (or, in NumPy, wrap around): refuse them."""
+    if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
 
 
 class OlmoForCausalLM(nn.Module):
@@ -331,6 +531,7 @@ class OlmoForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.cached_ids = []  # the tokens whose keys and values the cache holds, for a one-row batch (see generate)
         if not self.lm_head.weight.is_meta:  # on the meta device (from_pretrained) there is nothing to fill
             self.apply(self._init_weights)
 
@@ -348,9 +549,11 @@ class OlmoForCausalLM(nn.Module):
         Returns logits (B, T, vocab); with labels (B, T) returns (logits, loss), where loss is the mean
         cross-entropy of predicting token t+1 from positions <= t, over labels that aren't -100 (as transformers).
         Logits at padding positions are meaningless."""
+        check_ids(input_ids, self.config.vocab_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.model(input_ids, positions_from_mask(attention_mask), causal_mask(attention_mask.bool()))
+        slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = self.model(input_ids, positions_from_mask(attention_mask), slots, attention_mask.bool())
         logits = self.lm_head(hidden)
         if labels is None:
             return logits
@@ -360,36 +563,55 @@ class OlmoForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # KV cache and generation
     #
-    # Generation runs in two steps, as in gpt-fast: prefill pushes the whole prompt through once, filling the
-    # cache; then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th
-    # token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
+    # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the cache; then
+    # decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th token of the
+    # (left-padded) batch row; its RoPE position is s minus the row's padding.
 
-    def setup_cache(self, attention_mask, max_len):
-        """Allocate (or reuse, when the size matches) each layer's cache for max_len slots, and note which slots
-        hold real tokens: key_valid (B, max_len), False at the prompt's padding."""
-        B, T = attention_mask.shape
-        p, attn = self.lm_head.weight, self.model.layers[0].self_attn
-        for layer in self.model.layers:  # reusing the buffers keeps their addresses, which CUDA graphs replay from
-            cache = layer.self_attn.kv_cache
-            if cache is None or cache.k_cache.shape != (B, attn.num_kv_heads, max_len, attn.head_dim) \
-                    or (cache.k_cache.dtype, cache.k_cache.device) != (p.dtype, p.device):
-                layer.self_attn.kv_cache = KVCache(B, max_len, attn.num_kv_heads, attn.head_dim, p.dtype, p.device)
-        self.key_valid = F.pad(attention_mask.bool(), (0, max_len - T), value=True)  # generated tokens are real
-        self.slots = torch.arange(max_len, device=p.device)
+    def grow_cache(self, batch_size, needed):
+        """Make every layer's cache hold at least `needed` slots, keeping what it holds. The length grows in powers
+        of two (at least 256): a decode step attends over the whole cache -- a static shape per length, which is
+        what torch.compile and CUDA graphs need, so they recompile only at each doubling -- and at most half of it
+        is empty, so a large max_new_tokens costs nothing until the tokens are produced."""
+        attn, p = self.model.layers[0].self_attn, self.lm_head.weight
+        cache = attn.kv_cache
+        length = 0 if cache is None or cache.k_cache.shape[0] != batch_size or \
+            (cache.k_cache.dtype, cache.k_cache.device) != (p.dtype, p.device) else cache.k_cache.shape[2]
+        if needed <= length:
+            return
+        if not length:  # a new batch size, dtype or device: nothing cached is kept
+            self.cached_ids = []
+        new_length = max(256, 1 << (needed - 1).bit_length())
+        try:
+            for layer in self.model.layers:
+                old, layer.self_attn.kv_cache = layer.self_attn.kv_cache, None  # free before allocating
+                new = KVCache(batch_size, new_length, attn.num_kv_heads, attn.head_dim, p.dtype, p.device)
+                if length:
+                    new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
+                layer.self_attn.kv_cache = new
+        except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as a RuntimeError
+            self.cached_ids = []
+            for layer in self.model.layers:
+                layer.self_attn.kv_cache = None
+            raise MemoryError(f"out of memory growing the KV cache to {new_length} tokens") from e
+        self.slots = torch.arange(new_length, device=p.device)
 
-    def prefill(self, input_ids, attention_mask):
-        """input_ids, attention_mask (B, T) -> logits of the last position (B, vocab)."""
-        T = input_ids.shape[1]
-        input_pos = torch.arange(T, device=input_ids.device)
-        # the prompt attends causally within itself; the cache's empty slots after it are masked out
-        mask = F.pad(causal_mask(attention_mask.bool()), (0, len(self.slots) - T), value=False)  # (B, 1, T, S)
-        hidden = self.model(input_ids, positions_from_mask(attention_mask), mask, input_pos)
+    def setup_cache(self, attention_mask, length):
+        """Make the cache hold `length` slots for the batch of attention_mask (B, T), and note which slots hold real
+        tokens: key_valid (B, S), False at the prompt's padding (the slots after the prompt get generated tokens)."""
+        self.grow_cache(attention_mask.shape[0], length)
+        self.key_valid = F.pad(attention_mask.bool(), (0, len(self.slots) - attention_mask.shape[1]), value=True)
+
+    def prefill(self, input_ids, attention_mask, start=0):
+        """input_ids, attention_mask (B, T); the cache already holds slots < start -> logits of the last position
+        (B, vocab)."""
+        slots = self.slots[start:input_ids.shape[1]]
+        hidden = self.model(input_ids[:, start:], positions_from_mask(attention_mask)[:, start:], slots,
+                            self.key_valid, slots)
         return self.lm_head(hidden[:, -1])  # the vocab projection only where we sample: (B, vocab)
 
-    def decode_one_token(self, token, input_pos, position_ids):
-        """token, position_ids (B, 1); input_pos (1,) the cache slot -> logits (B, vocab)."""
-        mask = ((self.slots <= input_pos) & self.key_valid)[:, None, None]  # (B, 1, 1, S): filled, real slots
-        hidden = self.model(token, position_ids, mask, input_pos)
+    def decode_one_token(self, token, slot, position_ids):
+        """token, position_ids (B, 1); slot (1,) the cache slot -> logits (B, vocab)."""
+        hidden = self.model(token, position_ids, slot, self.key_valid, slot)
         return self.lm_head(hidden[:, -1])
 
     @torch.no_grad()
@@ -398,19 +620,36 @@ class OlmoForCausalLM(nn.Module):
         """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding).
         Returns (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has produced
         an EOS (rows that finish early are filled with pad_token_id after it, as in transformers).
-        temperature=0 is greedy; callback(tokens (B,)) is called with each step's tokens (for streaming)."""
+        temperature=0 is greedy; callback(tokens (B,)) is called with each step's tokens (for streaming).
+        A one-row batch reuses the cached keys and values of the longest prefix it shares with what the cache
+        holds (a chat's history): only the rest is prefilled. The result is the same as starting afresh, since
+        a slot's keys depend only on the tokens up to it -- except for dynamic RoPE past the trained length, whose
+        frequencies depend on the whole call, so there nothing is reused."""
+        check_ids(input_ids, self.config.vocab_size)
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
                            device=input_ids.device).reshape(-1)  # an int or a list of ints
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
-        self.setup_cache(attention_mask, T + max_new_tokens)
+        dynamic = (self.config.rope_scaling or {}).get("rope_type") == "dynamic"
+        one_row = B == 1 and bool(attention_mask.all())
+
+        def reusable(n):  # dynamic RoPE past the trained length rotates with frequencies that depend on n
+            return one_row and not (dynamic and n > self.config.max_position_embeddings)
+
+        self.setup_cache(attention_mask, T + 1)
+        start, ids = 0, input_ids[0].tolist()
+        if reusable(T):
+            while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
+                start += 1
+        self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
         next_position = attention_mask.sum(-1, keepdim=True)  # (B, 1): RoPE position of the first new token
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         if max_new_tokens > 0:
-            logits = self.prefill(input_ids, attention_mask)
+            logits = self.prefill(input_ids, attention_mask, start)
+            self.cached_ids = ids if reusable(T) else []
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad)
@@ -422,20 +661,27 @@ class OlmoForCausalLM(nn.Module):
                 if finished.all():
                     break
             if i + 1 < max_new_tokens:
+                if T + i + 1 > len(self.slots):
+                    self.setup_cache(attention_mask, T + i + 1)
                 # the slot as a view of self.slots: a tensor built per step would be a host-to-device copy that
                 # stalls the CPU until the GPU catches up
                 logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
+                if reusable(T + i + 1) and len(self.cached_ids) == T + i:
+                    self.cached_ids.append(int(token[0]))
         return torch.cat(tokens, dim=1)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=torch.float32):
+    def from_pretrained(cls, path, device=None, dtype=None, revision=None):
         """Load a checkpoint directory as the hub ships it (config.json + safetensors or pytorch_model.bin, single
-        or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded with huggingface_hub)."""
-        path = resolve_checkpoint(path)
+        or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded with huggingface_hub, at `revision`:
+        a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints "step1000-tokens4B").
+        dtype None keeps the checkpoint's own (config.json's torch_dtype), as transformers 5 does."""
+        path = resolve_checkpoint(path, revision)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
+        dtype = dtype or getattr(torch, config.dtype or "float32")
         with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
             model = cls(config)
         state_dict = load_state_dict(path)
@@ -458,33 +704,39 @@ class OlmoForCausalLM(nn.Module):
 
 
 def check_state_dict(state_dict, expected):
-    """Names and shapes must match exactly: a wrong checkpoint must fail loudly, naming the tensor."""
+    """Names, shapes and kinds must match exactly: a wrong checkpoint must fail loudly, naming the tensor."""
     for name, shape in expected.items():
         if name not in state_dict:
             raise ValueError(f"checkpoint is missing tensor {name}")
         if state_dict[name].shape != shape:
             raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
+        if not state_dict[name].is_floating_point():  # casting integers to floats would silently run garbage
+            raise ValueError(f"tensor {name} has dtype {state_dict[name].dtype}; weights must be floating point")
     for name in state_dict:
         if name not in expected:
             raise ValueError(f"checkpoint has unexpected tensor {name}")
 
 
-def resolve_checkpoint(path):
+def resolve_checkpoint(path, revision=None):
     """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub."""
     if os.path.isdir(path):
         return path
     if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
         raise ValueError(f"{path} is not a checkpoint directory")
     try:
-        from huggingface_hub import snapshot_download
+        import huggingface_hub
     except ImportError:
         raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub "
                          f"or download it with `huggingface-cli download {path} --local-dir DIR`") from None
-    try:  # safetensors if the repo has them, the .bin files otherwise
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer*"])
-    except Exception as e:  # offline, unknown repo, no network: one line, not a traceback
-        raise ValueError(f"cannot fetch {path} from the hub ({type(e).__name__}); download it when online, "
-                         "or pass a local checkpoint directory") from None
+    try:  # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
+        files = huggingface_hub.list_repo_files(path, revision=revision)
+        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
+        return huggingface_hub.snapshot_download(path, revision=revision,
+                                                 allow_patterns=["*.json", "tokenizer*", "*.jinja", weights])
+    except Exception as e:  # offline, unknown repo or revision, no network: one line, not a traceback
+        at = f" at revision {revision!r}" if revision else ""
+        raise ValueError(f"cannot fetch {path}{at} from the hub ({type(e).__name__}); check the name and "
+                         "revision, download it when online, or pass a local checkpoint directory") from None
 
 
 def load_state_dict(path):
@@ -494,9 +746,12 @@ def load_state_dict(path):
         if os.path.exists(os.path.join(path, index)):
             try:
                 with open(os.path.join(path, index)) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as e:
+                    weight_map = json.load(f)["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise ValueError(f"cannot read {index}: {e}") from None
+            if not all(isinstance(f, str) and f and os.path.basename(f) == f for f in files):
+                raise ValueError(f"{index}: weight_map values must be file names in {path}")
             break
         if os.path.exists(os.path.join(path, single)):
             files = [single]
@@ -516,8 +771,11 @@ def load_file(file):
             return load_safetensors(file)  # memory-mapped by safetensors
         # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run arbitrary code
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"cannot read {file}: it holds Python objects besides tensors, which are not loaded "
+                         "(unpickling them could run code)") from None
     except Exception as e:
-        raise ValueError(f"cannot read {file}: {e}") from None
+        raise ValueError(f"cannot read {file}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,11 +784,15 @@ def load_file(file):
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep the
-    top_k logits (ties with the k-th included), then the smallest set of tokens whose probability reaches top_p."""
+    top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose probability
+    reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to inf
+    # (inf - inf = NaN); below 1e-30, 1/t no longer fits float32, and the distribution is one-hot anyway.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, 1e-30)
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p is not None and top_p < 1.0:
