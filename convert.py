@@ -1,27 +1,30 @@
-"""Convert an OLMo v1 checkpoint into a transformers OLMo checkpoint (config.json + safetensors).
+"""Convert an OLMo or OLMo 2 trainer checkpoint into a transformers checkpoint (config.json + safetensors).
 
     python convert.py SRC DST [--dtype float32|float16|bfloat16] [--shard-size 5GB]
 
 SRC is a directory in one of three layouts, recognized by its files:
 
-1. an OLMo trainer checkpoint: `config.yaml` (the model settings under `model:`) and `model.pt` or
-   `model.safetensors` with the trainer's fused names (`transformer.blocks.N.att_proj.weight`, ...);
+1. a checkpoint of AllenAI's OLMo trainer (ai2-olmo), which wrote OLMo 1 and OLMo 2: `config.yaml` (the model
+   settings under `model:`; `layer_norm_type: rms` means OLMo 2) and `model.pt` or `model.safetensors` with the
+   trainer's fused names (`transformer.blocks.N.att_proj.weight`, ...);
 2. the pre-transformers `hf_olmo` layout: `config.json` with the trainer's field names (`d_model`, ...) and
    the same fused weights under `model.transformer.*`;
-3. a transformers OLMo checkpoint (`config.json` with model_type "olmo"), which is only rewritten: as
-   safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only reader can load a .bin),
-   its config and every tensor kept as they are (only the config's dtype changes).
+3. a transformers checkpoint (`config.json` with model_type "olmo", "olmo2" or "olmo3"), which is only
+   rewritten: as safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only reader can load
+   a .bin), its config and every tensor kept as they are (only the config's dtype changes).
 
 DST gets `config.json`, `model.safetensors` (or shards and `model.safetensors.index.json`) and whatever
-tokenizer files and `generation_config.json` SRC has. Settings transformers' OLMo cannot express (norm
-weights, MLP biases, ALiBi, ...) are refused, never converted into a different model. The model's tensors
-and config checks come from olmo.py (this repo's copy of transformers' OLMo). Tensors are streamed one
+tokenizer files and `generation_config.json` SRC has. Settings neither transformers' OLMo nor OLMo 2 can
+express (MLP biases, ALiBi, LayerNorm weights, ...) are refused, never converted into a different model. The
+model's tensors and config checks come from olmo.py (this repo's copy of transformers' OLMo models). OLMo 3
+was trained with olmo-core, whose distributed checkpoints its own converter turns into layout 3. Tensors are streamed one
 at a time, so a 7B model converts in far less memory than two copies of it, and DST appears only when
 complete: everything is written into a directory beside it, renamed at the end, and removed on failure.
 """
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -115,9 +118,10 @@ def read_checkpoint(src: Path):
         raw = read_json(src / "config.json")
         if "d_model" in raw:  # hf_olmo wrote the trainer's fields (its model_type was "olmo" in early versions)
             return "hf_olmo", *read_trainer_layout(src / "config.json", raw, HF_WEIGHT_FILES, "model.transformer.")
-        if raw.get("model_type") == "olmo":
+        if raw.get("model_type") in ("olmo", "olmo2", "olmo3"):
             return "transformers", *read_transformers_layout(src, raw)
-        raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not OLMo v1")
+        raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not 'olmo', "
+                              "'olmo2' or 'olmo3'")
     if (src / "config.yaml").is_file():
         model = read_yaml_model(src / "config.yaml")
         # config.yaml holds only the trainer's settings, so one it doesn't know may be a newer feature.
@@ -292,53 +296,30 @@ def read_transformers_layout(src, raw):
     return raw, [weights.take(name, name) for name in expected]
 
 
-SIZES = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-         "num_key_value_heads", "max_position_embeddings"]
-
-
 def model_shapes(config, where, weights, names=None):
     """Check a transformers config.json with olmo.py and return the tensors a checkpoint of it holds (name ->
     shape, in transformers' order), read off olmo's model of one layer built on the meta device, which costs
     nothing. `names` translates olmo.py's field names in error messages (for trainer configs)."""
-    for key in SIZES:  # olmo.py trusts these; absent ones take its defaults
-        value = config.get(key, 1)
-        if not (type(value) is int and value > 0 or key == "num_key_value_heads" and value is None):
-            raise ConversionError(f"{where}: {key} must be a positive integer, got {value!r}")
-    for key in ("tie_word_embeddings", "attention_bias"):  # "false" is not a boolean
-        if type(config.get(key, False)) is not bool:
-            raise ConversionError(f"{where}: {key} must be true or false, got {show(config[key])}")
-    n_layers = config.get("num_hidden_layers", olmo.OlmoConfig.num_hidden_layers)
-    if n_layers > len(weights.tensors):  # every layer has tensors of its own
+    n_layers = config.get("num_hidden_layers")
+    if type(n_layers) is int and n_layers > len(weights.tensors):  # every layer has tensors of its own
         raise ConversionError(f"{where}: {(names or {}).get('num_hidden_layers', 'num_hidden_layers')} "
                               f"{n_layers}, but the checkpoint holds only {len(weights.tensors)} tensors")
-    olmo2 = config.get("model_type") == "olmo2"
     try:
-        cfg = olmo.OlmoConfig.from_dict({k: v for k, v in config.items() if k != "rms_norm_eps"} | {
-            "num_hidden_layers": 1, "model_type": "olmo"})
+        cfg = olmo.OlmoConfig.from_dict(config, where)
         if cfg.head_dim % 2:
-            raise ValueError(f"head size {cfg.head_dim} is odd; RoPE rotates pairs of dimensions")
-        number = (int, float)
-        if not isinstance(cfg.rope_theta, number) or cfg.clip_qkv is not None and not (
-                isinstance(cfg.clip_qkv, number) and cfg.clip_qkv > 0):
-            raise ValueError("rope_theta must be a number and clip_qkv null or a positive number")
+            raise ValueError(f"{where}: head size {cfg.head_dim} is odd; RoPE rotates pairs of dimensions")
         with torch.device("meta"):
-            one = {name: tuple(t.shape) for name, t in olmo.OlmoForCausalLM(cfg).state_dict().items()}
+            model = olmo.OlmoForCausalLM(dataclasses.replace(cfg, num_hidden_layers=1, layer_types=None))
     except (ValueError, RuntimeError) as e:  # RuntimeError: a size too large for a tensor
         message = str(e)
         for name, trainer_name in (names or {}).items():
             message = re.sub(rf"\b{name}\b", trainer_name, message)
-        raise ConversionError(f"{where}: {message}") from None
-    if olmo2:  # TEMPORARY until olmo.py reads OLMo 2: its norms, in transformers' order
-        items, layer, d = list(one.items()), "model.layers.0.", (cfg.hidden_size,)
-        one = dict(items[:5] + [(layer + "self_attn.q_norm.weight", (cfg.num_attention_heads * cfg.head_dim,)),
-                                (layer + "self_attn.k_norm.weight", (cfg.num_key_value_heads * cfg.head_dim,))]
-                   + items[5:8] + [(layer + "post_attention_layernorm.weight", d),
-                                   (layer + "post_feedforward_layernorm.weight", d), ("model.norm.weight", d)]
-                   + items[8:])
+        raise ConversionError(message) from None
     # One layer's tensors, repeated for every layer; the rest (the final norm, the head) after them.
+    one = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     layer = {n.removeprefix("model.layers.0."): s for n, s in one.items() if n.startswith("model.layers.0.")}
     shapes = {"model.embed_tokens.weight": one["model.embed_tokens.weight"]}
-    shapes |= {f"model.layers.{i}.{n}": s for i in range(n_layers) for n, s in layer.items()}
+    shapes |= {f"model.layers.{i}.{n}": s for i in range(cfg.num_hidden_layers) for n, s in layer.items()}
     shapes |= {n: s for n, s in one.items() if not n.startswith(("model.layers.", "model.embed_tokens."))}
     if cfg.tie_word_embeddings:  # transformers writes a tied head once, as the embedding
         del shapes["lm_head.weight"]

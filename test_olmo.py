@@ -1564,15 +1564,16 @@ def test_convert_transformers_features_survive_a_rewrite(tmp_path, rope_type, v4
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda raw, s: raw.update(rope_parameters={"rope_type": "yarn", "factor": 2.0}), "rope_scaling type 'yarn'"),
-    (lambda raw, s: raw.update(hidden_act="tanh"), "hidden_act 'tanh'"),
+    (lambda raw, s: raw.update(rope_parameters={"rope_type": "llama3", "factor": 2.0}), "rope_scaling type 'llama3'"),
+    (lambda raw, s: raw.update(hidden_act="tanh"), "hidden_act must be one of .*, got 'tanh'"),
     (lambda raw, s: raw.update(num_key_value_heads=3), "num_key_value_heads 3"),
-    (lambda raw, s: raw.update(hidden_size=-32), "hidden_size must be a positive integer"),
+    (lambda raw, s: raw.update(hidden_size=-32), "hidden_size must be >= 1"),
+    (lambda raw, s: raw.update(tie_word_embeddings="false"), "tie_word_embeddings must be bool, got 'false'"),
     (lambda raw, s: s.pop("model.layers.1.self_attn.k_proj.bias"), "model.layers.1.self_attn.k_proj.bias"),
     (lambda raw, s: raw.update(attention_bias=False), "model.layers.0.self_attn.k_proj.bias"),
     (lambda raw, s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(16)}),
      r"q_proj.bias has shape \(16,\)"),
-], ids=["rope-type", "activation", "kv-heads", "size", "missing-bias", "unexpected-bias", "bias-shape"])
+], ids=["rope-type", "activation", "kv-heads", "size", "tie-string", "missing-bias", "unexpected-bias", "bias-shape"])
 def test_convert_transformers_checkpoint_inconsistent_with_olmo_is_refused(tmp_path, change, message):
     model = reference_model({**CONVERTIBLE, "attention_bias": True})
     src = tmp_path / "src"
