@@ -1115,6 +1115,11 @@ def trainer_config(**overrides):
     return cfg
 
 
+# What makes a trainer config OLMo 2 (OLMo-2-1124-7B's config.yaml sets exactly these, with eps 1e-6).
+OLMO2_TRAINER = dict(layer_norm_type="rms", layer_norm_with_affine=True, attention_layer_norm=True,
+                     attention_layer_norm_with_affine=True, norm_after=True, layer_norm_eps=1e-6)
+
+
 def trainer_effective(cfg):
     """The few settings the reference forward needs, with the trainer's defaults (olmo/config.py)."""
     d, heads = cfg.get("d_model", 768), cfg.get("n_heads", 12)
@@ -1123,7 +1128,8 @@ def trainer_effective(cfg):
     vocab = cfg.get("embedding_size", 50304) or cfg.get("vocab_size", 50257)
     return dict(d=d, heads=heads, kv=kv, fused_mlp=fused, vocab=vocab, layers=cfg.get("n_layers", 12),
                 tied=cfg.get("weight_tying", True), theta=cfg.get("rope_theta", 10000), clip=cfg.get("clip_qkv"),
-                group=cfg.get("block_group_size", 1))
+                group=cfg.get("block_group_size", 1), olmo2=cfg.get("layer_norm_type") == "rms",
+                eps=cfg.get("layer_norm_eps", 1e-5))
 
 
 def trainer_block_prefix(e, i, prefix):
@@ -1133,7 +1139,8 @@ def trainer_block_prefix(e, i, prefix):
 
 def trainer_state(cfg, prefix="transformer.", seed=0):
     """Random weights in the trainer's fused layout. The scales keep activations O(1), so that a wrong
-    split (q/k/v, up/gate) changes the logits by far more than any tolerance below."""
+    split (q/k/v, up/gate) changes the logits by far more than any tolerance below. OLMo 2's norm weights are
+    1 + N(0, 0.5^2), far from the all-ones init, so that a misplaced or swapped norm weight shows too."""
     e, gen = trainer_effective(cfg), torch.Generator().manual_seed(seed)
     d, hd = e["d"], e["d"] // e["heads"]
 
@@ -1147,6 +1154,11 @@ def trainer_state(cfg, prefix="transformer.", seed=0):
         state[b + "attn_out.weight"] = randn(d, d, scale=d**-0.5)
         state[b + "ff_proj.weight"] = randn(e["fused_mlp"], d, scale=d**-0.5)
         state[b + "ff_out.weight"] = randn(d, e["fused_mlp"] // 2, scale=(e["fused_mlp"] // 2) ** -0.5)
+        if e["olmo2"]:
+            for name, size in [("attn_norm", d), ("ff_norm", d), ("q_norm", d), ("k_norm", e["kv"] * hd)]:
+                state[b + name + ".weight"] = 1 + randn(size, scale=0.5)
+    if e["olmo2"]:
+        state[prefix + "ln_f.weight"] = 1 + randn(d, scale=0.5)
     if not e["tied"]:
         state[prefix + "ff_out.weight"] = randn(e["vocab"], d, scale=d**-0.5)
     return state
@@ -1177,14 +1189,20 @@ def trainer_reference_logits(state, cfg, ids, prefix="transformer."):
     """The trainer's OLMo forward on its fused tensors, in float64: non-affine LayerNorm (eps 1e-5),
     q/k/v as consecutive row blocks of att_proj (clamped to ±clip_qkv), rotate-half RoPE, GQA by
     repeat_interleave, causal softmax attention, SwiGLU as `x, gate = ff_proj(h).chunk(2)` →
-    silu(gate) * x, then wte (tied) or ff_out."""
+    silu(gate) * x, then wte (tied) or ff_out.
+    OLMo 2 (layer_norm_type rms, norm_after, attention_layer_norm; olmo/model.py OLMoSequentialBlock): every
+    norm is an RMSNorm with a weight, x / sqrt(mean(x^2) + eps) * weight; q_norm and k_norm normalise the whole
+    q (d wide) and k (kv_heads * head_dim wide) before the split into heads; attn_norm and ff_norm normalise the
+    sublayer's output before the residual add; ln_f has a weight."""
     e = trainer_effective(cfg)
     d, heads, kv = e["d"], e["heads"], e["kv"]
     hd, T = d // heads, len(ids)
     w = {k: v.double() for k, v in state.items()}
 
-    def norm(x):
-        return F.layer_norm(x, (d,), eps=1e-5)
+    def norm(x, weight=None):  # weight: the name of an OLMo 2 norm's weight
+        if not e["olmo2"]:
+            return F.layer_norm(x, (d,), eps=1e-5)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + e["eps"]) * w[weight]
 
     inv_freq = 1.0 / (e["theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
@@ -1198,24 +1216,29 @@ def trainer_reference_logits(state, cfg, ids, prefix="transformer."):
     causal = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
     for i in range(e["layers"]):
         b = trainer_block_prefix(e, i, prefix)
-        qkv = norm(x) @ w[b + "att_proj.weight"].T
+        qkv = (x if e["olmo2"] else norm(x)) @ w[b + "att_proj.weight"].T
         if e["clip"] is not None:
             qkv = qkv.clamp(-e["clip"], e["clip"])
         q, k, v = qkv.split([d, kv * hd, kv * hd], dim=-1)
+        if e["olmo2"]:
+            q, k = norm(q, b + "q_norm.weight"), norm(k, b + "k_norm.weight")
         q = q.view(T, heads, hd).transpose(0, 1)
         k = k.view(T, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, dim=0)
         v = v.view(T, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, dim=0)
         q, k = rope(q), rope(k)
         att = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(hd) + causal, dim=-1) @ v
-        x = x + att.transpose(0, 1).reshape(T, d) @ w[b + "attn_out.weight"].T
-        up, gate = (norm(x) @ w[b + "ff_proj.weight"].T).chunk(2, dim=-1)
-        x = x + (F.silu(gate) * up) @ w[b + "ff_out.weight"].T
+        att = att.transpose(0, 1).reshape(T, d) @ w[b + "attn_out.weight"].T
+        x = x + (norm(att, b + "attn_norm.weight") if e["olmo2"] else att)
+        up, gate = ((x if e["olmo2"] else norm(x)) @ w[b + "ff_proj.weight"].T).chunk(2, dim=-1)
+        mlp = (F.silu(gate) * up) @ w[b + "ff_out.weight"].T
+        x = x + (norm(mlp, b + "ff_norm.weight") if e["olmo2"] else mlp)
     head = w[prefix + "wte.weight"] if e["tied"] else w[prefix + "ff_out.weight"]
-    return norm(x) @ head.T
+    return norm(x, prefix + "ln_f.weight") @ head.T
 
 
 def transformers_logits(path, ids):
-    model = transformers.OlmoForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    """transformers' OlmoForCausalLM or Olmo2ForCausalLM, as config.json's model_type says."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].double()
 
@@ -1257,6 +1280,76 @@ def test_convert_trainer_checkpoint_gives_the_trainers_logits(tmp_path, override
     assert_close(transformers_logits(tmp_path / "dst", TRAINER_IDS), expected)
     if e["clip"] is not None:  # the clip must actually bite for this case to test anything
         assert not torch.allclose(trainer_reference_logits(state, dict(cfg, clip_qkv=None), TRAINER_IDS), expected)
+
+
+# OLMo 2 tolerance, against the float64 reference: a float32 dot product of length K is off by at most
+# K * u * sum(|terms|), u = 2^-24 (Higham). One OLMo 2 layer chains att_proj (K = d = 32), q.k (K = head_dim = 8),
+# attention @ v (K = T = 12), attn_out (32), ff_proj (32) and ff_out (K = 48), plus ~20 elementwise roundings
+# (five RMSNorms, RoPE, softmax, silu): ~184u = 1.1e-5 relative per layer. RMSNorm after each sublayer keeps
+# errors from compounding, so 2 layers and the head (K = 32) give ~2.4e-5 of sum(|terms|), which for random
+# weights is ~sqrt(d)/3 ~ 2x the largest |logit| (max ~ 3 sigma). Hence 5e-5 * max|logit| (~1.5e-3 on the
+# O(30) logits of a tied head; measured: <= 1.8e-5). Any misplaced norm weight moves logits by O(1) (checked).
+OLMO2_TOL = 5e-5
+
+
+@pytest.mark.parametrize("overrides,fmt", [
+    ({"n_kv_heads": 2}, "pt"),
+    ({"weight_tying": True}, "safetensors"),
+    ({"n_kv_heads": 1, "weight_tying": True, "block_group_size": 2, "rope_theta": 500000}, "safetensors"),
+], ids=["gqa-untied-pt", "tied-safetensors", "mqa-tied-groups-theta"])
+def test_convert_olmo2_trainer_checkpoint_gives_the_trainers_logits(tmp_path, overrides, fmt):
+    cfg = trainer_config(**OLMO2_TRAINER, **overrides)
+    state = trainer_state(cfg)
+    src = write_trainer(tmp_path / "src", cfg, state, fmt)
+    convert.convert(src, tmp_path / "dst")
+
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    e = trainer_effective(cfg)
+    assert config["model_type"] == "olmo2" and config["architectures"] == ["Olmo2ForCausalLM"]
+    assert config["rms_norm_eps"] == 1e-6 and "clip_qkv" not in config
+    assert config["num_key_value_heads"] == e["kv"] and config["tie_word_embeddings"] == e["tied"]
+    assert config["rope_theta"] == e["theta"] and config["intermediate_size"] == 48
+    with safe_open(tmp_path / "dst" / "model.safetensors", "pt") as f:
+        out = {name: f.get_tensor(name) for name in f.keys()}
+    # Each trainer norm weight lands, unchanged, under transformers' name.
+    for i in range(2):
+        b, layer = trainer_block_prefix(e, i, "transformer."), f"model.layers.{i}."
+        for trainer_name, name in [("attn_norm", "post_attention_layernorm"), ("ff_norm", "post_feedforward_layernorm"),
+                                   ("q_norm", "self_attn.q_norm"), ("k_norm", "self_attn.k_norm")]:
+            assert torch.equal(out[layer + name + ".weight"], state[b + trainer_name + ".weight"])
+    assert torch.equal(out["model.norm.weight"], state["transformer.ln_f.weight"])
+    assert ("lm_head.weight" in out) == (not e["tied"])
+
+    expected = trainer_reference_logits(state, cfg, TRAINER_IDS)
+    atol = OLMO2_TOL * expected.abs().max().item()
+    assert_close(transformers_logits(tmp_path / "dst", TRAINER_IDS), expected, atol=atol, rtol=0)
+    with torch.no_grad():
+        ours = olmo.OlmoForCausalLM.from_pretrained(tmp_path / "dst", dtype=torch.float32)(torch.tensor([TRAINER_IDS]))
+    assert_close(ours[0].double(), expected, atol=atol, rtol=0)
+    # The norm weights matter: all-ones norms (the init) would be far outside the tolerance.
+    ones = {k: torch.ones_like(v) if "norm" in k or "ln_f" in k else v for k, v in state.items()}
+    assert (trainer_reference_logits(ones, cfg, TRAINER_IDS) - expected).abs().max() > 100 * atol
+
+
+@pytest.mark.parametrize("setting,value", [
+    ("norm_after", False), ("attention_layer_norm", False), ("layer_norm_with_affine", False),
+    ("attention_layer_norm_with_affine", False), ("clip_qkv", 8.0), ("layer_norm_type", "fancy"),
+])
+def test_convert_olmo2_settings_transformers_cannot_express_are_refused(tmp_path, setting, value):
+    cfg = trainer_config(**OLMO2_TRAINER)
+    src = write_trainer(tmp_path / "src", dict(cfg, **{setting: value}), trainer_state(cfg))
+    with pytest.raises(convert.ConversionError, match=f"sets {setting}: {json.dumps(value)}"):
+        convert.convert(src, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_olmo2_norm_biases_are_refused_by_name(tmp_path):
+    cfg = trainer_config(**OLMO2_TRAINER, bias_for_layer_norm=True)
+    state = trainer_state(cfg)
+    state["transformer.blocks.0.attn_norm.bias"] = torch.zeros(32)  # what bias_for_layer_norm adds
+    src = write_trainer(tmp_path / "src", cfg, state)
+    with pytest.raises(convert.ConversionError, match=r"config.yaml does not explain: transformer.blocks.0.attn_norm.bias"):
+        convert.convert(src, tmp_path / "dst")
 
 
 def test_convert_sparse_config_takes_the_trainers_defaults(tmp_path):
