@@ -1393,6 +1393,119 @@ def test_convert_absent_settings_are_refused_by_their_trainer_default(tmp_path, 
         convert.convert(src, tmp_path / "dst")
 
 
+@pytest.mark.parametrize("setting,value,message", [
+    ("d_model", "64", 'd_model must be a positive integer, got "64"'),
+    ("vocab_size", None, "vocab_size must be a positive integer, got null"),
+    ("embedding_size", "50304", 'embedding_size must be a positive integer or null, got "50304"'),
+    ("n_heads", 4.0, "n_heads must be a positive integer, got 4.0"),
+    ("max_sequence_length", True, "max_sequence_length must be a positive integer, got true"),
+    ("n_kv_heads", [2], r"n_kv_heads must be a positive integer or null, got \[2\]"),
+    ("weight_tying", "false", 'weight_tying must be true or false, got "false"'),
+    ("rope", "true", 'sets rope: "true"; transformers\' OLMo has rotary position embeddings'),
+    ("multi_query_attention", 0, "multi_query_attention must be true, false or null, got 0"),
+    ("rope_theta", float("nan"), "rope_theta must be a positive number, got NaN"),
+    ("rope_theta", "10000", 'rope_theta must be a positive number, got "10000"'),
+    ("clip_qkv", 0, "clip_qkv must be a positive number or null, got 0"),
+    ("eos_token_id", 128, "eos_token_id 128 is outside the embedding's 128 rows"),
+    ("pad_token_id", -1, "pad_token_id must be an integer >= 0, got -1"),
+    ("n_heads", 5, "d_model 32 is not divisible by n_heads 5"),  # olmo.py's check, in the trainer's names
+    ("n_layers", 10**9, "n_layers 1000000000, but the checkpoint holds only 10 tensors"),
+    ("d_model", 2**62, "the sizes are too large for a tensor"),
+])
+def test_convert_config_yaml_with_wrong_types_names_the_key(tmp_path, setting, value, message):
+    cfg = trainer_config()
+    src = write_trainer(tmp_path / "src", dict(cfg, **{setting: value}), trainer_state(cfg))
+    with pytest.raises(convert.ConversionError, match=message) as info:
+        convert.convert(src, tmp_path / "dst")
+    assert str(info.value).startswith(str(src / "config.yaml")) and "\n" not in str(info.value)
+
+
+def test_convert_config_yaml_numbers_are_read_as_the_trainer_reads_them(tmp_path):
+    # PyYAML (YAML 1.1) reads a hand-written 1e-6 or 5e5 as a string; the trainer's OmegaConf reads a float, and so
+    # must we. A quoted "1e-6" stays a string, and is refused.
+    cfg = trainer_config(**OLMO2_TRAINER)
+    state = trainer_state(cfg)
+    src = write_trainer(tmp_path / "src", cfg, state)
+    text = (src / "config.yaml").read_text()
+    assert "layer_norm_eps: 1.0e-06\n" in text and "rope_theta: 10000\n" in text
+    (src / "config.yaml").write_text(text.replace("layer_norm_eps: 1.0e-06", "layer_norm_eps: 1e-6")
+                                     .replace("rope_theta: 10000", "rope_theta: 5e5"))
+    convert.convert(src, tmp_path / "dst")
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert config["rms_norm_eps"] == 1e-6 and config["rope_theta"] == 500000.0
+    (src / "config.yaml").write_text(text.replace("layer_norm_eps: 1.0e-06", "layer_norm_eps: '1e-6'"))
+    with pytest.raises(convert.ConversionError, match='layer_norm_eps must be a positive number, got "1e-6"'):
+        convert.convert(src, tmp_path / "dst2")
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_convert_integer_tensors_are_refused_by_name(tmp_path, fmt):
+    cfg = trainer_config()
+    state = trainer_state(cfg)
+    state["transformer.blocks.1.attn_out.weight"] = state["transformer.blocks.1.attn_out.weight"].to(torch.int64)
+    src = write_trainer(tmp_path / "src", cfg, state, fmt)
+    with pytest.raises(convert.ConversionError, match=r"tensor transformer.blocks.1.attn_out.weight has dtype "
+                                                      r"(torch.int64|I64), not a floating-point type"):
+        convert.convert(src, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_float64_sources_are_written_as_float32_unless_asked(tmp_path):
+    cfg = trainer_config()
+    state = {k: v.double() for k, v in trainer_state(cfg).items()}
+    src = write_trainer(tmp_path / "src", cfg, state)
+    convert.convert(src, tmp_path / "f32")
+    convert.convert(src, tmp_path / "bf16", dtype="bfloat16")
+    for name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
+        assert json.loads((tmp_path / name / "config.json").read_text())["torch_dtype"] == str(dtype)[6:]
+        out = load_file(tmp_path / name / "model.safetensors")
+        assert out["model.embed_tokens.weight"].dtype == dtype
+        assert torch.equal(out["model.embed_tokens.weight"], state["transformer.wte.weight"].to(dtype))
+
+
+# config.yaml mutations: each turns one setting into another type, an out-of-range or non-finite number, a nested
+# value, or removes it (the base spells out every trainer default a deletion would fall back to, so that a deletion
+# either changes nothing or is refused), or adds an unknown nested setting.
+CONFIG_MUTATIONS = ["delete", "text", "float", "list", "dict", "unknown", None, True, False, 0, -1, math.nan,
+                    math.inf, -math.inf]
+
+
+def mutate_setting(cfg, key, mutation):
+    cfg, value = dict(cfg), cfg[key]
+    if mutation == "delete":
+        del cfg[key]
+    elif mutation == "unknown":
+        cfg["a_future_setting"] = {"nested": value}
+    else:
+        cfg[key] = {"text": str(value), "list": [value], "dict": {"value": value},
+                    "float": float(value) if type(value) is int else value}.get(mutation, mutation)
+    return cfg
+
+
+@settings(max_examples=30)
+@given(olmo2=st.booleans(), key=st.sampled_from(sorted(trainer_config())), mutation=st.sampled_from(CONFIG_MUTATIONS))
+def test_convert_mutated_config_yaml_gives_the_same_model_or_names_the_file(tmp_path_factory, olmo2, key, mutation):
+    # Either the same model as the unmutated config (bit-identical tensors and olmo.py logits; token ids and
+    # max_sequence_length may change, which the forward pass doesn't see) or ValueError naming the file, before
+    # anything is written. Never another exception.
+    base = trainer_config(max_sequence_length=1024, **(dict(OLMO2_TRAINER, layer_norm_eps=1e-5) if olmo2 else {}))
+    state, tmp = trainer_state(base), tmp_path_factory.mktemp("mutated")
+    convert.convert(write_trainer(tmp / "base", base, state), tmp / "base-out")
+    src = write_trainer(tmp / "src", mutate_setting(base, key, mutation), state)
+    try:
+        convert.convert(src, tmp / "out")
+    except ValueError as e:
+        assert str(src / "config.yaml") in str(e) and "\n" not in str(e)
+        assert not (tmp / "out").exists()
+        return
+    out, expected = load_file(tmp / "out" / "model.safetensors"), load_file(tmp / "base-out" / "model.safetensors")
+    assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in out)
+    ids = torch.tensor([TRAINER_IDS])
+    with torch.no_grad():
+        logits = [olmo.OlmoForCausalLM.from_pretrained(tmp / d, dtype=torch.float32)(ids) for d in ("out", "base-out")]
+    assert torch.equal(*logits)
+
+
 def test_convert_conflicting_mqa_and_n_kv_heads_are_refused(tmp_path):
     cfg = trainer_config(multi_query_attention=True, n_kv_heads=2)
     src = write_trainer(tmp_path / "src", cfg, trainer_state(trainer_config(n_kv_heads=2)))
