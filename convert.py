@@ -128,7 +128,8 @@ def read_checkpoint(src: Path):
         # (hf_olmo's config.json also holds transformers' own fields: architectures, torch_dtype, ...)
         unknown = set(model) - set(TRAINER_DEFAULTS) - TRAINER_IGNORED
         if unknown:
-            raise ConversionError(f"{src / 'config.yaml'}: unknown model settings {', '.join(sorted(unknown))}")
+            raise ConversionError(f"{src / 'config.yaml'}: unknown model settings "
+                                  f"{', '.join(sorted(map(str, unknown)))}")
         return "OLMo trainer", *read_trainer_layout(src / "config.yaml", model, TRAINER_WEIGHT_FILES, "transformer.")
     raise ConversionError(f"{src}: neither config.json nor config.yaml found; not an OLMo checkpoint")
 
@@ -136,7 +137,7 @@ def read_checkpoint(src: Path):
 def read_json(path):
     try:
         d = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:
         raise ConversionError(f"cannot read {path}: {e}") from None
     if not isinstance(d, dict):
         raise ConversionError(f"{path}: expected a JSON object")
@@ -153,7 +154,7 @@ def read_yaml_model(path):
                                  list("-+0123456789"))
     try:
         model = (yaml.load(path.read_text(), Loader) or {}).get("model")
-    except (yaml.YAMLError, OSError, AttributeError) as e:
+    except (yaml.YAMLError, OSError, AttributeError, RecursionError) as e:
         raise ConversionError(f"cannot read {path}: {e}") from None
     if not isinstance(model, dict):
         raise ConversionError(f"{path}: no `model:` section")
@@ -268,9 +269,6 @@ def trainer_to_transformers_config(raw, where):
     vocab = get["embedding_size"] or get["vocab_size"]
     if vocab < get["vocab_size"]:
         raise ConversionError(f"{where}: embedding_size {vocab} is smaller than vocab_size {get['vocab_size']}")
-    for key in ("eos_token_id", "pad_token_id"):
-        if get[key] >= vocab:
-            raise ConversionError(f"{where}: {key} {get[key]} is outside the embedding's {vocab} rows")
     config = {
         "architectures": ["Olmo2ForCausalLM" if model_type == "olmo2" else "OlmoForCausalLM"],
         "model_type": model_type, "vocab_size": vocab, "hidden_size": get["d_model"],

@@ -1406,7 +1406,7 @@ def test_convert_absent_settings_are_refused_by_their_trainer_default(tmp_path, 
     ("rope_theta", float("nan"), "rope_theta must be a positive number, got NaN"),
     ("rope_theta", "10000", 'rope_theta must be a positive number, got "10000"'),
     ("clip_qkv", 0, "clip_qkv must be a positive number or null, got 0"),
-    ("eos_token_id", 128, "eos_token_id 128 is outside the embedding's 128 rows"),
+    ("eos_token_id", 128, r"eos_token_id must be null or in \[0, 128\), got 128"),  # olmo.py's check
     ("pad_token_id", -1, "pad_token_id must be an integer >= 0, got -1"),
     ("n_heads", 5, "d_model 32 is not divisible by n_heads 5"),  # olmo.py's check, in the trainer's names
     ("n_layers", 10**9, "n_layers 1000000000, but the checkpoint holds only 10 tensors"),
