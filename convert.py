@@ -16,10 +16,11 @@ SRC is a directory in one of three layouts, recognized by its files:
 DST gets `config.json`, `model.safetensors` (or shards and `model.safetensors.index.json`) and whatever
 tokenizer files and `generation_config.json` SRC has. Settings neither transformers' OLMo nor OLMo 2 can
 express (MLP biases, ALiBi, LayerNorm weights, ...) are refused, never converted into a different model. The
-model's tensors and config checks come from olmo.py (this repo's copy of transformers' OLMo models). OLMo 3
-was trained with olmo-core, whose distributed checkpoints its own converter turns into layout 3. Tensors are streamed one
-at a time, so a 7B model converts in far less memory than two copies of it, and DST appears only when
-complete: everything is written into a directory beside it, renamed at the end, and removed on failure.
+model's tensors and config checks come from olmo.py (this repo's copy of transformers' OLMo models). (OLMo 3
+was trained with olmo-core, whose distributed checkpoints its own converter turns into layout 3.) Tensors are
+streamed one at a time, so a 7B model converts in far less memory than two copies of it, and DST appears only
+when complete: everything is written into a directory beside it, renamed at the end, and removed on failure
+or when the process is asked to stop (SIGINT, SIGTERM, SIGHUP).
 """
 
 import argparse
@@ -70,7 +71,8 @@ class Stopped(BaseException):
 def convert(src, dst, dtype=None, shard_size="5GB"):
     """Convert the checkpoint directory `src` into a transformers OLMo checkpoint directory `dst`.
 
-    dtype: "float32", "float16" or "bfloat16"; None keeps the source's (that of its embedding).
+    dtype: "float32", "float16" or "bfloat16"; None keeps the source's (that of its embedding; float64 becomes
+    float32).
     shard_size: the largest shard, in bytes or as "5GB", "500MB", "2GiB", ...
     """
     src, dst = Path(src), Path(dst)
@@ -78,7 +80,6 @@ def convert(src, dst, dtype=None, shard_size="5GB"):
     max_shard_bytes = parse_size(shard_size)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ConversionError(f"{dst} exists and is not an empty directory; choose a new or empty one")
-
     not_dirs = [p for p in dst.absolute().parents if p.exists() and not p.is_dir()]
     if not_dirs:
         raise ConversionError(f"{dst}: can't be created, since {not_dirs[0]} is a file, not a directory")
