@@ -1588,8 +1588,10 @@ def test_convert_signals_mid_conversion_leave_nothing(tall_trainer_checkpoint, t
                                        str(tmp_path / f"dst-{signum.name}")], stderr=subprocess.PIPE, text=True)
              for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for signum, proc in procs.items():
-        head = [proc.stderr.readline() for _ in range(2)]
-        assert head[1].startswith("[1/1752] model.embed_tokens.weight"), head
+        line = ""
+        while not line.startswith("[1/1752] model.embed_tokens.weight"):  # after "converting ...", any warnings
+            line = proc.stderr.readline()
+            assert line, "convert.py ended before converting"
         assert any(p.name.startswith(f".dst-{signum.name}.partial-") for p in tmp_path.iterdir())
         proc.send_signal(signum)
     for signum, proc in procs.items():
@@ -1738,6 +1740,40 @@ def test_convert_transformers_bin_is_rewritten_as_safetensors(tmp_path, tied, sh
         expected = model(torch.tensor([TRAINER_IDS])).logits[0].double()
     # The same float32 weights and code on both sides: only run-to-run nondeterminism could differ.
     assert_close(transformers_logits(tmp_path / "dst", TRAINER_IDS), expected)
+
+
+@pytest.mark.parametrize("model_type", ["olmo2", "olmo3"])
+def test_convert_olmo2_and_olmo3_transformers_checkpoints_are_rewritten(tmp_path, model_type):
+    # A .bin with norm weights that matter, GQA and (OLMo 3) a sliding window shorter than the input.
+    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=1, eos_token_id=100)
+    if model_type == "olmo2":
+        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**kw, rms_norm_eps=1e-6))
+    else:
+        model = transformers.Olmo3ForCausalLM(transformers.Olmo3Config(**kw, sliding_window=4,
+                                                                       layer_types=["sliding_attention", "full_attention"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g) if p.ndim == 1 else
+                    torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    src = tmp_path / "src"
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    convert.convert(src, tmp_path / "dst")
+
+    out = load_file(tmp_path / "dst" / "model.safetensors")
+    assert out.keys() == model.state_dict().keys() and "model.layers.1.self_attn.k_norm.weight" in out
+    assert all(torch.equal(t, model.state_dict()[name]) for name, t in out.items())
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert config == dict(json.loads((src / "config.json").read_text()), torch_dtype="float32")  # only the dtype added
+    ids = torch.tensor([TRAINER_IDS])
+    with torch.no_grad():  # the same weights and code on both sides: bit for bit
+        expected = model(ids).logits
+        assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()(ids).logits,
+                           expected)
+        ours = olmo.OlmoForCausalLM.from_pretrained(tmp_path / "dst", dtype=torch.float32)(ids)
+    assert_close(ours, expected)
 
 
 @pytest.mark.parametrize("rope_type,v4_config,dtype", [
