@@ -21,7 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import pytest
@@ -1871,6 +1871,17 @@ def test_convert_olmo_numpy_reads_the_result(converted_checkpoint):
     logits = olmo_numpy.OlmoForCausalLM.from_pretrained(path)(np.array([TRAINER_IDS]))
     assert logits.dtype == np.float32
     assert_close(torch.from_numpy(logits[0]).double(), expected)
+
+
+@pytest.mark.skipif("model_type" not in {f.name for f in fields(olmo_numpy.OlmoConfig)},
+                    reason="olmo_numpy.py does not read OLMo 2 yet")
+def test_convert_olmo_numpy_reads_an_olmo2_result(tmp_path):
+    cfg = trainer_config(**OLMO2_TRAINER, n_kv_heads=2)
+    state = trainer_state(cfg)
+    convert.convert(write_trainer(tmp_path / "src", cfg, state), tmp_path / "dst", shard_size="20KB")
+    expected = trainer_reference_logits(state, cfg, TRAINER_IDS)
+    logits = olmo_numpy.OlmoForCausalLM.from_pretrained(tmp_path / "dst")(np.array([TRAINER_IDS]))
+    assert_close(torch.from_numpy(logits[0]).double(), expected, atol=OLMO2_TOL * expected.abs().max().item(), rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
