@@ -1579,23 +1579,41 @@ def tall_trainer_checkpoint(tmp_path_factory):
     return write_trainer(tmp_path_factory.mktemp("tall") / "src", cfg, trainer_state(cfg))
 
 
+def small_pipe():
+    """A pipe (read end, write end) holding as little as the system allows: on Linux one page, via F_SETPIPE_SZ
+    (its default is 16 pages, 1 MiB with ARM's 64 KiB pages); elsewhere at most 64 KiB (macOS)."""
+    import fcntl
+
+    read, write = os.pipe()
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, os.sysconf("SC_PAGE_SIZE"))
+        assert fcntl.fcntl(write, fcntl.F_GETPIPE_SZ) <= 64 * 1024
+    return read, write
+
+
 def test_convert_signals_mid_conversion_leave_nothing(tall_trainer_checkpoint, tmp_path):
     # Deterministically mid-conversion: convert.py prints a progress line before each tensor, 137 KB in all, more
-    # than a pipe holds (64 KiB on Linux and macOS). Reading stderr only up to the first tensor's line means the
-    # process must block writing progress long before it can finish, with its staging directory on disk, until
-    # the signal arrives. The three processes start together (each spends seconds importing torch).
-    procs = {signum: subprocess.Popen([sys.executable, os.path.join(HERE, "convert.py"), str(tall_trainer_checkpoint),
-                                       str(tmp_path / f"dst-{signum.name}")], stderr=subprocess.PIPE, text=True)
-             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for signum, proc in procs.items():
+    # than its stderr pipe holds (at most 64 KiB, see small_pipe). Reading stderr only up to the first tensor's
+    # line means the process must block writing progress long before it can finish, with its staging directory
+    # on disk, until the signal arrives. The three processes start together (each spends seconds importing torch).
+    procs = {}  # signal -> (process, its stderr)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        read, write = small_pipe()
+        procs[signum] = subprocess.Popen([sys.executable, os.path.join(HERE, "convert.py"),
+                                          str(tall_trainer_checkpoint), str(tmp_path / f"dst-{signum.name}")],
+                                         stderr=write), os.fdopen(read)
+        os.close(write)
+    for signum, (proc, stderr) in procs.items():
         line = ""
         while not line.startswith("[1/1752] model.embed_tokens.weight"):  # after "converting ...", any warnings
-            line = proc.stderr.readline()
+            line = stderr.readline()
             assert line, "convert.py ended before converting"
         assert any(p.name.startswith(f".dst-{signum.name}.partial-") for p in tmp_path.iterdir())
         proc.send_signal(signum)
-    for signum, proc in procs.items():
-        err = proc.communicate(timeout=60)[1]
+    for signum, (proc, stderr) in procs.items():
+        with stderr:
+            err = stderr.read()  # to the end: the process exits once the signal is handled
+        proc.wait(timeout=60)
         assert proc.returncode == 128 + signum, (signum, err[-500:])  # the shell's "ended by signal N"
         assert "Traceback" not in err
         assert err.splitlines()[-1] == f"error: stopped by {signum.name}; nothing was written"
