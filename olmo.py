@@ -57,8 +57,10 @@ class OlmoConfig:
     bos_token_id: int | None = None  # OLMo adds no BOS token to prompts
     eos_token_id: int | list[int] | None = 50279  # generation stops at this token ("<|endoftext|>")
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (OLMo-1B) or not (OLMo-7B)
-    rope_theta: float | None = None  # RoPE base (None: 10000, or 500000 for OLMo 3)
-    rope_scaling: dict | None = None  # {"rope_type": "linear" | "dynamic" | "yarn", "factor": f > 1, ...}
+    # RoPE per layer type, as transformers 5 holds it: {"full_attention": {"rope_type": "default" | "linear" |
+    # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict (or
+    # 4.x's rope_theta and rope_scaling) means the full-attention layers; the base defaults to 10000 (OLMo 3: 5e5)
+    rope_parameters: dict | None = None
     attention_bias: bool = False  # biases on q/k/v/o projections
     attention_dropout: float = 0.0  # dropout on attention probabilities, in training mode only
     clip_qkv: float | None = None  # OLMo 1: clamp q, k and v to [-clip_qkv, clip_qkv] (OLMo-7B-0424 uses 8.0)
@@ -79,13 +81,16 @@ class OlmoConfig:
             self.num_key_value_heads = self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
-            require(getattr(self, name) >= 1, name, ">= 1")
+            require(1 <= getattr(self, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
                              f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head size {self.head_dim} (hidden_size / num_attention_heads) is odd; RoPE rotates "
+                             "pairs of dimensions")
         require(self.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             ids = getattr(self, name)
@@ -97,9 +102,6 @@ class OlmoConfig:
         require(self.clip_qkv is None or math.isfinite(self.clip_qkv) and self.clip_qkv > 0, "clip_qkv", "None or > 0")
         require(self.clip_qkv is None or self.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
         require(self.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
-        if self.rope_theta is None:
-            self.rope_theta = 500000.0 if self.model_type == "olmo3" else 10000.0
-        require(math.isfinite(self.rope_theta) and self.rope_theta > 0, "rope_theta", "a finite number > 0")
         # OLMo 3: three sliding-window layers, then one full-attention layer, unless config.json lists them
         olmo3 = self.model_type == "olmo3"
         if olmo3 and self.sliding_window is None:
@@ -110,9 +112,14 @@ class OlmoConfig:
         require(len(self.layer_types) == self.num_hidden_layers and
                 set(self.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
                 f"{self.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
-        require(not olmo3 or self.sliding_window >= 1, "sliding_window", ">= 1")
-        if self.rope_scaling is not None:
-            self.rope_scaling = check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        require(not olmo3 or 1 <= self.sliding_window, "sliding_window", ">= 1")
+        rope = self.rope_parameters or {}
+        require(isinstance(rope, dict), "rope_parameters", "an object")
+        if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full layers' settings
+            rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
+        theta = 500000.0 if olmo3 else 10000.0
+        self.rope_parameters = {kind: check_rope(rope.get(kind) or {}, theta, self.max_position_embeddings, kind)
+                                for kind in sorted(set(self.layer_types))}
 
     @property
     def head_dim(self):
@@ -126,30 +133,17 @@ class OlmoConfig:
     @classmethod
     def from_dict(cls, d, source="config.json"):
         """Read a config.json as transformers 4.x writes it (top-level rope_theta, rope_scaling with "type" or
-        "rope_type") or as transformers 5 does (rope_parameters = {"rope_type", "rope_theta", "factor", ...}, for
-        OLMo 3 nested per layer type). Every known field must have its JSON type (no "false" for false, no 128.0
+        "rope_type") or as transformers 5 does (rope_parameters, for OLMo 3 nested per layer type). Every known field must have its JSON type (no "false" for false, no 128.0
         for 128); unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the source."""
         try:
             d = dict(d)
             if "torch_dtype" in d:
                 d.setdefault("dtype", d.pop("torch_dtype"))
-            rope = d.pop("rope_parameters", None)
-            if isinstance(rope, dict) and {"full_attention", "sliding_attention"} & rope.keys():
-                # OLMo 3, nested per layer type: the sliding layers must be plain RoPE with the full layers' theta
-                full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
-                if not isinstance(full, dict) or not isinstance(sliding, dict) or \
-                        sliding.get("rope_type", "default") != "default" or \
-                        sliding.get("rope_theta") not in (None, full.get("rope_theta")):
-                    raise ValueError(f"rope_parameters must give the sliding_attention layers plain RoPE with the "
-                                     f"full_attention layers' rope_theta, got {rope!r}")
-                rope = full
-            if rope is not None:
-                if not isinstance(rope, dict):
-                    raise ValueError(f"rope_parameters must be an object, got {rope!r}")
-                rope = dict(rope)
-                if "rope_theta" in rope:
-                    d["rope_theta"] = rope.pop("rope_theta")
-                d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+            theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
+            if d.get("rope_parameters") is None:  # transformers 4.x
+                if not isinstance(scaling, (dict, type(None))):
+                    raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
+                d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
             known = {f.name: f.type for f in fields(cls)}
             for key, value in d.items():
                 if key in known and not fits(value, known[key]):
@@ -185,38 +179,47 @@ def type_name(annotation):
     return str(annotation).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
 
 
-# RoPE scaling settings: what each type takes (transformers' defaults in YARN), all else is refused.
+# RoPE settings: what each type takes (with transformers' defaults for YaRN); anything else is refused.
 YARN = {"original_max_position_embeddings": None, "attention_factor": None, "beta_fast": 32.0, "beta_slow": 1.0,
         "mscale": None, "mscale_all_dim": None, "truncate": True}
 
 
-def check_rope_scaling(scaling, max_position_embeddings):
-    """{"type" or "rope_type": ..., "factor": ..., YaRN's keys} -> the same with "rope_type" and every default."""
-    if not isinstance(scaling, dict):
-        raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind not in ("linear", "dynamic", "yarn"):
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (use 'linear', 'dynamic' or 'yarn')")
-    out = {"rope_type": kind, "factor": scaling.get("factor")}
-    if type(out["factor"]) not in (int, float) or not 1 < out["factor"] < math.inf:
-        raise ValueError(f"rope_scaling factor must be a number > 1, got {out['factor']!r}")
-    extra = YARN if kind == "yarn" else {}
-    for key in scaling.keys() - {"rope_type", "type", "factor"}:
-        if key not in extra:
-            raise ValueError(f"rope_scaling key {key!r} is not supported for rope_type {kind!r}")
-    for key, default in extra.items():
-        value = scaling.get(key)
-        if key == "truncate":
-            ok, what = value is None or type(value) is bool, "a boolean"
-        elif key == "original_max_position_embeddings":
-            ok, what = value is None or type(value) is int and value >= 1, "an integer >= 1"
-        else:
-            ok, what = value is None or type(value) in (int, float) and 0 < value < math.inf, "a number > 0"
-        if not ok:
-            raise ValueError(f"rope_scaling {key} must be {what}, got {value!r}")
+def check_rope(rope, default_theta, max_position_embeddings, kind):
+    """One layer type's RoPE settings ("type" or "rope_type", "rope_theta", "factor", YaRN's keys) -> the same
+    with "rope_type", "rope_theta" and every default filled in."""
+    def fail(key, what):
+        raise ValueError(f"rope_parameters[{kind!r}] {key} must be {what}, got {rope.get(key)!r}")
+
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_parameters[{kind!r}] must be an object, got {rope!r}")
+    out = {"rope_type": rope.get("rope_type", rope.get("type", "default")), "rope_theta": rope.get("rope_theta")}
+    if out["rope_type"] not in ("default", "linear", "dynamic", "yarn"):
+        fail("rope_type", "'default', 'linear', 'dynamic' or 'yarn'")
+    if out["rope_theta"] is None:
+        out["rope_theta"] = default_theta
+    if type(out["rope_theta"]) not in (int, float) or not 0 < out["rope_theta"] < math.inf:
+        fail("rope_theta", "a finite number > 0")
+    keys = {"rope_type", "type", "rope_theta"}
+    if out["rope_type"] != "default":
+        keys.add("factor")
+        out["factor"] = rope.get("factor")
+        if type(out["factor"]) not in (int, float) or not 1 < out["factor"] < math.inf:
+            fail("factor", "a number > 1")
+    for key, default in (YARN.items() if out["rope_type"] == "yarn" else ()):
+        keys.add(key)
+        value = rope.get(key)
+        if key == "truncate" and not (value is None or type(value) is bool):
+            fail(key, "a boolean")
+        if key == "original_max_position_embeddings" and not (value is None or type(value) is int and value >= 1):
+            fail(key, "an integer >= 1")
+        if key not in ("truncate", "original_max_position_embeddings") and not (
+                value is None or type(value) in (int, float) and 0 < value < math.inf):
+            fail(key, "a number > 0")
         out[key] = default if value is None else value
-    if kind == "yarn" and out["original_max_position_embeddings"] is None:
+    if out["rope_type"] == "yarn" and out["original_max_position_embeddings"] is None:
         out["original_max_position_embeddings"] = max_position_embeddings
+    for key in rope.keys() - keys:
+        raise ValueError(f"rope_parameters[{kind!r}] has {key!r}, which rope_type {out['rope_type']!r} doesn't take")
     return out
 
 
@@ -271,22 +274,21 @@ class OlmoRMSNorm(nn.Module):
 
 
 class OlmoRotaryEmbedding(nn.Module):
-    def __init__(self, config, scaling=None):
+    def __init__(self, config, kind="full_attention"):
         super().__init__()
         self.config = config
         self.dim = config.head_dim
-        scaling = scaling or {"rope_type": "default", "factor": 1.0}
-        self.rope_type, self.factor = scaling["rope_type"], scaling["factor"]
+        rope = config.rope_parameters[kind]
+        self.rope_type, self.theta, self.factor = rope["rope_type"], rope["rope_theta"], rope.get("factor", 1.0)
         # Computed on the CPU even when the model is built on the meta device: a few numbers that no checkpoint
         # holds. Linear scaling ("position interpolation") divides every position, i.e. every frequency, by factor.
         exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim
-        inv_freq = 1.0 / config.rope_theta ** exponents  # (dim/2,)
+        inv_freq = 1.0 / self.theta ** exponents  # (dim/2,)
         self.attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
         if self.rope_type == "linear":
             inv_freq = inv_freq / self.factor
         elif self.rope_type == "yarn":
-            inv_freq, self.attention_factor = yarn(config.rope_theta ** exponents, scaling, self.dim,
-                                                   config.rope_theta)
+            inv_freq, self.attention_factor = yarn(self.theta ** exponents, rope, self.dim, self.theta)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("exponents", exponents, persistent=False)
 
@@ -299,7 +301,7 @@ class OlmoRotaryEmbedding(nn.Module):
         # both). Written with tensor ops (no .item()) so the decode step still compiles into one graph.
         max_pos = self.config.max_position_embeddings
         seq_len = position_ids.max() + 1
-        base = self.config.rope_theta * (self.factor * seq_len.float() / max_pos - (self.factor - 1)) ** (
+        base = self.theta * (self.factor * seq_len.float() / max_pos - (self.factor - 1)) ** (
             self.dim / (self.dim - 2))
         return torch.where(seq_len > max_pos, 1.0 / base ** self.exponents, self.inv_freq)
 
@@ -493,9 +495,9 @@ class OlmoModel(nn.Module):
         self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps) if config.norm_after else \
             OlmoLayerNorm(config.hidden_size)
-        # OLMo 3: RoPE scaling applies to the full-attention layers; the sliding ones keep plain RoPE
-        self.rotary_emb = nn.ModuleDict({kind: OlmoRotaryEmbedding(
-            config, config.rope_scaling if kind == "full_attention" else None) for kind in set(config.layer_types)})
+        # OLMo 3: each layer type has its own RoPE (scaling stretches the full-attention layers, sliding ones
+        # see only nearby keys and keep plain RoPE)
+        self.rotary_emb = nn.ModuleDict({kind: OlmoRotaryEmbedding(config, kind) for kind in config.rope_parameters})
 
     def forward(self, input_ids, position_ids, query_slots, key_valid, slots=None):
         """input_ids, position_ids (B, T); query_slots (T,) the tokens' slots; key_valid (B, S) which slots hold
@@ -632,7 +634,7 @@ class OlmoForCausalLM(nn.Module):
         eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
                            device=input_ids.device).reshape(-1)  # an int or a list of ints
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
-        dynamic = (self.config.rope_scaling or {}).get("rope_type") == "dynamic"
+        dynamic = any(rope["rope_type"] == "dynamic" for rope in self.config.rope_parameters.values())
         one_row = B == 1 and bool(attention_mask.all())
 
         def reusable(n):  # dynamic RoPE past the trained length rotates with frequencies that depend on n

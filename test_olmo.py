@@ -57,58 +57,97 @@ ACTIVATIONS = ["silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"]
 # Random small configs and checkpoints
 
 
+GENERATIONS = {"olmo": ("OlmoConfig", "OlmoForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+               "olmo3": ("Olmo3Config", "Olmo3ForCausalLM")}
+
+
 @st.composite
-def configs(draw):
-    """A small config exercising every option: MHA/GQA/MQA, bias, tying, clip_qkv, each activation, no/linear/
-    dynamic RoPE scaling with a short max_position_embeddings so that sequences run past it."""
+def configs(draw, generations=tuple(GENERATIONS)):
+    """A small config exercising every option of each generation: MHA/GQA/MQA, bias, tying, each activation,
+    no/linear/dynamic/YaRN RoPE scaling with a short max_position_embeddings so that sequences run past it;
+    OLMo 1's clip_qkv; OLMo 2's rms_norm_eps; OLMo 3's sliding windows shorter than the sequences and custom
+    layer_types."""
+    kind = draw(st.sampled_from(generations))
     heads = draw(st.sampled_from([1, 2, 4]))
-    scaling = draw(st.sampled_from([None, "linear", "dynamic"]))
-    return dict(
+    layers = draw(st.integers(1, 2 if kind != "olmo3" else 4))
+    scaling = draw(st.sampled_from([None, "linear", "dynamic", "yarn"]))
+    rope_scaling = scaling and {"rope_type": scaling, "factor": draw(st.floats(1.5, 4.0))}
+    if scaling == "yarn":
+        rope_scaling.update(original_max_position_embeddings=draw(st.sampled_from([4, 8])),
+                            truncate=draw(st.booleans()), beta_fast=draw(st.sampled_from([32.0, 4.0])),
+                            beta_slow=draw(st.sampled_from([1.0, 0.5])),
+                            attention_factor=draw(st.none() | st.floats(0.5, 1.5)))
+    cfg = dict(
+        model_type=kind,
         vocab_size=draw(st.integers(40, 130)),
         hidden_size=heads * draw(st.sampled_from([4, 8, 16])),
         intermediate_size=draw(st.integers(8, 64)),
-        num_hidden_layers=draw(st.integers(1, 2)),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
         hidden_act=draw(st.sampled_from(ACTIVATIONS)),
         max_position_embeddings=draw(st.sampled_from([8, 16, 64])),
         tie_word_embeddings=draw(st.booleans()),
         attention_bias=draw(st.booleans()),
-        clip_qkv=draw(st.none() | st.floats(0.3, 2.0)),
-        rope_theta=draw(st.sampled_from([10000.0, 500.0])),
-        rope_scaling=scaling and {"rope_type": scaling, "factor": draw(st.floats(1.5, 4.0))},
+        clip_qkv=draw(st.none() | st.floats(0.3, 2.0)) if kind == "olmo" else None,
+        rope_theta=draw(st.sampled_from([10000.0, 500.0] if kind != "olmo3" else [500000.0, 500.0])),
+        rope_scaling=rope_scaling,
         pad_token_id=1, bos_token_id=None, eos_token_id=None,
     )
+    if kind != "olmo":
+        cfg["rms_norm_eps"] = draw(st.sampled_from([1e-5, 1e-6, 0.1]))
+    if kind == "olmo3":
+        cfg["sliding_window"] = draw(st.integers(1, 8))
+        cfg["layer_types"] = draw(st.none() | st.lists(st.sampled_from(["full_attention", "sliding_attention"]),
+                                                       min_size=layers, max_size=layers))
+    return cfg
 
 
 def reference_model(cfg, seed=0):
-    """A transformers OlmoForCausalLM with random weights large enough that activations matter: unit-variance
-    projections (so clip_qkv really clips) and biases, instead of the tiny std-0.02 init that makes logits ~0."""
-    cfg = dict(cfg)
+    """A transformers model of cfg's generation with random weights large enough that activations matter:
+    unit-variance projections (so clip_qkv really clips), biases, and norm weights around 1 with a 0.3 spread
+    (so every OLMo 2 norm weight matters), instead of the tiny std-0.02 init that makes logits ~0."""
+    cfg = {k: v for k, v in cfg.items() if v is not None or k not in ("layer_types", "clip_qkv")}
+    kind = cfg.pop("model_type", "olmo")
     scaling = cfg.pop("rope_scaling")
-    config = transformers.OlmoConfig(**cfg, **({"rope_scaling": dict(scaling)} if scaling else {}))
-    model = transformers.OlmoForCausalLM(config)
+    config_class, model_class = (getattr(transformers, name) for name in GENERATIONS[kind])
+    config = config_class(**cfg, **({"rope_scaling": dict(scaling)} if scaling else {}))
+    model = model_class(config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 1 else p.shape[-1] ** -0.5))
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.3 * noise if name.endswith("norm.weight") else
+                    noise * (0.3 if p.ndim == 1 else p.shape[-1] ** -0.5))
     return model.eval()
 
 
 def save(model, path, style="v5"):
-    """save_pretrained writes transformers 5's config.json (rope_parameters); style "v4" rewrites it the way the
-    files on the hub are (top-level rope_theta, rope_scaling with "type"), with some keys that don't matter."""
+    """save_pretrained writes transformers 5's config.json (rope_parameters, nested per layer type for OLMo 3);
+    style "v4" rewrites it the way the files on the hub are (top-level rope_theta, rope_scaling with "type"), with
+    some keys that don't matter."""
     model.save_pretrained(path)
     if style == "v4":
         with open(os.path.join(path, "config.json")) as f:
             d = json.load(f)
         rope = d.pop("rope_parameters")
-        d["rope_theta"] = rope["rope_theta"]
-        d["rope_scaling"] = {"type": rope["rope_type"], "factor": rope["factor"]} if "factor" in rope else None
+        if "full_attention" in rope:  # OLMo 3: top-level rope_scaling means the full-attention layers
+            # transformers gives 4.x's sliding layers its default base (5e5): only that base is expressible
+            assert rope["sliding_attention"] == {"rope_type": "default", "rope_theta": 5e5}, "not expressible in 4.x"
+            rope = rope["full_attention"]
+        d["rope_theta"] = rope.pop("rope_theta")
+        kind = rope.pop("rope_type")
+        d["rope_scaling"] = {"type": kind, **rope} if kind != "default" else None
         d.update(torch_dtype="float32", pretraining_tp=1, transformers_version="4.40.0")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(d, f)
     return path
+
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, hidden_act="silu", max_position_embeddings=64, tie_word_embeddings=False,
+             attention_bias=False, clip_qkv=None, rope_theta=10000.0, rope_scaling=None, pad_token_id=1,
+             bos_token_id=None, eos_token_id=None)
 
 
 def ids_for(cfg, batch, length, seed):
@@ -126,8 +165,13 @@ def assert_close(actual, expected, atol=ATOL, rtol=RTOL):
 
 
 def dynamic_past_max(cfg, length):
-    """Whether a sequence this long runs dynamic RoPE past the trained length (where it changes frequencies)."""
-    return (cfg["rope_scaling"] or {}).get("rope_type") == "dynamic" and length > cfg["max_position_embeddings"]
+    """Whether a sequence this long runs dynamic RoPE past the trained length (where it changes frequencies) in a
+    layer that has it: OLMo 3 scales only its full-attention layers (by default every 4th)."""
+    layers = range(cfg["num_hidden_layers"])
+    full = cfg.get("model_type") != "olmo3" or "full_attention" in (
+        cfg.get("layer_types") or ["full_attention" if i % 4 == 3 else "sliding_attention" for i in layers])
+    return full and (cfg["rope_scaling"] or {}).get("rope_type") == "dynamic" and \
+        length > cfg["max_position_embeddings"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,13 +181,17 @@ def dynamic_past_max(cfg, length):
 @settings(max_examples=40)
 @given(cfg=configs(), length=st.integers(1, 24), style=st.sampled_from(["v4", "v5"]), seed=st.integers(0, 99))
 def test_logits_and_loss_equal_transformers(cfg, length, style, seed):
+    # transformers gives the sliding layers of a 4.x-style OLMo 3 config its default base, whatever rope_theta says
+    assume(style == "v5" or cfg["model_type"] != "olmo3" or cfg["rope_theta"] == 5e5)
     ref = reference_model(cfg, seed)
     ids = ids_for(cfg, 2, length, seed)
     labels = ids.clone()
     labels[0, : length // 2] = -100  # ignored positions count in neither the sum nor the mean
     with tempfile.TemporaryDirectory() as d:
         model = olmo.OlmoForCausalLM.from_pretrained(save(ref, d, style))
-    assert model.config.rope_scaling == (cfg["rope_scaling"] and {**cfg["rope_scaling"]})
+    assert model.config.model_type == cfg["model_type"]
+    if "full_attention" in model.config.rope_parameters:  # OLMo 3 may have sliding layers only
+        assert model.config.rope_parameters["full_attention"].items() >= (cfg["rope_scaling"] or {}).items()
     with torch.no_grad():
         expected = ref(ids, labels=labels)
         logits, loss = model(ids, labels=labels)
@@ -219,7 +267,7 @@ def test_left_padded_rows_equal_prompts_alone(cfg, lengths, seed):
     # With dynamic RoPE past the trained length the frequencies depend on the longest row in the batch (as in
     # transformers), so a short row alone would legitimately differ.
     assume(not dynamic_past_max(cfg, max(lengths) + 6))
-    model = olmo.OlmoForCausalLM(olmo.OlmoConfig(**cfg)).eval()
+    model = olmo.OlmoForCausalLM(olmo.OlmoConfig.from_dict(cfg)).eval()
     rows = [ids_for(cfg, 1, n, seed + i)[0] for i, n in enumerate(lengths)]
     ids, mask = left_pad(rows)
     with torch.no_grad():
@@ -303,62 +351,236 @@ def test_sample_greedy_top_k_top_p():
 
 def test_sampling_with_a_seed_is_reproducible():
     model = olmo.OlmoForCausalLM(olmo.OlmoConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                                 num_hidden_layers=1, num_attention_heads=2))
+                                                 num_hidden_layers=1, num_attention_heads=2, eos_token_id=None))
     ids = torch.tensor([[3, 4, 5]])
     a = model.generate(ids, 8, temperature=0.9, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1))
     b = model.generate(ids, 8, temperature=0.9, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.shape == (1, 11)
 
 
+def test_token_ids_outside_the_vocabulary_are_refused():
+    model = olmo.OlmoForCausalLM(olmo.OlmoConfig.from_dict(SMALL)).eval()
+    for bad in (-1, SMALL["vocab_size"]):
+        ids = torch.tensor([[3, bad, 5]])
+        with pytest.raises(ValueError, match=f"token id {bad} "):
+            model(ids)
+        with pytest.raises(ValueError, match=f"token id {bad} "):
+            model.generate(ids, 2)
+
+
+def test_top_k_zero_is_off_and_tiny_temperatures_are_greedy():
+    logits = torch.tensor([[1.0, 3.0, 2.9, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(olmo.sample(logits, 5.0, top_k=0, generator=g)) for _ in range(400)}
+    assert draws == {0, 1, 2, 3, 4}  # top_k=0 keeps every token, as in transformers (at T=5 each has p > 0.08)
+    for t in (1e-3, 1e-40, 1e-320, 5e-324):  # 1/t overflows float32 (and float64 for the last two)
+        assert [int(olmo.sample(logits, t, top_k=k, top_p=p, generator=g)) for k in (None, 2) for p in (None, 0.5)
+                ] == [1] * 4
+
+
+def tiny_olmo3():
+    """An OLMo 3 with short windows, one full-attention layer in three and YaRN: every path of the cache at once."""
+    return dict(model_type="olmo3", vocab_size=60, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=16,
+                tie_word_embeddings=False, attention_bias=False, clip_qkv=None, rope_theta=500000.0,
+                rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+                pad_token_id=1, bos_token_id=None, eos_token_id=None, rms_norm_eps=1e-6, sliding_window=3,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+
+
+def test_the_cache_grows_with_the_tokens_produced(tmp_path):
+    """A budget is a limit, not an allocation: the cache starts at 256 slots whatever max_new_tokens says, and
+    doubles as tokens are produced, with transformers' greedy tokens past the doubling and the windows."""
+    cfg = tiny_olmo3()
+    ref = reference_model(cfg, 5)
+    model = olmo.OlmoForCausalLM.from_pretrained(save(ref, tmp_path))
+    ids = ids_for(cfg, 1, 6, 0)
+    first = model.generate(ids, 4)
+    tokens = model.generate(ids, 10 ** 9, eos_token_id=int(first[0, -1]))
+    assert len(model.slots) == 256 and torch.equal(tokens[:, :10], first)
+    ids = ids_for(cfg, 1, 250, 0)
+    out = model.generate(ids, 10)  # past 256: the cache doubles mid-generation
+    assert len(model.slots) == 512
+    # against transformers' full forward along the same tokens (its generate with OLMo 3's sliding-window cache
+    # drifts from its own forward on prompts this long, in transformers 5.23)
+    with torch.no_grad():
+        assert torch.equal(out[0, 250:], ref(out[:, :-1]).logits[0, 249:].argmax(-1))
+
+
+@pytest.mark.parametrize("cfg", [tiny_olmo3(), {**SMALL, "max_position_embeddings": 12,
+                                                "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}])
+def test_a_shared_prefix_is_reused_exactly(cfg, tmp_path, monkeypatch):
+    """A one-row generate after another prefills only what differs from the cached tokens (a chat's new turn), and
+    gives exactly what a fresh model gives; dynamic RoPE past the trained length reuses nothing (its frequencies
+    depend on the call's length)."""
+    ref = reference_model(cfg, 2)
+    path = save(ref, tmp_path)
+    model, fresh = olmo.OlmoForCausalLM.from_pretrained(path), olmo.OlmoForCausalLM.from_pretrained(path)
+    starts = []
+    prefill = model.prefill
+    monkeypatch.setattr(model, "prefill", lambda ids, mask, start=0: starts.append(start) or prefill(ids, mask, start))
+    turn = model.generate(ids_for(cfg, 1, 5, 0), 4)
+    for more in (3, 1):  # the conversation so far, the reply included, plus a new message
+        ids = torch.cat([turn, ids_for(cfg, 1, more, more)], 1)
+        turn = model.generate(ids, 4)
+        assert torch.equal(turn, fresh.generate(ids, 4))
+    dynamic_past = dynamic_past_max(cfg, turn.shape[1] - 4)
+    assert starts == [0, 8, 0 if dynamic_past else 15]  # 5 + 4 - 1, 12 + 4 - 1: the last sampled token isn't cached
+    different = turn.clone()
+    different[0, 2] = (different[0, 2] + 1) % cfg["vocab_size"]  # an edit early in the history
+    assert torch.equal(model.generate(different, 3), fresh.generate(different, 3))
+    assert starts[-1] == (0 if dynamic_past_max(cfg, different.shape[1]) else 2)
+
+
+def test_bfloat16_on_the_cpu_gives_transformers_bf16_tokens(tmp_path):
+    for cfg in (SMALL, {**SMALL, "model_type": "olmo2", "rms_norm_eps": 1e-6}):
+        ref = reference_model(cfg, 4).to(torch.bfloat16)
+        model = olmo.OlmoForCausalLM.from_pretrained(save(ref, tmp_path / cfg.get("model_type", "olmo")))
+        assert model.lm_head.weight.dtype == torch.bfloat16  # the checkpoint's own dtype by default
+        ids, mask = left_pad([ids_for(cfg, 1, n, n)[0] for n in (7, 4)])
+        expected = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=1)
+        assert torch.equal(model.generate(ids, 8, attention_mask=mask), expected)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
 
-def test_config_defaults_are_transformers_defaults():
-    ours, theirs = olmo.OlmoConfig(), transformers.OlmoConfig()
+@pytest.mark.parametrize("kind", GENERATIONS)
+def test_config_defaults_are_transformers_defaults(kind):
+    ours, theirs = olmo.OlmoConfig(model_type=kind), getattr(transformers, GENERATIONS[kind][0])()
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "use_cache",
                  "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_bias",
-                 "attention_dropout", "clip_qkv"):
-        assert getattr(ours, name) == getattr(theirs, name), name
-    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_scaling is None
+                 "attention_dropout", "clip_qkv", "rms_norm_eps", "sliding_window", "layer_types"):
+        if hasattr(theirs, name):
+            assert getattr(ours, name) == getattr(theirs, name), name
+    rope = theirs.rope_parameters.get("full_attention", theirs.rope_parameters)
+    assert ours.rope_parameters["full_attention"] == {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+
+
+VALID = dict(model_type="olmo", hidden_size=32, num_attention_heads=4, architectures=["OlmoForCausalLM"],
+             torch_dtype="bfloat16", transformers_version="4.40.0", pretraining_tp=1)
 
 
 @pytest.mark.parametrize("change, field", [
     ({"model_type": "hf_olmo"}, "model_type"),
     ({"hidden_size": 30}, "hidden_size"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
-    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling type"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_type"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 1.0}}, "factor"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 0.5}}, "factor"),
-    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}}, "rope_scaling type"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "factor"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta_fast": 4}}, "beta_fast"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "truncate": "false"}}, "truncate"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8.0}}, "original"),
+    ({"rope_scaling": "linear"}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}}, "rope_type"),
+    ({"rope_parameters": [1]}, "rope_parameters"),
     ({"hidden_act": "tanh"}, "hidden_act"),
+    ({"hidden_act": 1}, "hidden_act"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),
+    ({"attention_bias": 0}, "attention_bias"),
+    ({"hidden_size": "32"}, "hidden_size"),
+    ({"hidden_size": 32.0}, "hidden_size"),
+    ({"num_hidden_layers": True}, "num_hidden_layers"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ({"vocab_size": None}, "vocab_size"),
+    ({"max_position_embeddings": -1}, "max_position_embeddings"),
+    ({"rope_theta": 0}, "rope_theta"),
+    ({"rope_theta": -1.0}, "rope_theta"),
+    ({"rope_theta": float("nan")}, "rope_theta"),
+    ({"clip_qkv": 0}, "clip_qkv"),
+    ({"clip_qkv": float("inf")}, "clip_qkv"),
+    ({"eos_token_id": 50304}, "eos_token_id"),
+    ({"eos_token_id": [1, "2"]}, "eos_token_id"),
+    ({"pad_token_id": -1}, "pad_token_id"),
+    ({"model_type": "olmo2", "clip_qkv": 8.0}, "clip_qkv"),
+    ({"model_type": "olmo2", "rms_norm_eps": "1e-6"}, "rms_norm_eps"),
+    ({"model_type": "olmo3", "num_hidden_layers": 2, "layer_types": ["full_attention"]}, "layer_types"),
+    ({"model_type": "olmo3", "num_hidden_layers": 1, "layer_types": ["global"]}, "layer_types"),
+    ({"model_type": "olmo3", "sliding_window": 0}, "sliding_window"),
+    ({"model_type": "olmo3", "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 5.0},
+                                                 "sliding_attention": {"rope_type": "linear", "factor": 0.5}}},
+     "sliding_attention"),
+    ({"hidden_size": 36, "num_attention_heads": 4}, "head size 9"),
+    ({"torch_dtype": "int8"}, "dtype"),
 ])
-def test_bad_configs_are_rejected_naming_the_field(change, field):
-    d = dict(model_type="olmo", hidden_size=32, num_attention_heads=4, architectures=["OlmoForCausalLM"],
-             torch_dtype="bfloat16", transformers_version="4.40.0", pretraining_tp=1)
-    d.update(change)
+def test_bad_configs_are_rejected_naming_the_field(change, field, tmp_path):
+    d = {**VALID, **change}
     with pytest.raises(ValueError, match=field):
         olmo.OlmoConfig.from_dict(d)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "config.json"))):  # errors name the file
+        olmo.OlmoConfig.from_json(tmp_path / "config.json")
 
 
 def test_config_styles_and_ignored_keys():
     v4 = olmo.OlmoConfig.from_dict({"model_type": "olmo", "rope_theta": 500.0, "dtype": "float32",
                                     "rope_scaling": {"type": "dynamic", "factor": 2}, "architectures": ["x"]})
-    v5 = olmo.OlmoConfig.from_dict({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0}})
-    assert v4 == v5 and v4.rope_theta == 500.0 and v4.rope_scaling == {"rope_type": "dynamic", "factor": 2.0}
+    v5 = olmo.OlmoConfig.from_dict({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0},
+                                    "dtype": "float32"})
+    assert v4 == v5 and v4.rope_parameters == {"full_attention": {"rope_type": "dynamic", "rope_theta": 500.0,
+                                                                   "factor": 2.0}}
     plain = olmo.OlmoConfig.from_dict({"rope_parameters": {"rope_type": "default", "rope_theta": 7.0}})
-    assert plain.rope_scaling is None and plain.rope_theta == 7.0 and plain.num_key_value_heads == 32
+    assert plain.rope_parameters == {"full_attention": {"rope_type": "default", "rope_theta": 7.0}}
+    assert plain.num_key_value_heads == 32
+    # OLMo 3: 4.x's top-level rope_scaling and 5.x's nested rope_parameters mean the same (full layers only)
+    yarn = {"factor": 8.0, "original_max_position_embeddings": 8192, "attention_factor": 1.2, "beta_fast": 32,
+            "beta_slow": 1}
+    v4 = olmo.OlmoConfig.from_dict({"model_type": "olmo3", "num_hidden_layers": 8, "rope_theta": 5e5,
+                                    "rope_scaling": {"rope_type": "yarn", **yarn}})
+    v5 = olmo.OlmoConfig.from_dict({"model_type": "olmo3", "num_hidden_layers": 8, "rope_parameters": {
+        "full_attention": {"rope_type": "yarn", "rope_theta": 5e5, **yarn},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}})
+    assert v4 == v5 and v4.rope_parameters["sliding_attention"] == {"rope_type": "default", "rope_theta": 5e5}
+    assert v4.sliding_window == 4096 and v4.layer_types == ["sliding_attention"] * 3 + [
+        "full_attention"] + ["sliding_attention"] * 3 + ["full_attention"]
+
+
+MUTATIONS = [lambda v: str(v), lambda v: float(v) if type(v) is int else int(v) if type(v) is float and
+             v.is_integer() else v, lambda v: not v if type(v) is bool else True, lambda v: None, lambda v: [v],
+             lambda v: {"value": v}, lambda v: float("nan"), lambda v: float("inf"), lambda v: -1, lambda v: 0,
+             lambda v: 10 ** 30, lambda v: "false"]
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_mutated_config_json_loads_the_same_model_or_names_the_file(data, tmp_path_factory):
+    """Whatever one key of a valid config.json is turned into (a type swap, a non-finite or out-of-range number,
+    null, nesting, or removal), loading either raises ValueError naming config.json or the offending tensor, or
+    gives a model with transformers' logits for the same file (where transformers refuses the file, the unmutated
+    model's): never another exception, never a different model."""
+    cfg = data.draw(configs())
+    d = tmp_path_factory.mktemp("mutated")
+    unmutated = reference_model(cfg)
+    save(unmutated, d, "v5" if cfg["model_type"] == "olmo3" else data.draw(st.sampled_from(["v4", "v5"])))
+    with open(d / "config.json") as f:
+        config = json.load(f)
+    key = data.draw(st.sampled_from(sorted(config)))
+    if data.draw(st.booleans()):
+        del config[key]
+    else:
+        config[key] = data.draw(st.sampled_from(MUTATIONS))(config[key])
+    with open(d / "config.json", "w") as f:
+        json.dump(config, f)
+    try:
+        model = olmo.OlmoForCausalLM.from_pretrained(d)
+    except ValueError as e:
+        assert "config.json" in str(e) or "tensor" in str(e), str(e)
+        return
+    ids = ids_for(cfg, 1, 12, 0)
+    try:
+        ref = getattr(transformers, GENERATIONS[model.config.model_type][1]).from_pretrained(d).eval()
+    except Exception:  # stricter than us (an int where it wants a float): then nothing may have changed
+        ref = unmutated
+    with torch.no_grad():
+        assert_close(model(ids), ref(ids).logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 
-
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, hidden_act="silu", max_position_embeddings=64, tie_word_embeddings=False,
-             attention_bias=False, clip_qkv=None, rope_theta=10000.0, rope_scaling=None, pad_token_id=1,
-             bos_token_id=None, eos_token_id=None)
 
 
 @pytest.fixture(scope="module")
@@ -404,9 +626,11 @@ def test_bin_files_are_never_unpickled_as_code(small_checkpoint, tmp_path):
     path, _ = small_checkpoint
     (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
     torch.save({"model.embed_tokens.weight": torch.zeros(2), "payload": Exploit()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="pytorch_model.bin"):
+    with pytest.raises(ValueError, match="pytorch_model.bin") as error:
         olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))
     assert not os.path.exists(tmp_path / "pwned")
+    # one line, and not torch's advice to retry with weights_only=False
+    assert "\n" not in str(error.value) and "weights_only" not in str(error.value)
 
 
 class Exploit:
@@ -433,6 +657,8 @@ WRONG_TENSORS = [  # (edit for rewrite_weights, the error it must give): for olm
     (lambda sd: {**sd, "model.layers.0.self_attn.k_proj.weight": torch.zeros(32, 32)},
      r"model.layers.0.self_attn.k_proj.weight has shape \(32, 32\), expected \(16, 32\)"),
     (lambda sd: {k: v for k, v in sd.items() if k != "lm_head.weight"}, "missing tensor lm_head.weight"),
+    (lambda sd: {**sd, "model.layers.0.mlp.up_proj.weight": sd["model.layers.0.mlp.up_proj.weight"].to(torch.int32)},
+     "model.layers.0.mlp.up_proj.weight has dtype"),  # integers are never weights: refused, not cast
 ]
 
 
@@ -453,19 +679,47 @@ def test_tied_checkpoint_with_a_stored_head_loads(tmp_path):
     assert_close(olmo.OlmoForCausalLM.from_pretrained(edited)(ids), expected_logits(ref, ids))
 
 
-def test_hub_ids_are_fetched_with_huggingface_hub(small_checkpoint, monkeypatch):
-    """A hub id goes to huggingface_hub.snapshot_download (stubbed: no network here), whose directory then loads;
-    without huggingface_hub the error says how to get the checkpoint."""
+@pytest.mark.parametrize("listing, weights", [
+    (["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json"], "*.safetensors"),
+    (["config.json", "pytorch_model.bin", "tokenizer.json"], "*.bin")])
+def test_hub_ids_fetch_one_weight_format_at_a_revision(small_checkpoint, monkeypatch, listing, weights):
+    """A hub id goes to huggingface_hub (stubbed: no network here): the repo's files are listed first and only one
+    weight format is fetched -- safetensors when there are any, as transformers prefers -- at the asked revision
+    (OLMo's intermediate checkpoints are revisions); without huggingface_hub the error says how to get it."""
     import huggingface_hub
     path, ref = small_checkpoint
     asked = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(repo) or path)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None: listing)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append((repo, kw)) or path)
     ids = ids_for(SMALL, 1, 5, 0)
-    assert_close(olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")(ids), expected_logits(ref, ids))
-    assert asked == ["allenai/OLMo-1B-hf"]
+    model = olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf", revision="step1000-tokens4B")
+    assert_close(model(ids), expected_logits(ref, ids))
+    (repo, kw), = asked
+    assert repo == "allenai/OLMo-1B-hf" and kw["revision"] == "step1000-tokens4B"
+    assert weights in kw["allow_patterns"] and {"*.safetensors", "*.bin"} - {weights} - set(kw["allow_patterns"])
+
+    class RevisionNotFoundError(Exception):
+        pass
+
+    def unknown(repo, revision=None):
+        raise RevisionNotFoundError("404 Client Error\n(many lines)")
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", unknown)
+    with pytest.raises(ValueError, match="revision 'step0'.*RevisionNotFoundError") as error:
+        olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf", revision="step0")
+    assert "\n" not in str(error.value)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
     with pytest.raises(ValueError, match="pip install huggingface_hub"):
         olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")
+
+
+def test_sharded_index_must_name_files(small_checkpoint, tmp_path):
+    path, ref = small_checkpoint
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = tmp_path / "model.safetensors.index.json"
+    for weight_map in ({"lm_head.weight": 3}, {"lm_head.weight": "../model.safetensors"}, ["x"]):
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(ValueError, match="model.safetensors.index.json"):
+            olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))
 
 
 def test_missing_and_non_checkpoint_paths(tmp_path):
@@ -1999,7 +2253,7 @@ def test_bench_tied_checkpoint_loads_in_both(tmp_path, monkeypatch):
 
 def test_compiled_decode_gives_the_eager_tokens():
     """torch.compile of the one-token step (fullgraph, static cache) must not change a single greedy token."""
-    model = olmo.OlmoForCausalLM(olmo.OlmoConfig(**SMALL)).eval()
+    model = olmo.OlmoForCausalLM(olmo.OlmoConfig.from_dict(SMALL)).eval()
     model.load_state_dict(reference_model(SMALL).state_dict())  # weights large enough that tokens differ
     ids, mask = left_pad([torch.tensor([3, 14, 15, 9, 26]), torch.tensor([35, 8, 9])])
     eager = [model.generate(ids, 12), model.generate(ids, 12, attention_mask=mask)]
@@ -2040,22 +2294,35 @@ def test_memory_mapped_load_equals_copying_load(small_checkpoint):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+SHAPES_7B = {  # the released 7B shapes, by generation (OLMo-7B, OLMo-2-1124-7B, Olmo-3-7B)
+    "olmo": dict(),
+    "olmo2": dict(vocab_size=100352, rms_norm_eps=1e-6, rope_theta=500000.0, pad_token_id=100277,
+                  eos_token_id=100257),
+    "olmo3": dict(vocab_size=100278, rms_norm_eps=1e-6, pad_token_id=100277, eos_token_id=100257,
+                  max_position_embeddings=65536, rope_scaling={"rope_type": "yarn", "factor": 8.0,
+                                                               "original_max_position_embeddings": 8192}),
+}
+
+
 @cuda
-def test_7b_shape_bf16_on_gpu_equals_transformers(tmp_path):
-    """The OLMo-7B shape (4 of its 32 layers, to stay quick) with random weights of std 1/sqrt(fan_in), so logits
-    have std ~1, loaded by both in bf16. bf16 keeps 8 mantissa bits (steps of 0.4%), and the two implementations
-    round at different points (e.g. different attention kernels), so over 4 layers logits agree to a few 1e-2,
-    not 1e-5: tolerance 0.1 absolute plus 2% relative, still far below the O(1) change of a real bug."""
+@pytest.mark.parametrize("kind", SHAPES_7B)
+def test_7b_shape_bf16_on_gpu_equals_transformers(tmp_path, kind):
+    """Each generation's 7B shape (4 of its 32 layers, to stay quick: for OLMo 3 three sliding, one full) with
+    random weights of std 1/sqrt(fan_in), so logits have std ~1, and norm weights 1 +- 0.3, loaded by both in bf16.
+    bf16 keeps 8 mantissa bits (steps of 0.4%), and the two implementations round at different points (e.g.
+    different attention kernels), so over 4 layers logits agree to a few 1e-2, not 1e-5: tolerance 0.1 absolute
+    plus 2% relative, still far below the O(1) change of a real bug."""
+    config_class, model_class = (getattr(transformers, name) for name in GENERATIONS[kind])
     with torch.device("cuda"):
-        ref = transformers.OlmoForCausalLM(transformers.OlmoConfig(num_hidden_layers=4))
+        ref = model_class(config_class(num_hidden_layers=4, **SHAPES_7B[kind]))
     with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, p.shape[-1] ** -0.5)
+        for name, p in ref.named_parameters():
+            p.normal_(1, 0.3) if name.endswith("norm.weight") else p.normal_(0, p.shape[-1] ** -0.5)
     ref.save_pretrained(tmp_path)
     del ref
     # both load the saved fp32 weights as bf16 (casting a built model with .to() would also round transformers'
     # RoPE frequencies to bf16, which a loaded model doesn't)
-    ref = transformers.OlmoForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).to("cuda").eval()
+    ref = model_class.from_pretrained(tmp_path, dtype=torch.bfloat16).to("cuda").eval()
     model = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path), device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 50280, (2, 64), device="cuda")
     with torch.no_grad():
@@ -2063,13 +2330,14 @@ def test_7b_shape_bf16_on_gpu_equals_transformers(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("OLMO_7B_PATH") or not torch.cuda.is_available(),
-                    reason="set OLMO_7B_PATH to a downloaded allenai/OLMo-7B-hf and run on a GPU")
+                    reason="set OLMO_7B_PATH to a downloaded OLMo checkpoint of any generation (allenai/OLMo-7B-hf, "
+                           "OLMo-2-1124-7B, Olmo-3-7B, ...) and run on a GPU")
 def test_real_olmo_7b_equals_transformers():
     path = os.environ["OLMO_7B_PATH"]
-    ref = transformers.OlmoForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
     model = olmo.OlmoForCausalLM.from_pretrained(path, device="cuda", dtype=torch.bfloat16)
     ids = torch.tensor([[1, 510, 3158, 8516, 30013, 27287, 689, 253, 22658, 4370, 15]], device="cuda")
     with torch.no_grad():
         assert_close(model(ids).float(), ref(ids).logits.float(), atol=0.05, rtol=0.01)
     expected = ref.generate(ids, max_new_tokens=20, do_sample=False)
-    assert torch.equal(model.generate(ids, 20, eos_token_id=50279), expected)
+    assert torch.equal(model.generate(ids, 20, eos_token_id=model.config.eos_token_id), expected)
