@@ -1663,11 +1663,11 @@ def test_convert_absent_settings_are_refused_by_their_trainer_default(tmp_path, 
     ("rope_theta", float("nan"), "rope_theta must be a positive number, got NaN"),
     ("rope_theta", "10000", 'rope_theta must be a positive number, got "10000"'),
     ("clip_qkv", 0, "clip_qkv must be a positive number or null, got 0"),
-    ("eos_token_id", 128, r"eos_token_id must be null or in \[0, 128\), got 128"),  # olmo.py's check
+    ("eos_token_id", 128, r"eos_token_id must be .*128\).*got 128"),  # olmo.py's check
     ("pad_token_id", -1, "pad_token_id must be an integer >= 0, got -1"),
-    ("n_heads", 5, "d_model 32 is not divisible by n_heads 5"),  # olmo.py's check, in the trainer's names
+    ("n_heads", 5, "d_model 32 .*n_heads 5"),  # olmo.py's check, in the trainer's names
     ("n_layers", 10**9, "n_layers 1000000000, but the checkpoint holds only 10 tensors"),
-    ("d_model", 2**62, "the sizes are too large for a tensor"),
+    ("d_model", 2**62, r"d_model must be .*got 4611686018427387904"),  # olmo.py's check
 ])
 def test_convert_config_yaml_with_wrong_types_names_the_key(tmp_path, setting, value, message):
     cfg = trainer_config()
@@ -2081,11 +2081,11 @@ def test_convert_transformers_features_survive_a_rewrite(tmp_path, rope_type, v4
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda raw, s: raw.update(rope_parameters={"rope_type": "llama3", "factor": 2.0}), "rope_scaling type 'llama3'"),
+    (lambda raw, s: raw.update(rope_parameters={"rope_type": "llama3", "factor": 2.0}), "rope_type .*got 'llama3'"),
     (lambda raw, s: raw.update(hidden_act="tanh"), "hidden_act must be one of .*, got 'tanh'"),
     (lambda raw, s: raw.update(num_key_value_heads=3), "num_key_value_heads 3"),
-    (lambda raw, s: raw.update(hidden_size=-32), "hidden_size must be >= 1"),
-    (lambda raw, s: raw.update(tie_word_embeddings="false"), "tie_word_embeddings must be bool, got 'false'"),
+    (lambda raw, s: raw.update(hidden_size=-32), "hidden_size must be .*got -32"),
+    (lambda raw, s: raw.update(tie_word_embeddings="false"), "tie_word_embeddings must be .*got 'false'"),
     (lambda raw, s: s.pop("model.layers.1.self_attn.k_proj.bias"), "model.layers.1.self_attn.k_proj.bias"),
     (lambda raw, s: raw.update(attention_bias=False), "model.layers.0.self_attn.k_proj.bias"),
     (lambda raw, s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(16)}),
