@@ -115,6 +115,9 @@ def read_checkpoint(src: Path):
         raise ConversionError(f"{src}: no such directory")
     if not src.is_dir():
         raise ConversionError(f"{src}: expected a checkpoint directory, got a file")
+    if (src / "model_and_optim").is_dir():  # olmo-core (OLMo 3's trainer) writes distributed checkpoints
+        raise ConversionError(f"{src} is an olmo-core checkpoint; convert it with olmo-core's own "
+                              "src/examples/huggingface/convert_checkpoint_to_hf.py")
     if (src / "config.json").is_file():
         raw = read_json(src / "config.json")
         if "d_model" in raw:  # hf_olmo wrote the trainer's fields (its model_type was "olmo" in early versions)

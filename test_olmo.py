@@ -2173,7 +2173,10 @@ def test_convert_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     src = write_trainer(tmp_path / "src", cfg, trainer_state(cfg))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
+    (tmp_path / "olmo-core" / "model_and_optim").mkdir(parents=True)  # what olmo-core writes, with a config.json
+    (tmp_path / "olmo-core" / "config.json").write_text('{"run_name": "x", "model": {}, "dataset": {}}')
     cases = {
+        (tmp_path / "olmo-core", tmp_path / "o0"): "olmo-core checkpoint; convert it with olmo-core's own",
         (tmp_path / "missing", tmp_path / "o1"): "no such directory",
         (tmp_path / "notes", tmp_path / "o2"): "not an OLMo checkpoint",
         (src, tmp_path / "o3"): "alibi",
@@ -2188,7 +2191,7 @@ def test_convert_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2, (args, lines)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "olmo-core", "src"]
     assert (tmp_path / "notes" / "a.txt").read_text() == "x"
 
     # The same through a real process, once (each one spends seconds importing torch).
