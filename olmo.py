@@ -80,7 +80,8 @@ class OlmoConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
             require(1 <= getattr(self, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
-        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size", "divisible by num_attention_heads")
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                f"divisible by num_attention_heads {self.num_attention_heads}")
         require(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
                 f"divisible by num_key_value_heads {self.num_key_value_heads}")
         require(self.head_dim % 2 == 0, "hidden_size", f"num_attention_heads times an even head size (RoPE "
@@ -503,9 +504,9 @@ def positions_from_mask(attention_mask):
 
 def check_ids(input_ids, vocab_size):
     """Token ids outside the vocabulary would index past the embedding (or, in NumPy, wrap around): refuse them."""
-    if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
-        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
-        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+    if len(bad):
+        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
 
 
 class OlmoForCausalLM(nn.Module):
