@@ -472,8 +472,7 @@ class OlmoModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        # _weight: start uninitialised (OlmoForCausalLM._init_weights or the checkpoint fills it); nn.Embedding's
-        # own normal_ init would cost seconds on the meta device, where from_pretrained builds the model.
+        # _weight: left uninitialised (the checkpoint or _init_weights fills it); nn.Embedding's own init is slow
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
