@@ -769,6 +769,52 @@ def test_sharded_index_must_name_files(small_checkpoint, tmp_path):
             olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))
 
 
+HEADER_MUTATIONS = {
+    "dtype": ["F64", "I32", "F16", "BF16", ["F32"], {"F32": 1}, 4, None],
+    "shape": [[2.0, 16], [-1, 32], ["16", 32], [10 ** 20, 32], [[16, 32]], [16, 32, 1], {}, "16,32", None],
+    "data_offsets": [[0.0, 4], [-4, 0], ["0", "4"], [0, 10 ** 20], [0], [[0, 4]], None, "0-4"],
+}
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_mutated_safetensors_header_loads_the_same_model_or_names_the_file(data, small_checkpoint, tmp_path_factory):
+    """Both twins read a model.safetensors whose header had one thing mutated (a tensor's dtype, shape or offsets
+    swapped for another type, range or nesting; an entry removed; __metadata__ not an object; the whole header
+    nested thousands deep): each either loads the unmutated model or raises ValueError naming the file or the
+    tensor -- never another exception, never a different model."""
+    path, ref = small_checkpoint
+    with open(os.path.join(path, "model.safetensors"), "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = data.draw(st.sampled_from(sorted(header) + ["(nesting)"]))
+    if name == "(nesting)":
+        text = "[" * 100_000 + "]" * 100_000
+    else:
+        if name == "__metadata__":
+            header[name] = data.draw(st.sampled_from([[1], "pt", 3, None, {"format": 1}]))
+        elif data.draw(st.booleans()):
+            del header[name]
+        else:
+            key = data.draw(st.sampled_from(sorted(HEADER_MUTATIONS)))
+            header[name][key] = data.draw(st.sampled_from(HEADER_MUTATIONS[key]))
+        text = json.dumps(header)
+    d = tmp_path_factory.mktemp("header")
+    shutil.copy(os.path.join(path, "config.json"), d)
+    with open(d / "model.safetensors", "wb") as f:
+        f.write(len(text.encode()).to_bytes(8, "little") + text.encode() + raw[8 + n:])
+    ids = ids_for(SMALL, 1, 6, 0)
+    for load in (lambda: olmo.OlmoForCausalLM.from_pretrained(str(d))(ids),
+                 lambda: torch.from_numpy(olmo_numpy.OlmoForCausalLM.from_pretrained(str(d))(ids.numpy()))):
+        try:
+            logits = load()
+        except ValueError as e:
+            assert "model.safetensors" in str(e) or "tensor" in str(e), str(e)
+            continue
+        assert_close(logits, expected_logits(ref, ids))
+
+
 def test_missing_and_non_checkpoint_paths(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         olmo.OlmoForCausalLM.from_pretrained(str(tmp_path / "nope"))
