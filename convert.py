@@ -1,33 +1,39 @@
-"""Convert an OLMo v1 checkpoint into a transformers OLMo checkpoint (config.json + safetensors).
+"""Convert an OLMo or OLMo 2 trainer checkpoint into a transformers checkpoint (config.json + safetensors).
 
     python convert.py SRC DST [--dtype float32|float16|bfloat16] [--shard-size 5GB]
 
 SRC is a directory in one of three layouts, recognized by its files:
 
-1. an OLMo trainer checkpoint: `config.yaml` (the model settings under `model:`) and `model.pt` or
-   `model.safetensors` with the trainer's fused names (`transformer.blocks.N.att_proj.weight`, ...);
+1. a checkpoint of AllenAI's OLMo trainer (ai2-olmo), which wrote OLMo 1 and OLMo 2: `config.yaml` (the model
+   settings under `model:`; `layer_norm_type: rms` means OLMo 2) and `model.pt` or `model.safetensors` with the
+   trainer's fused names (`transformer.blocks.N.att_proj.weight`, ...);
 2. the pre-transformers `hf_olmo` layout: `config.json` with the trainer's field names (`d_model`, ...) and
    the same fused weights under `model.transformer.*`;
-3. a transformers OLMo checkpoint (`config.json` with model_type "olmo"), which is only rewritten: as
-   safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only reader can load a .bin),
-   its config and every tensor kept as they are (only the config's dtype changes).
+3. a transformers checkpoint (`config.json` with model_type "olmo", "olmo2" or "olmo3"), which is only
+   rewritten: as safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only reader can load
+   a .bin), its config and every tensor kept as they are (only the config's dtype changes).
 
 DST gets `config.json`, `model.safetensors` (or shards and `model.safetensors.index.json`) and whatever
-tokenizer files and `generation_config.json` SRC has. Settings transformers' OLMo cannot express (norm
-weights, MLP biases, ALiBi, ...) are refused, never converted into a different model. The model's tensors
-and config checks come from olmo.py (this repo's copy of transformers' OLMo). Tensors are streamed one
-at a time, so a 7B model converts in far less memory than two copies of it, and DST appears only when
-complete: everything is written into a directory beside it, renamed at the end, and removed on failure.
+tokenizer files and `generation_config.json` SRC has. Settings neither transformers' OLMo nor OLMo 2 can
+express (MLP biases, ALiBi, LayerNorm weights, ...) are refused, never converted into a different model. The
+model's tensors and config checks come from olmo.py (this repo's copy of transformers' OLMo models). (OLMo 3
+was trained with olmo-core, whose distributed checkpoints its own converter turns into layout 3.) Tensors are
+streamed one at a time, so a 7B model converts in far less memory than two copies of it, and DST appears only
+when complete: everything is written into a directory beside it, renamed at the end, and removed on failure
+or when the process is asked to stop (SIGINT, SIGTERM, SIGHUP).
 """
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
+import math
 import os
 import pickle
 import re
 import shutil
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -49,14 +55,24 @@ EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
                "generation_config.json")
 
 
-class ConversionError(Exception):
+class ConversionError(ValueError):
     """Bad input: reported as one line, never as a traceback."""
+
+
+class Stopped(BaseException):
+    """SIGINT, SIGTERM or SIGHUP arrived (see main). A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way out swallows it before the staging directory is removed."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def convert(src, dst, dtype=None, shard_size="5GB"):
     """Convert the checkpoint directory `src` into a transformers OLMo checkpoint directory `dst`.
 
-    dtype: "float32", "float16" or "bfloat16"; None keeps the source's (that of its embedding).
+    dtype: "float32", "float16" or "bfloat16"; None keeps the source's (that of its embedding; float64 becomes
+    float32).
     shard_size: the largest shard, in bytes or as "5GB", "500MB", "2GiB", ...
     """
     src, dst = Path(src), Path(dst)
@@ -64,9 +80,13 @@ def convert(src, dst, dtype=None, shard_size="5GB"):
     max_shard_bytes = parse_size(shard_size)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ConversionError(f"{dst} exists and is not an empty directory; choose a new or empty one")
+    not_dirs = [p for p in dst.absolute().parents if p.exists() and not p.is_dir()]
+    if not_dirs:
+        raise ConversionError(f"{dst}: can't be created, since {not_dirs[0]} is a file, not a directory")
 
     layout, config, tensors = read_checkpoint(src)
-    out_dtype = out_dtype or tensors[0].dtype
+    # float64 is no model's dtype (and the NumPy twin refuses it): such sources become float32.
+    out_dtype = out_dtype or (torch.float32 if tensors[0].dtype == torch.float64 else tensors[0].dtype)
     log(f"converting {src} ({layout} layout, {len(tensors)} tensors) to {str(out_dtype).removeprefix('torch.')}")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +99,7 @@ def convert(src, dst, dtype=None, shard_size="5GB"):
             if (src / name).is_file():
                 shutil.copyfile(src / name, staging / name)
         os.replace(staging, dst)  # atomic; on POSIX it also replaces an empty directory
-    except BaseException:  # KeyboardInterrupt too: never leave a half-written result behind
+    except BaseException:  # Stopped and KeyboardInterrupt too: never leave a half-written result behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log(f"wrote {dst}")
@@ -95,37 +115,50 @@ def read_checkpoint(src: Path):
         raise ConversionError(f"{src}: no such directory")
     if not src.is_dir():
         raise ConversionError(f"{src}: expected a checkpoint directory, got a file")
+    if (src / "model_and_optim").is_dir():  # olmo-core (OLMo 3's trainer) writes distributed checkpoints
+        raise ConversionError(f"{src} is an olmo-core checkpoint; convert it with olmo-core's own "
+                              "src/examples/huggingface/convert_checkpoint_to_hf.py")
     if (src / "config.json").is_file():
         raw = read_json(src / "config.json")
         if "d_model" in raw:  # hf_olmo wrote the trainer's fields (its model_type was "olmo" in early versions)
             return "hf_olmo", *read_trainer_layout(src / "config.json", raw, HF_WEIGHT_FILES, "model.transformer.")
-        if raw.get("model_type") == "olmo":
+        if raw.get("model_type") in ("olmo", "olmo2", "olmo3"):
             return "transformers", *read_transformers_layout(src, raw)
-        raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not OLMo v1")
+        raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not 'olmo', "
+                              "'olmo2' or 'olmo3'")
     if (src / "config.yaml").is_file():
         model = read_yaml_model(src / "config.yaml")
         # config.yaml holds only the trainer's settings, so one it doesn't know may be a newer feature.
         # (hf_olmo's config.json also holds transformers' own fields: architectures, torch_dtype, ...)
-        unknown = set(model) - set(TRAINER_DEFAULTS) - set(TRAINER_REQUIRED) - TRAINER_IGNORED
+        unknown = set(model) - set(TRAINER_DEFAULTS) - TRAINER_IGNORED
         if unknown:
-            raise ConversionError(f"{src / 'config.yaml'}: unknown model settings {', '.join(sorted(unknown))}")
+            raise ConversionError(f"{src / 'config.yaml'}: unknown model settings "
+                                  f"{', '.join(sorted(map(str, unknown)))}")
         return "OLMo trainer", *read_trainer_layout(src / "config.yaml", model, TRAINER_WEIGHT_FILES, "transformer.")
     raise ConversionError(f"{src}: neither config.json nor config.yaml found; not an OLMo checkpoint")
 
 
 def read_json(path):
     try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError) as e:
+        d = json.loads(path.read_text())
+    except (ValueError, OSError, RecursionError) as e:
         raise ConversionError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return d
 
 
 def read_yaml_model(path):
     import yaml  # only trainer checkpoints need it
 
+    class Loader(yaml.SafeLoader):  # numbers as the trainer reads them (OmegaConf): 1e-5 is a float (YAML 1.2)
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
     try:
-        model = (yaml.safe_load(path.read_text()) or {}).get("model")
-    except (yaml.YAMLError, OSError, AttributeError) as e:
+        model = (yaml.load(path.read_text(), Loader) or {}).get("model")
+    except (yaml.YAMLError, OSError, AttributeError, RecursionError) as e:
         raise ConversionError(f"cannot read {path}: {e}") from None
     if not isinstance(model, dict):
         raise ConversionError(f"{path}: no `model:` section")
@@ -141,117 +174,153 @@ TRAINER_DEFAULTS = {
     "d_model": 768, "n_heads": 12, "n_kv_heads": None, "multi_query_attention": None, "n_layers": 12,
     "mlp_ratio": 4, "mlp_hidden_size": None, "max_sequence_length": 1024, "rope_theta": 10_000,
     "clip_qkv": None, "vocab_size": 50257, "embedding_size": 50304, "weight_tying": True,
-    "eos_token_id": 50256, "pad_token_id": 50256, "block_group_size": 1,
+    "eos_token_id": 50256, "pad_token_id": 50256, "block_group_size": 1, "layer_norm_type": "default",
+    "layer_norm_eps": 1e-5, "rope": False, "alibi": False, "activation_type": "swiglu", "block_type": "sequential",
+    "include_bias": True, "layer_norm_with_affine": True, "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True, "embedding_layer_norm": False, "norm_after": False,
+    "scale_logits": False,
 }
-# Settings transformers' OLMo fixes: (value it needs, trainer default, what it has instead).
-TRAINER_REQUIRED = {
-    "rope": (True, False, "rotary position embeddings"),
-    "alibi": (False, False, "no ALiBi"),
-    "activation_type": ("swiglu", "swiglu", "a SwiGLU MLP"),
-    "block_type": ("sequential", "sequential", "the sequential block (fused att_proj and ff_proj)"),
-    "include_bias": (False, True, "no biases"),
-    "layer_norm_with_affine": (False, True, "norms without weights or biases"),
-    "layer_norm_eps": (1e-5, 1e-5, "norms with eps 1e-5"),
-    "attention_layer_norm": (False, False, "no q/k norms"),
-    "embedding_layer_norm": (False, False, "no embedding norm"),
-    "norm_after": (False, False, "norms before attention and MLP, not after"),
-    "scale_logits": (False, False, "unscaled logits"),
+# The values each setting may take, read strictly (a bool is not an int, "64" is not a number, 64.0 is not a
+# size): (Python types, the bound a number must exceed, what to say).
+SIZE, SIZE_OR_NULL = ((int,), 0, "a positive integer"), ((int, type(None)), 0, "a positive integer or null")
+POSITIVE = ((int, float), 0, "a positive number")
+TRAINER_TYPES = {
+    "d_model": SIZE, "n_heads": SIZE, "n_layers": SIZE, "mlp_ratio": SIZE, "max_sequence_length": SIZE,
+    "vocab_size": SIZE, "block_group_size": SIZE, "n_kv_heads": SIZE_OR_NULL, "mlp_hidden_size": SIZE_OR_NULL,
+    "embedding_size": SIZE_OR_NULL, "rope_theta": POSITIVE, "layer_norm_eps": POSITIVE,
+    "clip_qkv": ((int, float, type(None)), 0, "a positive number or null"),
+    "multi_query_attention": ((bool, type(None)), None, "true, false or null"),
+    "weight_tying": ((bool,), None, "true or false"),
+    "eos_token_id": ((int,), -1, "an integer >= 0"), "pad_token_id": ((int,), -1, "an integer >= 0"),
 }
-# "low_precision" is the same LayerNorm, only run at autocast precision while training; "rms" is not.
-TRAINER_LAYER_NORMS = ("default", "low_precision")
-# Settings that only matter for training, or for features refused above.
+# Settings transformers' models fix: setting -> (the value needed, what the model has instead). Both
+# generations share these ...
+REQUIRED = {
+    "rope": (True, "rotary position embeddings"), "alibi": (False, "no ALiBi"),
+    "activation_type": ("swiglu", "a SwiGLU MLP"),
+    "block_type": ("sequential", "the sequential block (fused att_proj and ff_proj)"),
+    "include_bias": (False, "no biases"), "embedding_layer_norm": (False, "no embedding norm"),
+    "scale_logits": (False, "unscaled logits"),
+}
+# ... and differ in OLMo 2's three coupled changes: RMSNorm with weights, also on the whole q and k
+# projections, after each sublayer instead of before. layer_norm_type says which generation a file means.
+GENERATIONS = {  # layer_norm_type -> (model_type, the model's name, its other requirements)
+    "default": ("olmo", "transformers' OLMo", {
+        "layer_norm_with_affine": (False, "norms without weights or biases"),
+        "layer_norm_eps": (1e-5, "norms with eps 1e-5"), "attention_layer_norm": (False, "no q/k norms"),
+        "norm_after": (False, "norms before attention and MLP, not after")}),
+    "rms": ("olmo2", "transformers' OLMo 2 (layer_norm_type: rms)", {
+        "layer_norm_with_affine": (True, "norms with weights"),
+        "attention_layer_norm": (True, "norms on q and k"),
+        "attention_layer_norm_with_affine": (True, "q/k norms with weights"),
+        "norm_after": (True, "norms after attention and MLP, not before"),
+        "clip_qkv": (None, "no q/k/v clipping")}),
+}
+# "low_precision" is the same LayerNorm, only run at autocast precision while training.
+GENERATIONS["low_precision"] = GENERATIONS["default"]
+# Settings that only matter for training, or for features refused above. (bias_for_layer_norm only adds norm
+# biases, tensors the weight check refuses by name.)
 TRAINER_IGNORED = {
-    "layer_norm_type", "flash_attention", "attention_dropout", "residual_dropout", "embedding_dropout",
-    "init_device", "init_fn", "init_std", "init_cutoff_factor", "precision", "scale_emb_init", "emb_init_std",
-    "rope_full_precision", "alibi_bias_max", "attention_layer_norm_with_affine", "bias_for_layer_norm",
+    "flash_attention", "attention_dropout", "residual_dropout", "embedding_dropout", "init_device", "init_fn",
+    "init_std", "init_cutoff_factor", "precision", "scale_emb_init", "emb_init_std", "rope_full_precision",
+    "alibi_bias_max", "bias_for_layer_norm",
 }
+# transformers' names for the trainer's, to report olmo.py's config errors in the trainer's terms.
+TRAINER_NAMES = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
+                 "num_hidden_layers": "n_layers", "max_position_embeddings": "max_sequence_length"}
 
 
 def read_trainer_layout(config_path, raw, weight_names, prefix):
     """Layouts 1 and 2: the trainer's settings and its fused tensors, `prefix` before every name."""
     config = trainer_to_transformers_config(raw, config_path)
-    shapes = model_shapes(config, config_path)
     weights = Weights(weight_files(config_path.parent, weight_names))
-    group_size = raw.get("block_group_size", TRAINER_DEFAULTS["block_group_size"])
-    return config, trainer_tensors(weights, shapes, prefix, config["num_hidden_layers"], group_size)
+    shapes = model_shapes(config, config_path, weights, TRAINER_NAMES)
+    return config, trainer_tensors(weights, shapes, prefix, config["num_hidden_layers"],
+                                   raw.get("block_group_size", 1), config_path)
+
+
+def show(value):
+    return json.dumps(value, default=str)
 
 
 def trainer_to_transformers_config(raw, where):
-    def get(key):
-        return raw.get(key, TRAINER_DEFAULTS[key])
+    norm = raw.get("layer_norm_type", "default")
+    if not isinstance(norm, str) or norm not in GENERATIONS:
+        raise ConversionError(f"{where} sets layer_norm_type: {show(norm)}; transformers' OLMo has a LayerNorm "
+                              f"(\"default\") and OLMo 2 an RMSNorm (\"rms\")")
+    model_type, model, required = GENERATIONS[norm]
+    for key, (needed, instead) in {**REQUIRED, **required}.items():
+        value = raw.get(key, TRAINER_DEFAULTS[key])
+        if type(value) is not type(needed) or value != needed:
+            what = f"sets {key}: {show(value)}" if key in raw else \
+                f"leaves {key} unset, so the trainer's default {show(value)} applies"
+            raise ConversionError(f"{where} {what}; {model} has {instead} ({key}: {show(needed)})")
+    get = {}
+    for key, (types, bound, kind) in TRAINER_TYPES.items():
+        value = get[key] = raw.get(key, TRAINER_DEFAULTS[key])
+        if type(value) not in types or None is not bound and None is not value and not bound < value < math.inf:
+            raise ConversionError(f"{where}: {key} must be {kind}, got {show(value)}")
 
-    for key, (needed, default, instead) in TRAINER_REQUIRED.items():
-        value = raw.get(key, default)
-        if key == "layer_norm_eps" and isinstance(value, str):
-            value = float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
-        if value != needed:
-            what = f"sets {key}: {json.dumps(value)}" if key in raw else \
-                f"leaves {key} unset, so the trainer's default {json.dumps(default)} applies"
-            raise ConversionError(f"{where} {what}; transformers' OLMo has {instead} ({key}: {json.dumps(needed)})")
-    if raw.get("layer_norm_type", "default") not in TRAINER_LAYER_NORMS:
-        raise ConversionError(f"{where} sets layer_norm_type: {json.dumps(raw['layer_norm_type'])}; "
-                              f"transformers' OLMo has a plain LayerNorm (layer_norm_type: \"default\")")
-
-    n_heads, n_kv_heads, mqa = get("n_heads"), get("n_kv_heads"), get("multi_query_attention")
+    n_heads, n_kv_heads, mqa = get["n_heads"], get["n_kv_heads"], get["multi_query_attention"]
     if mqa is not None and n_kv_heads is not None and n_kv_heads != (1 if mqa else n_heads):
         raise ConversionError(f"{where} sets both multi_query_attention and n_kv_heads, and they disagree")
     if n_kv_heads is None:
         n_kv_heads = 1 if mqa else n_heads
     # ff_proj holds both halves of the SwiGLU input, so the trainer's MLP size is twice transformers'.
-    fused_mlp = get("mlp_hidden_size") or get("mlp_ratio") * get("d_model")
+    fused_mlp = get["mlp_hidden_size"] or get["mlp_ratio"] * get["d_model"]
     if fused_mlp % 2:
         raise ConversionError(f"{where}: the MLP size {fused_mlp} is odd, so it can't be split for SwiGLU")
-    vocab = get("embedding_size") or get("vocab_size")
-    if vocab < get("vocab_size"):
-        raise ConversionError(f"{where}: embedding_size {vocab} is smaller than vocab_size {get('vocab_size')}")
-    try:  # YAML 1.1 reads "5e5" (no dot) as a string
-        theta, clip = float(get("rope_theta")), None if get("clip_qkv") is None else float(get("clip_qkv"))
-    except (TypeError, ValueError):
-        raise ConversionError(f"{where}: rope_theta and clip_qkv must be numbers") from None
-    return {
-        "architectures": ["OlmoForCausalLM"], "model_type": "olmo", "vocab_size": vocab,
-        "hidden_size": get("d_model"), "intermediate_size": fused_mlp // 2, "num_hidden_layers": get("n_layers"),
-        "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "hidden_act": "silu",
-        "max_position_embeddings": get("max_sequence_length"), "rope_theta": theta, "rope_scaling": None,
-        "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": clip,
-        "tie_word_embeddings": get("weight_tying"), "pad_token_id": get("pad_token_id"), "bos_token_id": None,
-        "eos_token_id": get("eos_token_id"),
+    vocab = get["embedding_size"] or get["vocab_size"]
+    if vocab < get["vocab_size"]:
+        raise ConversionError(f"{where}: embedding_size {vocab} is smaller than vocab_size {get['vocab_size']}")
+    config = {
+        "architectures": ["Olmo2ForCausalLM" if model_type == "olmo2" else "OlmoForCausalLM"],
+        "model_type": model_type, "vocab_size": vocab, "hidden_size": get["d_model"],
+        "intermediate_size": fused_mlp // 2, "num_hidden_layers": get["n_layers"], "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads, "hidden_act": "silu", "max_position_embeddings": get["max_sequence_length"],
+        "rope_theta": float(get["rope_theta"]), "rope_scaling": None, "attention_bias": False,
+        "attention_dropout": 0.0, "tie_word_embeddings": get["weight_tying"], "pad_token_id": get["pad_token_id"],
+        "bos_token_id": None, "eos_token_id": get["eos_token_id"],
     }
+    if model_type == "olmo2":
+        config["rms_norm_eps"] = float(get["layer_norm_eps"])
+    else:
+        config["clip_qkv"] = None if get["clip_qkv"] is None else float(get["clip_qkv"])
+    return config
 
 
 def read_transformers_layout(src, raw):
     """Layout 3: already transformers' names and config, both kept as they are."""
-    expected = model_shapes(raw, src / "config.json")
     weights = Weights(weight_files(src, HF_WEIGHT_FILES))
+    expected = model_shapes(raw, src / "config.json", weights)
     # A tied model may still carry a copy of the embedding as lm_head; transformers ignores it, and so do we.
-    weights.check(expected, ignore={"lm_head.weight"} - expected.keys())
+    weights.check(expected, src / "config.json", ignore={"lm_head.weight"} - expected.keys())
     return raw, [weights.take(name, name) for name in expected]
 
 
-SIZES = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-         "num_key_value_heads", "max_position_embeddings"]
-
-
-def model_shapes(config, where):
+def model_shapes(config, where, weights, names=None):
     """Check a transformers config.json with olmo.py and return the tensors a checkpoint of it holds (name ->
-    shape, in transformers' order), read off olmo's model built on the meta device, which costs nothing."""
-    for key in SIZES:  # olmo.py trusts these; absent ones take its defaults
-        value = config.get(key, 1)
-        if not (type(value) is int and value > 0 or key == "num_key_value_heads" and value is None):
-            raise ConversionError(f"{where}: {key} must be a positive integer, got {value!r}")
+    shape, in transformers' order), read off olmo's model of one layer built on the meta device, which costs
+    nothing. `names` translates olmo.py's field names in error messages (for trainer configs)."""
+    n_layers = config.get("num_hidden_layers")
+    if type(n_layers) is int and n_layers > len(weights.tensors):  # every layer has tensors of its own
+        raise ConversionError(f"{where}: {(names or {}).get('num_hidden_layers', 'num_hidden_layers')} "
+                              f"{n_layers}, but the checkpoint holds only {len(weights.tensors)} tensors")
     try:
-        cfg = olmo.OlmoConfig.from_dict(config)
+        cfg = olmo.OlmoConfig.from_dict(config, where)
     except ValueError as e:
-        raise ConversionError(f"{where}: {e}") from None
-    if cfg.head_dim % 2:
-        raise ConversionError(f"{where}: head size {cfg.head_dim} is odd; RoPE rotates pairs of dimensions")
-    number = (int, float)
-    if not isinstance(cfg.rope_theta, number) or cfg.clip_qkv is not None and not (
-            isinstance(cfg.clip_qkv, number) and cfg.clip_qkv > 0):
-        raise ConversionError(f"{where}: rope_theta must be a number and clip_qkv null or a positive number")
+        message = str(e)
+        for name, trainer_name in (names or {}).items():
+            message = re.sub(rf"\b{name}\b", trainer_name, message)
+        raise ConversionError(message) from None
     with torch.device("meta"):
-        model = olmo.OlmoForCausalLM(cfg)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        model = olmo.OlmoForCausalLM(dataclasses.replace(cfg, num_hidden_layers=1, layer_types=None))
+    # One layer's tensors, repeated for every layer; the rest (the final norm, the head) after them.
+    one = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    layer = {n.removeprefix("model.layers.0."): s for n, s in one.items() if n.startswith("model.layers.0.")}
+    shapes = {"model.embed_tokens.weight": one["model.embed_tokens.weight"]}
+    shapes |= {f"model.layers.{i}.{n}": s for i in range(cfg.num_hidden_layers) for n, s in layer.items()}
+    shapes |= {n: s for n, s in one.items() if not n.startswith(("model.layers.", "model.embed_tokens."))}
     if cfg.tie_word_embeddings:  # transformers writes a tied head once, as the embedding
         del shapes["lm_head.weight"]
     return shapes
@@ -319,22 +388,24 @@ class Weights:
         else:
             dtype = ST_DTYPES.get(t.get_dtype())
         if dtype not in ST_DTYPES.values():
-            raise ConversionError(f"tensor {name} has dtype {dtype}, not a floating-point type")
+            raise ConversionError(f"tensor {name} has dtype {t.dtype if isinstance(t, torch.Tensor) else t.get_dtype()}"
+                                  ", not a floating-point type; only floating-point tensors are weights")
         return dtype
 
-    def check(self, expected, ignore=frozenset()):
-        """Fail before writing anything unless the tensors are exactly `expected` (name -> shape)."""
+    def check(self, expected, where, ignore=frozenset()):
+        """Fail before writing anything unless the tensors are exactly `expected` (name -> shape), which the
+        config file `where` implies."""
         missing = [n for n in expected if n not in self.tensors]
         unexpected = sorted(set(self.tensors) - set(expected) - set(ignore))
         if missing:
-            raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) its config implies: "
+            raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) that {where} implies: "
                                   f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
         if unexpected:
-            raise ConversionError(f"the checkpoint has {len(unexpected)} tensor(s) its config does not "
+            raise ConversionError(f"the checkpoint has {len(unexpected)} tensor(s) that {where} does not "
                                   f"explain: {', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}")
         for name, shape in expected.items():
             if self.shape(name) != shape:
-                raise ConversionError(f"tensor {name} has shape {self.shape(name)}, but the config implies {shape}")
+                raise ConversionError(f"tensor {name} has shape {self.shape(name)}, but {where} implies {shape}")
 
     def take(self, out_name, name, start=None, stop=None):
         """Output tensor `out_name`: rows start:stop of source tensor `name` (all rows by default)."""
@@ -361,7 +432,7 @@ def decode_trainer_key(key):
     return ".".join(names)
 
 
-def trainer_tensors(weights, shapes, prefix, n_layers, group_size):
+def trainer_tensors(weights, shapes, prefix, n_layers, group_size, where):
     """The trainer's fused tensors, split into transformers' `shapes`; no q/k permutation is needed since both
     apply RoPE in the rotate-half layout (first half of each head against the second)."""
     # Each trainer tensor -> the transformers tensors stacked in its rows, in order.
@@ -377,10 +448,19 @@ def trainer_tensors(weights, shapes, prefix, n_layers, group_size):
             # The trainer's SwiGLU does `x, gate = ff_proj(h).chunk(2)`; silu(gate) * x: up first, gate second.
             block + "ff_proj.weight": [mlp + "up_proj.weight", mlp + "gate_proj.weight"],
             block + "ff_out.weight": [mlp + "down_proj.weight"]})
+        # OLMo 2's norm weights. With norm_after, the trainer's attn_norm and ff_norm normalise the sublayers'
+        # outputs (not their inputs), which is what transformers calls post_*_layernorm.
+        for trainer, ours in [("q_norm", attn + "q_norm"), ("k_norm", attn + "k_norm"),
+                              ("attn_norm", f"model.layers.{i}.post_attention_layernorm"),
+                              ("ff_norm", f"model.layers.{i}.post_feedforward_layernorm")]:
+            if ours + ".weight" in shapes:
+                stacked[block + trainer + ".weight"] = [ours + ".weight"]
+    if "model.norm.weight" in shapes:
+        stacked[prefix + "ln_f.weight"] = ["model.norm.weight"]
     if "lm_head.weight" in shapes:  # untied
         stacked[prefix + "ff_out.weight"] = ["lm_head.weight"]
     weights.check({name: (sum(shapes[p][0] for p in parts), *shapes[parts[0]][1:])
-                   for name, parts in stacked.items()})
+                   for name, parts in stacked.items()}, where)
     tensors = {}
     for name, parts in stacked.items():
         row = 0
@@ -477,7 +557,19 @@ def parse_size(size):
 
 
 def log(message):
-    print(message, file=sys.stderr, flush=True)
+    sys.stderr.write(message + "\n")  # one write: a signal can't fall between a line and its newline
+    sys.stderr.flush()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop(signum, frame):
+    """Turn a request to stop into an exception, so that convert() removes its staging directory on the way out.
+    Later signals are ignored: a second Ctrl-C must not cut that cleanup short."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def main(argv=None):
@@ -487,6 +579,9 @@ def main(argv=None):
     parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: keep the source's)")
     parser.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
     args = parser.parse_args(argv)
+    # Handlers only while converting (main may run inside another program); an ignored signal stays ignored
+    # (under nohup, SIGHUP).
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         convert(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size)
     except ConversionError as e:
@@ -495,9 +590,12 @@ def main(argv=None):
     except OSError as e:  # e.g. a full disk: the environment, not the input
         log(f"error: {e}")
         sys.exit(1)
-    except KeyboardInterrupt:
-        log("error: interrupted; nothing was written")
-        sys.exit(130)
+    except Stopped as e:  # the shell's convention for "ended by signal N": 128 + N (SIGINT 130, SIGTERM 143)
+        log(f"error: stopped by {signal.Signals(e.signum).name}; nothing was written")
+        sys.exit(128 + e.signum)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

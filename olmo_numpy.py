@@ -20,7 +20,6 @@ import math
 import mmap
 import os
 import sys
-import time
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -70,23 +69,19 @@ class OlmoConfig:
             if not ok:
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
 
-        if self.model_type not in ("olmo", "olmo2", "olmo3"):
-            raise ValueError(f"model_type is {self.model_type!r}, not 'olmo', 'olmo2' or 'olmo3' (for 'hf_olmo' "
-                             "or trainer checkpoints run convert.py first)")
+        require(self.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
+                "'hf_olmo' or trainer checkpoints run convert.py first)")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
             require(1 <= getattr(self, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                             f"{self.num_attention_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
-                             f"num_key_value_heads {self.num_key_value_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head size {self.head_dim} (hidden_size / num_attention_heads) is odd; RoPE rotates "
-                             "pairs of dimensions")
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                f"divisible by num_attention_heads {self.num_attention_heads}")
+        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
+                f"divisible by num_key_value_heads {self.num_key_value_heads}")
+        require(self.head_dim % 2 == 0, "hidden_size", f"num_attention_heads times an even head size (RoPE "
+                f"rotates pairs), not head size {self.head_dim}")
         require(self.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             ids = getattr(self, name)
@@ -144,7 +139,8 @@ class OlmoConfig:
             known = {f.name: f.type for f in fields(cls)}
             for key, value in d.items():
                 if key in known and not fits(value, known[key]):
-                    raise ValueError(f"{key} must be {type_name(known[key])}, got {value!r}")
+                    kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
+                    raise ValueError(f"{key} must be {kind}, got {value!r}")
             return cls(**{k: v for k, v in d.items() if k in known})
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
@@ -172,51 +168,39 @@ def fits(value, annotation):
     return type(value) is annotation  # int, bool, str, dict, NoneType
 
 
-def type_name(annotation):
-    return str(annotation).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
+def positive(v):
+    return type(v) in (int, float) and 0 < v < math.inf
 
 
-# RoPE settings: what each type takes (with transformers' defaults for YaRN); anything else is refused.
-YARN = {"original_max_position_embeddings": None, "attention_factor": None, "beta_fast": 32.0, "beta_slow": 1.0,
-        "mscale": None, "mscale_all_dim": None, "truncate": True}
+# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
+# refused. YaRN's defaults are transformers'.
+FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
+ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
+    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
+    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
+    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
 
 
 def check_rope(rope, default_theta, max_position_embeddings, kind):
     """One layer type's RoPE settings ("type" or "rope_type", "rope_theta", "factor", YaRN's keys) -> the same
     with "rope_type", "rope_theta" and every default filled in."""
-    def fail(key, what):
-        raise ValueError(f"rope_parameters[{kind!r}] {key} must be {what}, got {rope.get(key)!r}")
-
+    where = f"rope_parameters[{kind!r}]"
     if not isinstance(rope, dict):
-        raise ValueError(f"rope_parameters[{kind!r}] must be an object, got {rope!r}")
-    out = {"rope_type": rope.get("rope_type", rope.get("type", "default")), "rope_theta": rope.get("rope_theta")}
-    if out["rope_type"] not in ("default", "linear", "dynamic", "yarn"):
-        fail("rope_type", "'default', 'linear', 'dynamic' or 'yarn'")
-    if out["rope_theta"] is None:
-        out["rope_theta"] = default_theta
-    if type(out["rope_theta"]) not in (int, float) or not 0 < out["rope_theta"] < math.inf:
-        fail("rope_theta", "a finite number > 0")
-    keys = {"rope_type", "type", "rope_theta"}
-    if out["rope_type"] != "default":
-        keys.add("factor")
-        out["factor"] = rope.get("factor")
-        if type(out["factor"]) not in (int, float) or not 1 < out["factor"] < math.inf:
-            fail("factor", "a number > 1")
-    for key, default in (YARN.items() if out["rope_type"] == "yarn" else ()):
-        keys.add(key)
-        value = rope.get(key)
-        if key == "truncate" and not (value is None or type(value) is bool):
-            fail(key, "a boolean")
-        if key == "original_max_position_embeddings" and not (value is None or type(value) is int and value >= 1):
-            fail(key, "an integer >= 1")
-        if key not in ("truncate", "original_max_position_embeddings") and not (
-                value is None or type(value) in (int, float) and 0 < value < math.inf):
-            fail(key, "a number > 0")
-        out[key] = default if value is None else value
-    if out["rope_type"] == "yarn" and out["original_max_position_embeddings"] is None:
+        raise ValueError(f"{where} must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{where} rope_type must be one of {', '.join(ROPE_TYPES)}, got {rope_type!r}")
+    takes = {"rope_theta": (default_theta, positive, "a finite number > 0"), **ROPE_TYPES[rope_type]}
+    for key in rope.keys() - takes.keys() - {"rope_type", "type"}:
+        raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
+    out = {"rope_type": rope_type}
+    for key, (default, ok, what) in takes.items():
+        value = out[key] = default if rope.get(key) is None else rope[key]
+        if not ok(value) if value is not None else key == "factor":
+            raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
+    if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
         out["original_max_position_embeddings"] = max_position_embeddings
-    for key in rope.keys() - keys:
-        raise ValueError(f"rope_parameters[{kind!r}] has {key!r}, which rope_type {out['rope_type']!r} doesn't take")
     return out
 
 
@@ -266,8 +250,10 @@ def silu(x):
 
 def erf(x):
     """The error function, which NumPy lacks (math.erf is one Python call per element): Abramowitz & Stegun
-    7.1.26, absolute error below 1.5e-7. Evaluated in float64 so float32 rounding doesn't add to that; in gelu,
-    0.5 * x * (1 + erf) then carries a relative error of at most ~1.5e-7, two float32 ulps."""
+    7.1.26, absolute error below 1.5e-7, evaluated in float64 so that only the final rounding to float32 (half an
+    ulp, <= 3e-8) adds to it. The bound is absolute, and gelu = 0.5 * x * (1 + erf(x / sqrt 2)) turns it into an
+    absolute error of up to |x| / 2 * 1.5e-7, not a relative one: where gelu nears 0 (x < -4, |gelu| < 1e-4) the
+    relative error grows without bound (4% at x = -5), harmless next to the O(1) activations around it."""
     a1, a2, a3, a4, a5, p = 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429, 0.3275911
     z = np.abs(x).astype(np.float64)
     t = 1.0 / (1.0 + p * z)
@@ -515,9 +501,9 @@ def check_ids(input_ids, vocab_size):
     refuse them, and anything that isn't an integer."""
     if not np.issubdtype(input_ids.dtype, np.integer):
         raise ValueError(f"token ids must be integers, got an array of {input_ids.dtype}")
-    if input_ids.size and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
-        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
-        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+    if len(bad):
+        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
 
 
 class OlmoForCausalLM:
@@ -551,12 +537,11 @@ class OlmoForCausalLM:
         of two (at least 256), as olmo.py's, so a large max_new_tokens costs nothing until the tokens are produced.
         Unlike olmo.py, each step attends over the filled slots only (prefill and decode_one_token cut key_valid
         there): NumPy has no compiler that needs a static shape."""
-        shape = None if self.caches is None else self.caches[0][0].shape
-        length = 0 if shape is None or shape[0] != batch_size else shape[2]
+        same = self.caches is not None and self.caches[0][0].shape[0] == batch_size
+        length = self.caches[0][0].shape[2] if same else 0  # a new batch size keeps nothing
         if needed <= length:
             return
-        if not length:  # a new batch size: nothing cached is kept
-            self.cached_ids = []
+        self.cached_ids = self.cached_ids if same else []
         new_length = max(256, 1 << (needed - 1).bit_length())
         shape = (batch_size, self.config.num_key_value_heads, new_length, self.config.head_dim)
         old, self.caches = self.caches, []
@@ -599,11 +584,7 @@ class OlmoForCausalLM:
         Returns (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has produced
         an EOS (rows that finish early are filled with pad_token_id after it, as in transformers).
         temperature=0 is greedy; rng a np.random.Generator for sampling; callback(tokens (B,)) is called with
-        each step's tokens (for streaming).
-        A one-row batch reuses the cached keys and values of the longest prefix it shares with what the cache
-        holds (a chat's history): only the rest is prefilled. The result is the same as starting afresh, since
-        a slot's keys depend only on the tokens up to it -- except for dynamic RoPE past the trained length, whose
-        frequencies depend on the whole call, so there nothing is reused."""
+        each step's tokens (for streaming)."""
         input_ids = np.asarray(input_ids)
         check_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.astype(np.int64)
@@ -611,24 +592,23 @@ class OlmoForCausalLM:
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
         eos = np.array([] if eos_token_id is None else eos_token_id, dtype=np.int64).reshape(-1)  # int or list
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
+        # A one-row batch keeps the cached keys and values of the longest prefix it shares with the last call (a
+        # chat's history) and prefills only the rest: exactly what starting afresh gives, since a slot's keys depend
+        # only on the tokens up to it. Not with dynamic RoPE past the trained length (frequencies per call length).
         dynamic = any(rope["rope_type"] == "dynamic" for rope in self.config.rope_parameters.values())
-        one_row = B == 1 and bool(attention_mask.all())
-
-        def reusable(n):  # dynamic RoPE past the trained length rotates with frequencies that depend on n
-            return one_row and not (dynamic and n > self.config.max_position_embeddings)
-
+        limit = self.config.max_position_embeddings if dynamic else math.inf
+        keep = B == 1 and bool(attention_mask.all())
         self.setup_cache(attention_mask, T + 1)
         start, ids = 0, input_ids[0].tolist()
-        if reusable(T):
-            while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
-                start += 1
+        while keep and T <= limit and start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
+            start += 1
         self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
         next_position = attention_mask.sum(-1, keepdims=True)  # (B, 1): RoPE position of the first new token
         tokens = [input_ids]
         finished = np.zeros(B, dtype=bool)
         if max_new_tokens > 0:
             logits = self.prefill(input_ids, attention_mask, start)
-            self.cached_ids = ids if reusable(T) else []
+            self.cached_ids = ids if keep and T <= limit else []
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, rng)  # (B,)
             token = np.where(finished, pad, token)
@@ -643,7 +623,7 @@ class OlmoForCausalLM:
                 if T + i + 1 > len(self.slots):
                     self.setup_cache(attention_mask, T + i + 1)
                 logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
-                if reusable(T + i + 1) and len(self.cached_ids) == T + i:
+                if keep and T + i + 1 <= limit and len(self.cached_ids) == T + i:
                     self.cached_ids.append(int(token[0]))
         return np.concatenate(tokens, axis=1)
 
@@ -813,102 +793,29 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI
+# CLI: cli.py holds the command line both twins share; this is what it needs from NumPy.
 
 
-def parse_args(argv=None):
-    import argparse
+class Backend:
+    name = "NumPy, float32"
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line and exit status 2, instead of usage + error
-            print(f"error: {message}", file=sys.stderr)
-            raise SystemExit(2)
+    def add_arguments(self, p):
+        p.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, "
+                                                      "tokenizer.json); required")
 
-    p = Parser(description="Generate text with OLMo, in NumPy.")
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else greedy)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
-    p.add_argument("--top-p", type=float, help="sample from the most likely tokens up to this probability mass")
-    p.add_argument("--seed", type=int)
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 0:
-        p.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature is not None and args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        p.error(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    return args
+    def load(self, args):
+        self.rng = np.random.default_rng(args.seed)
+        path = resolve_checkpoint(args.model)
+        return OlmoForCausalLM.from_pretrained(path), path
 
-
-def sampling_settings(args, path, config):
-    """Flags win; then generation_config.json (transformers' semantics: sample only if do_sample); then greedy."""
-    gen = {}
-    if os.path.exists(os.path.join(path, "generation_config.json")):
-        with open(os.path.join(path, "generation_config.json")) as f:
-            gen = json.load(f)
-    sampling = gen.get("do_sample", False)
-    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 1.0) * sampling
-    top_k = args.top_k if args.top_k is not None else gen.get("top_k", 50) if sampling else None
-    top_p = args.top_p if args.top_p is not None else gen.get("top_p") if sampling else None
-    eos = gen.get("eos_token_id", config.eos_token_id)
-    return dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos)
-
-
-def run(args):
-    from tokenizers import Tokenizer
-
-    rng = np.random.default_rng(args.seed)
-    t0 = time.perf_counter()
-    path = resolve_checkpoint(args.model)
-    try:
-        tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    except Exception as e:
-        raise ValueError(f"cannot read {os.path.join(path, 'tokenizer.json')}: {e}") from None
-    model = OlmoForCausalLM.from_pretrained(path)
-    settings = sampling_settings(args, path, model.config)
-    print(f"loaded {args.model} (numpy, float32) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-
-    ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-    if model.config.bos_token_id is not None:
-        ids = [model.config.bos_token_id] + ids
-    if not ids:
-        raise ValueError("the prompt is empty")
-    print(args.prompt, end="", flush=True)
-    new_ids, printed = [], ""
-
-    def stream(token):
-        # Byte-level BPE can split one character (an emoji, CJK) over several tokens; until the rest arrives the
-        # decoded text ends in U+FFFD, so print only once the text is whole.
-        nonlocal printed
-        new_ids.append(int(token[0]))
-        text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and text.startswith(printed):
-            print(text[len(printed):], end="", flush=True)
-            printed = text
-
-    t0 = time.perf_counter()
-    model.generate(np.array([ids]), args.max_new_tokens, rng=rng, callback=stream, **settings)
-    seconds = time.perf_counter() - t0
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    print(text[len(printed):] if text.startswith(printed) else "", flush=True)
-    print(f"{len(new_ids)} tokens in {seconds:.2f}s, {len(new_ids) / seconds:.1f} tokens/s", file=sys.stderr)
+    def generate(self, model, ids, max_new_tokens, callback, **settings):
+        model.generate(np.array([ids]), max_new_tokens, rng=self.rng, callback=lambda t: callback(int(t[0])),
+                       **settings)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:  # a bad path, config or checkpoint: the user's to fix, so no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: keep what was printed, end the line
-        print(flush=True)
-        return 130
-    return 0
+    import cli  # beside this file: the command line olmo.py and olmo_numpy.py share
+    return cli.main(Backend(), argv)
 
 
 if __name__ == "__main__":

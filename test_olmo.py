@@ -2,25 +2,47 @@
 
 Every check compares against transformers' OlmoForCausalLM on the same weights, or against a second computation
 of the same quantity (cached vs uncached, padded vs alone) -- never against numbers copied from our own output.
-Tolerances (fp32 on the CPU): logits agree to 1e-5. The two implementations run the same float32 operations,
-mostly in the same order, so they typically agree bit for bit; 1e-5 on logits of order 1 leaves room for a
-different kernel's summation order (~1e-6) while any real bug (a wrong rotation, a missed clip, a padding leak)
-moves logits by 1e-3 or more. The NumPy twin and the converter have tolerances of their own, justified at the top
-of their sections.
+
+Tolerances come from float32 error analysis, never from the errors one machine happened to show: other CPUs
+(AVX2/AVX-512, AMD/Intel, x86/ARM) sum in other orders and bring other vectorised exp, tanh and erf. U = 2^-24 is
+float32's unit roundoff. A sum of n products rounds to within n U sum|a_i b_i| (worst case), ~sqrt(n) U sum|a_i b_i|
+in practice, as independent rounding errors add like a random walk. The models here are small (hidden, intermediate
+<= 64, head_dim <= 16, <= 24 tokens, 1-2 layers) with reference_model's weights, which keep every activation and
+logit O(1) (|logit| <= ~5). A logit ends ~15 rounding stages per layer (norm, q/k/v, RoPE, scores, softmax,
+weighted sum, o_proj, residual, norm, up/gate, activation, product, down, residual), each ~sqrt(64) U = 8 U, some
+amplified: a RoPE angle of up to 24 rad rounds to 24 U absolute; an absolute error in an attention score is a
+relative one in its weight, and scores carry the errors of q and k; layer norm over as few as 4 numbers divides by
+a spread that can be several times smaller than the numbers. That is ~100 U per layer, ~250 U for 2 layers and the
+head, so:
+- FP32_TOL: one float32 forward against the exact logits (transformers' model in float64, `.double()`, on the same
+  weights) agrees to 512 U = 2^-15 = 3.1e-5, absolute plus as much relative. Measured here over 600 random
+  configs: 30-60 U typically, 260 U at worst (hidden size 4).
+- ATOL, RTOL: two float32 computations of the same logits (olmo.py against transformers, cached against uncached)
+  are each within FP32_TOL of the exact value, so within twice it of each other: 2^-14 = 6.1e-5.
+Either stays far below what a real bug does: over 80 random configs, mixing up rotate-half and interleaved RoPE
+moved the logits by >= 0.07, a padding leak by >= 0.8, a missed clip_qkv by >= 0.2 -- never less than 1e-3, while
+the largest allowance is 6.1e-5 x (1 + 5) = 3.7e-4. The NumPy twin, the converter and bf16 follow the same
+analysis, stated where they are tested.
 """
 
 import base64
+import copy
+import io
 import json
 import math
 import os
 import pickle
 import re
+import resource
+import select
 import shutil
 import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import types
 from dataclasses import asdict
 
 import numpy as np
@@ -36,6 +58,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import bench
+import cli
 import convert
 import olmo
 import olmo_numpy
@@ -49,7 +72,11 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 settings.load_profile("ci")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ATOL = RTOL = 1e-5  # see the module docstring
+U = 2.0 ** -24  # float32's unit roundoff: every +, -, *, / of float32 numbers is exact times (1 + d), |d| <= U
+LIB = 32 * U  # what we grant a float32 library exp, tanh or erf: see test_numpy_erf_and_activations
+FP32_TOL = dict(atol=512 * U, rtol=512 * U)  # one float32 forward against float64: see the module docstring
+ATOL = RTOL = 2 * 512 * U  # two float32 computations against each other: see the module docstring
+BF16_TOL = dict(atol=32 * 2.0 ** -8, rtol=8 * 2.0 ** -8)  # bf16 logits: test_sharded_bin_and_dtype_loading
 ACTIVATIONS = ["silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"]
 
 
@@ -150,6 +177,13 @@ SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_lay
              bos_token_id=None, eos_token_id=None)
 
 
+def float64_model(ref):
+    """transformers' model in float64 on the same weights: the exact logits, up to float32 RoPE cos/sin (transformers
+    computes them in float32 whatever the model's dtype: ~24 U on an angle of 24 rad, shared by every float32
+    implementation that rounds the angle the same way, and far inside FP32_TOL for one that doesn't)."""
+    return copy.deepcopy(ref).double()
+
+
 def ids_for(cfg, batch, length, seed):
     return torch.randint(0, cfg["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -194,11 +228,14 @@ def test_logits_and_loss_equal_transformers(cfg, length, style, seed):
         assert model.config.rope_parameters["full_attention"].items() >= (cfg["rope_scaling"] or {}).items()
     with torch.no_grad():
         expected = ref(ids, labels=labels)
+        exact = float64_model(ref)(ids).logits
         logits, loss = model(ids, labels=labels)
     assert logits.shape == (2, length, cfg["vocab_size"])
-    assert_close(logits, expected.logits)
+    assert_close(logits.double(), exact, **FP32_TOL)
+    assert_close(expected.logits.double(), exact, **FP32_TOL)  # the tolerance's premise, on this CPU
     if (labels[:, 1:] != -100).any():
-        assert_close(loss, expected.loss)
+        # the mean of logsumexp(logits) - logits[label]: each term within twice a logit's allowance (both float32)
+        assert_close(loss, expected.loss, atol=2 * (ATOL + RTOL * exact.abs().max().item()), rtol=0)
     else:  # nothing to predict: both give NaN (0/0)
         assert loss.isnan() and expected.loss.isnan()
 
@@ -217,12 +254,13 @@ def test_cached_generation_equals_transformers_and_full_forward(cfg, lengths, ne
     out = ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=1,
                        output_logits=True, return_dict_in_generate=True)
     tokens = model.generate(ids, new, attention_mask=mask, callback=lambda t: None)
-    assert torch.equal(tokens, out.sequences)
 
     # the per-step logits, through the same prefill / decode_one_token path generate uses
     T = ids.shape[1]
     steps = step_logits(model, ids, mask, tokens[:, T:])
-    assert_close(steps, torch.stack(out.logits, 1))
+    assert_same_greedy(tokens.numpy(), out.sequences.numpy(), steps.numpy(), T)
+    same = (tokens == out.sequences).all(1)  # a row past a near tie (one example here has a 6e-5 gap) may differ
+    assert_close(steps[same], torch.stack(out.logits, 1)[same])
 
     full_mask = torch.cat([mask, torch.ones(len(lengths), new - 1, dtype=mask.dtype)], 1)
     with torch.no_grad():
@@ -268,6 +306,8 @@ def test_left_padded_rows_equal_prompts_alone(cfg, lengths, seed):
     # transformers), so a short row alone would legitimately differ.
     assume(not dynamic_past_max(cfg, max(lengths) + 6))
     model = olmo.OlmoForCausalLM(olmo.OlmoConfig.from_dict(cfg)).eval()
+    # reference_model's weights: with the std-0.02 init, logits are ~0.3 and a padding leak can move them by 2e-3
+    model.load_state_dict(reference_model(cfg, seed).state_dict())
     rows = [ids_for(cfg, 1, n, seed + i)[0] for i, n in enumerate(lengths)]
     ids, mask = left_pad(rows)
     with torch.no_grad():
@@ -276,7 +316,9 @@ def test_left_padded_rows_equal_prompts_alone(cfg, lengths, seed):
         for i, row in enumerate(rows):
             n = len(row)
             assert_close(batch_logits[i, -n:], model(row[None])[0])
-            assert torch.equal(batch_tokens[i, -6:], model.generate(row[None], 6)[0, -6:])
+            alone = model.generate(row[None], 6)
+            steps = step_logits(model, row[None], torch.ones(1, n, dtype=torch.long), alone[:, n:])
+            assert_same_greedy(alone[:, n:].numpy(), batch_tokens[i:i + 1, -6:].numpy(), steps.numpy(), 0)
 
 
 def test_generation_stops_at_eos_like_transformers():
@@ -616,10 +658,15 @@ def test_sharded_bin_and_dtype_loading(small_checkpoint, tmp_path):
     (binary / "pytorch_model.bin.index.json").write_text(json.dumps(
         {"weight_map": {k: f for f, keys in halves.items() for k in keys}}))
     assert_close(olmo.OlmoForCausalLM.from_pretrained(str(binary))(ids), expected_logits(ref, ids))
-    # bf16: every weight in bf16, and the logits near fp32's (bf16 keeps 8 bits of mantissa)
+    # bf16: every weight in bf16, and the logits near fp32's. BF16_TOL: bfloat16 keeps 8 significant bits, unit
+    # roundoff 2^-8 = 3.9e-3; each weight and each stage's output (matmuls sum in float32) rounds once, so each of
+    # the ~30 stages (module docstring) adds ~2^-8 relative to the O(1) activations: ~sqrt(30) 2^-8 = 0.02 in
+    # quadrature, typically, with tails several times that; float32's own error is 1000 times smaller. Allowed:
+    # 32 x 2^-8 = 0.125 absolute plus 8 x 2^-8 = 0.03 relative (over 30 seeds, half of that at most), against the
+    # O(1) change of a weight that isn't loaded.
     model = olmo.OlmoForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert_close(model(ids).float(), expected_logits(ref, ids), atol=0.1, rtol=0.05)
+    assert_close(model(ids).float(), expected_logits(ref, ids), **BF16_TOL)
 
 
 def test_bin_files_are_never_unpickled_as_code(small_checkpoint, tmp_path):
@@ -722,6 +769,52 @@ def test_sharded_index_must_name_files(small_checkpoint, tmp_path):
             olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))
 
 
+HEADER_MUTATIONS = {
+    "dtype": ["F64", "I32", "F16", "BF16", ["F32"], {"F32": 1}, 4, None],
+    "shape": [[2.0, 16], [-1, 32], ["16", 32], [10 ** 20, 32], [[16, 32]], [16, 32, 1], {}, "16,32", None],
+    "data_offsets": [[0.0, 4], [-4, 0], ["0", "4"], [0, 10 ** 20], [0], [[0, 4]], None, "0-4"],
+}
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_mutated_safetensors_header_loads_the_same_model_or_names_the_file(data, small_checkpoint, tmp_path_factory):
+    """Both twins read a model.safetensors whose header had one thing mutated (a tensor's dtype, shape or offsets
+    swapped for another type, range or nesting; an entry removed; __metadata__ not an object; the whole header
+    nested thousands deep): each either loads the unmutated model or raises ValueError naming the file or the
+    tensor -- never another exception, never a different model."""
+    path, ref = small_checkpoint
+    with open(os.path.join(path, "model.safetensors"), "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = data.draw(st.sampled_from(sorted(header) + ["(nesting)"]))
+    if name == "(nesting)":
+        text = "[" * 100_000 + "]" * 100_000
+    else:
+        if name == "__metadata__":
+            header[name] = data.draw(st.sampled_from([[1], "pt", 3, None, {"format": 1}]))
+        elif data.draw(st.booleans()):
+            del header[name]
+        else:
+            key = data.draw(st.sampled_from(sorted(HEADER_MUTATIONS)))
+            header[name][key] = data.draw(st.sampled_from(HEADER_MUTATIONS[key]))
+        text = json.dumps(header)
+    d = tmp_path_factory.mktemp("header")
+    shutil.copy(os.path.join(path, "config.json"), d)
+    with open(d / "model.safetensors", "wb") as f:
+        f.write(len(text.encode()).to_bytes(8, "little") + text.encode() + raw[8 + n:])
+    ids = ids_for(SMALL, 1, 6, 0)
+    for load in (lambda: olmo.OlmoForCausalLM.from_pretrained(str(d))(ids),
+                 lambda: torch.from_numpy(olmo_numpy.OlmoForCausalLM.from_pretrained(str(d))(ids.numpy()))):
+        try:
+            logits = load()
+        except ValueError as e:
+            assert "model.safetensors" in str(e) or "tensor" in str(e), str(e)
+            continue
+        assert_close(logits, expected_logits(ref, ids))
+
+
 def test_missing_and_non_checkpoint_paths(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         olmo.OlmoForCausalLM.from_pretrained(str(tmp_path / "nope"))
@@ -765,49 +858,11 @@ def run_cli(*args, script="olmo.py", code=None, env=None):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=120)
 
 
-def ctrl_c_after_prompt(path, script):
-    """Start a long sampled generation from "Go", read the first two characters printed (the prompt is printed
-    before generation starts), then Ctrl-C: (first, rest of stdout, stderr, exit status)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), "--model", path, "--prompt", "Go",
-                             "--max-new-tokens", "3000", "--temperature", "1", "--seed", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = proc.stdout.read(2)
-    proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=60)
-    return first, rest, err, proc.returncode
-
-
-def greedy_output(path, tok, prompt, new_tokens):
-    """What the CLI prints for a greedy run: the prompt, olmo.py's continuation (to EOS 0) decoded, a newline."""
-    ids = tok.encode(prompt, add_special_tokens=False).ids
-    new = olmo.OlmoForCausalLM.from_pretrained(path).generate(torch.tensor([ids]), new_tokens, eos_token_id=0)
-    return prompt + tok.decode(new[0, len(ids):].tolist(), skip_special_tokens=True) + "\n"
-
-
-def stream_split_characters(module, cli_checkpoint, as_token, monkeypatch):
-    """Run module's (olmo's or olmo_numpy's) CLI with prompt "x" and a generate that feeds the streamer "🙂日本語🙂"
-    one byte per token (as_token([id]) each), so that tokens split multi-byte characters: the chunks it prints."""
-    path, tok = cli_checkpoint
-    ids = tok.encode("🙂日本語🙂", add_special_tokens=False).ids
-    byte_ids = [tok.token_to_id(c) for c in "".join(tok.id_to_token(i) for i in ids)]  # one byte per token
-    assert len(byte_ids) > len(ids) and None not in byte_ids
-
-    def scripted_generate(self, input_ids, max_new_tokens, callback=None, **kw):  # "generates" the byte tokens
-        for t in byte_ids:
-            callback(as_token([t]))
-
-    chunks = []
-    monkeypatch.setattr(module.OlmoForCausalLM, "generate", scripted_generate)
-    monkeypatch.setattr("builtins.print", lambda *a, file=None, end="\n", flush=False:
-                        file is None and chunks.append((a[0] if a else "") + end))
-    module.run(module.parse_args(["--model", path, "--prompt", "x", "--max-new-tokens", "50"]))
-    return chunks
-
-
 def break_checkpoint(path, dest, breakage):
     """A copy of a checkpoint, broken one way: no_path (nothing left at dest), no_config, bad_json, not_olmo
     (model_type llama), no_tokenizer, missing_tensor (model.layers.0.mlp.up_proj.weight), bad_shape (a 3x32
-    embedding) or bad_up_proj (a 3x3 model.layers.0.mlp.up_proj.weight)."""
+    embedding), bad_up_proj (a 3x3 model.layers.0.mlp.up_proj.weight), or a generation_config.json that is
+    bad_generation_json, generation_list (not an object) or generation_top_p (7)."""
     bad = rewrite_weights(path, dest, {
         "missing_tensor": lambda sd: {k: v for k, v in sd.items() if k != "model.layers.0.mlp.up_proj.weight"},
         "bad_shape": lambda sd: {**sd, "model.embed_tokens.weight": torch.zeros(3, 32)},
@@ -825,6 +880,10 @@ def break_checkpoint(path, dest, breakage):
         open(config, "w").write(json.dumps({**d, "model_type": "llama"}))
     if breakage == "no_tokenizer":
         os.remove(os.path.join(bad, "tokenizer.json"))
+    generation = {"bad_generation_json": '{"do_sample": tru', "generation_list": "[1, 2]",
+                  "generation_top_p": '{"do_sample": true, "top_p": 7}'}
+    if breakage in generation:
+        open(os.path.join(bad, "generation_config.json"), "w").write(generation[breakage])
     return bad
 
 
@@ -839,118 +898,506 @@ def main_in_process(main, args, capsys):
     return status, out, err
 
 
-def test_cli_streams_prompt_and_continuation(cli_checkpoint):
-    path, tok = cli_checkpoint
-    prompt = "Language 🙂 models"
-    result = run_cli("--model", path, "--prompt", prompt, "--max-new-tokens", "24")
-    assert result.returncode == 0, result.stderr
-    # the same greedy continuation computed here, decoded by the tokenizer
-    assert result.stdout == greedy_output(path, tok, prompt, 24)
-    assert "tokens/s" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_cli_streaming_never_splits_a_character(cli_checkpoint, monkeypatch):
-    """Feed the streamer tokens that split multi-byte characters: every chunk it prints must be whole text."""
-    chunks = stream_split_characters(olmo, cli_checkpoint, torch.tensor, monkeypatch)
-    assert "".join(chunks) == "x🙂日本語🙂\n"
-    assert all("\ufffd" not in c for c in chunks) and len(chunks) > 3
-
-
-def test_cli_generation_config_and_bos(cli_checkpoint, tmp_path, monkeypatch, capsys):
-    """generation_config.json sets the sampling defaults (transformers' semantics: sampling only with do_sample)
-    and EOS; flags override it; BOS is prepended only when config.json has a bos_token_id."""
-    path, tok = cli_checkpoint
-    seen = {}
-
-    def recording_generate(self, input_ids, max_new_tokens, callback=None, **settings):
-        seen.update(settings, ids=input_ids[0].tolist())
-
-    monkeypatch.setattr(olmo.OlmoForCausalLM, "generate", recording_generate)
-    prompt_ids = tok.encode("hi", add_special_tokens=False).ids
-    assert olmo.main(["--model", path, "--prompt", "hi"]) == 0
-    assert seen == dict(temperature=0.0, top_k=None, top_p=None, eos_token_id=0, ids=prompt_ids)
-
-    sampled = rewrite_weights(path, str(tmp_path / "sampled"), lambda sd: sd)
-    with open(os.path.join(sampled, "generation_config.json"), "w") as f:
-        json.dump({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [0, 7]}, f)
-    assert olmo.main(["--model", sampled, "--prompt", "hi"]) == 0
-    assert seen == dict(temperature=0.6, top_k=50, top_p=0.9, eos_token_id=[0, 7], ids=prompt_ids)
-    assert olmo.main(["--model", sampled, "--prompt", "hi", "--temperature", "0", "--top-k", "5"]) == 0
-    assert seen["temperature"] == 0 and seen["top_k"] == 5
-
-    with open(os.path.join(sampled, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(sampled, "config.json"), "w") as f:
-        json.dump({**config, "bos_token_id": 1}, f)
-    assert olmo.main(["--model", sampled, "--prompt", "hi"]) == 0
-    assert seen["ids"] == [1] + prompt_ids
-    capsys.readouterr()
-
-
 def test_import_olmo_needs_only_torch():
     code = ("import sys, olmo; extra = {'transformers', 'tokenizers', 'safetensors', 'huggingface_hub'}"
             " & set(sys.modules); assert not extra, extra")
     assert run_cli(code=code).returncode == 0
 
 
+SCRIPTS = ["olmo.py", "olmo_numpy.py"]  # the two CLIs: cli.py behind a torch and a NumPy backend
+MODULES = {"olmo.py": olmo, "olmo_numpy.py": olmo_numpy}
+ON_CPU = {"olmo.py": ["--device", "cpu"], "olmo_numpy.py": []}  # float32 on the CPU, as greedy_output computes
+
+
+@pytest.fixture(scope="module")
+def endless_checkpoint(cli_checkpoint, tmp_path_factory):
+    """cli_checkpoint with no EOS id anywhere: greedy generation runs until the budget (or a signal) ends it."""
+    path = shutil.copytree(cli_checkpoint[0], tmp_path_factory.mktemp("endless") / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": None}))
+    (path / "generation_config.json").unlink(missing_ok=True)
+    return str(path)
+
+
+def greedy_output(module, path, tok, prompt, new_tokens):
+    """What the CLI prints for a greedy run: the prompt, then module's (olmo's or olmo_numpy's) own greedy
+    continuation to EOS 0 decoded by the tokenizer, then a newline."""
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    array = torch.tensor if module is olmo else np.array
+    new = module.OlmoForCausalLM.from_pretrained(path).generate(array([ids]), new_tokens, eos_token_id=0)
+    return prompt + tok.decode([int(t) for t in new[0, len(ids):]], skip_special_tokens=True) + "\n"
+
+
+def error_line(status, err):
+    """The one `error: ...` line of a failed run (and that there is nothing else: no traceback, exit status 2)."""
+    assert status == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if not line.startswith("loaded ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_streams_prompt_and_continuation(cli_checkpoint, script):
+    """A real run: stdout is the prompt and the greedy continuation, exactly as the twin's generate + the tokenizer
+    give it; a budget past the 64 positions the model was trained on runs, with one warning line on stderr."""
+    path, tok = cli_checkpoint
+    prompt = "Language 🙂 models"
+    result = run_cli("--model", path, "--prompt", prompt, "--max-new-tokens", "70", *ON_CPU[script], script=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy_output(MODULES[script], path, tok, prompt, 70)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "64 positions" in warnings[0], result.stderr
+    assert "tokens/s" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("rope_type, warns", [("dynamic", False), ("linear", True)])
+def test_cli_warns_past_the_trained_context_unless_rope_is_dynamic(cli_checkpoint, tmp_path, capsys, rope_type,
+                                                                   warns):
+    """Dynamic RoPE rescales to any length, so going past max_position_embeddings warns only without it."""
+    copy = shutil.copytree(cli_checkpoint[0], tmp_path / rope_type)
+    config = json.loads((copy / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0}
+    (copy / "config.json").write_text(json.dumps(config))
+    status, _, err = main_in_process(olmo_numpy.main, ["--model", str(copy), "--prompt", "Language",
+                                                       "--max-new-tokens", "70"], capsys)
+    assert status == 0 and err.count("warning:") == warns, err
+
+
+class Chunks:
+    """A stand-in for stdout that keeps each write apart."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def write(self, text):
+        self.chunks.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_cli_stream_never_splits_a_character(cli_checkpoint):
+    """Feed the streamer one byte per token, so that tokens split multi-byte characters: every chunk it prints
+    is whole text."""
+    _, tok = cli_checkpoint
+    ids = tok.encode("🙂日本語🙂", add_special_tokens=False).ids
+    byte_ids = [tok.token_to_id(c) for c in "".join(tok.id_to_token(i) for i in ids)]  # one byte per token
+    assert len(byte_ids) > len(ids) and None not in byte_ids
+    out = Chunks()
+    stream = cli.Stream(tok, out)
+    for t in byte_ids:
+        stream(t)
+    stream.finish()
+    assert "".join(out.chunks) == "🙂日本語🙂\n"
+    assert all("\ufffd" not in c for c in out.chunks) and len(out.chunks) > 3
+
+
+@settings(max_examples=40)
+@given(ids=st.lists(st.integers(0, 299), max_size=30))
+def test_cli_stream_prints_exactly_the_decoded_text(cli_checkpoint, ids):
+    """Whatever the tokens (special ones, bytes that never form a character), the chunks add up to the
+    tokenizer's decoding of all of them, and only the last chunk may end in U+FFFD (a character cut off)."""
+    _, tok = cli_checkpoint
+    out = Chunks()
+    stream = cli.Stream(tok, out)
+    for t in ids:
+        stream(t)
+    stream.finish()
+    assert "".join(out.chunks) == tok.decode(ids, skip_special_tokens=True) + "\n"
+    assert not any(c.endswith("\ufffd") for c in out.chunks[:-1])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_generation_config_defaults_and_flags(cli_checkpoint, tmp_path, monkeypatch, capsys, script):
+    """generation_config.json sets the sampling defaults (transformers' semantics: sampling only with do_sample,
+    top_k 50 unless set) and the EOS ids; flags win; without the file, EOS comes from config.json; config.json's
+    bos_token_id adds no BOS (AutoTokenizer doesn't either)."""
+    module, (path, tok) = MODULES[script], cli_checkpoint
+    seen = {}
+
+    def recording_generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, **kw):
+        seen.update(temperature=temperature, top_k=top_k, top_p=top_p, eos=eos_token_id, n=max_new_tokens,
+                    ids=[int(i) for i in input_ids[0]])
+
+    def run(directory, *flags):
+        seen.clear()
+        status, _, err = main_in_process(module.main, ["--model", str(directory), "--prompt", "hi", *flags], capsys)
+        assert status == 0, err
+        return dict(seen)
+
+    monkeypatch.setattr(module.OlmoForCausalLM, "generate", recording_generate)
+    hi = tok.encode("hi", add_special_tokens=False).ids
+    assert json.load(open(os.path.join(path, "generation_config.json")))["eos_token_id"] == 0
+    greedy = dict(temperature=0.0, top_k=None, top_p=None, eos=0, n=100, ids=hi)
+    assert run(path) == greedy
+
+    copy = shutil.copytree(path, tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "eos_token_id": 5, "bos_token_id": 1}))
+    (copy / "generation_config.json").unlink()
+    assert run(copy, "--max-new-tokens", "7") == {**greedy, "eos": 5, "n": 7}
+    assert hi == transformers.AutoTokenizer.from_pretrained(str(copy))("hi")["input_ids"]
+
+    gen = copy / "generation_config.json"
+    gen.write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [0, 7]}))
+    assert run(copy) == {**greedy, "temperature": 0.6, "top_k": 50, "top_p": 0.9, "eos": [0, 7]}
+    assert run(copy, "--temperature", "0", "--top-k", "5") == \
+        {**greedy, "temperature": 0.0, "top_k": 5, "top_p": 0.9, "eos": [0, 7]}
+    assert run(copy, "--top-k", "0", "--top-p", "1")["top_k"] is None  # 0 = off, as in transformers
+    gen.write_text(json.dumps({"do_sample": False, "temperature": 0.6, "top_k": 3, "top_p": 0.9}))
+    assert run(copy) == {**greedy, "eos": 5}  # no do_sample: greedy, whatever the sampling fields say
+    assert run(copy, "--temperature", "0.5") == {**greedy, "temperature": 0.5, "eos": 5}
+
+
+# generation_config.json mutated: every field the CLI reads, with values of every JSON type and range. The rules
+# below are the issue's, written out here independently of cli.py.
+VALID_GENERATION_CONFIG = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "eos_token_id": [0, 7],
+                           "pad_token_id": 1, "transformers_version": "5.23.0"}
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, 299, 300, -1, 0.0, 1.0, 2.5])
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=4) | st.sampled_from(["false", "1"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+    max_leaves=5)
+
+
+def generation_field_ok(field, value, vocab_size=300):
+    integer = type(value) is int
+    number = type(value) in (int, float)
+    token = integer and 0 <= value < vocab_size
+    return value is None or {
+        "do_sample": type(value) is bool,
+        "temperature": number and math.isfinite(value) and value >= 0,
+        "top_k": integer and value >= 0,
+        "top_p": number and 0 < value <= 1,
+        "eos_token_id": token or type(value) is list and all(type(v) is int and 0 <= v < vocab_size for v in value),
+    }.get(field, True)
+
+
+def expected_settings(d, config_eos=0):
+    """transformers' semantics for a valid file: sampling only with do_sample; null means unset."""
+    sampling = d.get("do_sample") is True
+    get = lambda field, default: default if d.get(field) is None else d[field]  # noqa: E731
+    top_k, top_p = get("top_k", 50), get("top_p", 1.0)
+    return dict(temperature=float(get("temperature", 1.0)) if sampling else 0.0,
+                top_k=top_k if sampling and top_k > 0 else None,
+                top_p=top_p if sampling and top_p < 1 else None, eos_token_id=get("eos_token_id", config_eos))
+
+
+@settings(max_examples=150)
+@given(how=st.sampled_from(["swap", "drop", "whole", "cut", "as is"]), field=st.sampled_from(list(
+    VALID_GENERATION_CONFIG)), value=JSON_VALUES, cut=st.integers(0, 200))
+@example(how="as is", field="top_k", value=None, cut=0)
+@example(how="swap", field="temperature", value=None, cut=0)  # null = unset
+@example(how="swap", field="do_sample", value="false", cut=0)  # a string is not a boolean
+@example(how="swap", field="top_k", value=20.0, cut=0)  # nor is 20.0 an integer
+@example(how="swap", field="eos_token_id", value=[0, True], cut=0)
+@example(how="whole", field="top_k", value=[VALID_GENERATION_CONFIG], cut=0)  # a list, not an object
+def test_cli_generation_config_is_read_or_refused_naming_the_file(tmp_path_factory, how, field, value, cut):
+    """A mutated generation_config.json (a field's value swapped for any JSON value, a field dropped, the whole
+    document replaced, or the text cut short) gives exactly the settings the rules say, or a ValueError naming the
+    file: never another exception, never a silently different setting."""
+    path = tmp_path_factory.mktemp("gen")
+    file = path / "generation_config.json"
+    document = dict(VALID_GENERATION_CONFIG)
+    if how == "swap":
+        document[field] = value
+    if how == "drop":
+        del document[field]
+    if how == "whole":
+        document = value
+    text = json.dumps(document)
+    file.write_text(text[:min(cut, len(text) - 1)] if how == "cut" else text)  # a cut object is never JSON
+    args = types.SimpleNamespace(temperature=None, top_k=None, top_p=None)  # no flags given
+    config = types.SimpleNamespace(vocab_size=300, eos_token_id=0)
+    if how != "cut" and isinstance(document, dict) and all(generation_field_ok(*kv) for kv in document.items()):
+        assert cli.sampling_settings(args, str(path), config) == expected_settings(document)
+    else:
+        with pytest.raises(ValueError, match=re.escape(str(file))):
+            cli.sampling_settings(args, str(path), config)
+
+
+def test_cli_generation_config_nested_too_deep_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "generation_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "generation_config.json"))):
+        cli.read_generation_config(str(tmp_path), 300)
+
+
+SURROGATES = os.fsdecode(b"\xff\xfe")  # what Python makes of the bytes of `--prompt $'\xff\xfe'`
+BAD_FLAGS = [  # (flags, what the one error line must say): for both CLIs
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["--top-p", "nan"], "--top-p"),
+    (["--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--seed", "x"], "--seed"),
+    (["--prompt", SURROGATES], "--prompt is not valid UTF-8"),
+    (["--chat"], "either --prompt TEXT or --chat"),
+    (["--system", "be brief"], "--system is for --chat"),
+]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flags, message", BAD_FLAGS)
+def test_cli_bad_flags_one_line_exit_2(cli_checkpoint, capsys, script, flags, message):
+    status, out, err = main_in_process(MODULES[script].main, ["--model", cli_checkpoint[0], "--prompt", "hi",
+                                                              *flags], capsys)
+    assert out == "" and re.search(message, error_line(status, err))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_no_prompt_is_an_error(cli_checkpoint, capsys, script):
+    status, out, err = main_in_process(MODULES[script].main, ["--model", cli_checkpoint[0]], capsys)
+    assert out == "" and "--prompt (or --chat) is required" in error_line(status, err)
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/no/such/dir"], "not a checkpoint directory"),
-    (["--max-new-tokens", "-1"], "--max-new-tokens"),
-    (["--top-p", "0"], "--top-p"),
-    (["--top-p", "1.5"], "--top-p"),
-    (["--temperature", "-0.5"], "--temperature"),
-    (["--top-k", "0"], "--top-k"),
-    (["--model", "allenai/OLMo-1B-hf-not-cached"], "cannot fetch allenai/OLMo-1B-hf-not-cached"),
     (["--dtype", "int8"], "--dtype"),
+    (["--device", "foo"], r"--device foo is not available here \(available: .*cpu\)"),
+    (["--device", "cuda"], r"--device cuda is not available here \(available: cpu\)"),
+    (["--device", "mps"], r"--device mps is not available here \(available: .*cpu\)"),
+    (["--device", "cuda:7"], r"--device cuda:7 is not available here \(available: .*cpu\)"),
+    (["--model", "/no/such/dir"], "not a checkpoint directory"),
+    (["--model", "allenai/OLMo-1B-hf-not-cached"], "cannot fetch allenai/OLMo-1B-hf-not-cached"),
 ])
-def test_cli_bad_flags_one_line_exit_2(cli_checkpoint, args, message, tmp_path, monkeypatch, capsys):
-    path, _ = cli_checkpoint
+def test_cli_torch_flags_one_line_exit_2(cli_checkpoint, args, message, tmp_path, monkeypatch, capsys):
+    if (args[-1] == "cuda" and torch.cuda.is_available()) or (args[-1] == "mps" and torch.backends.mps.is_available()):
+        pytest.skip(f"this machine has {args[-1]}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
-    status, out, err = main_in_process(olmo.main, ["--model", path, "--prompt", "hi", *args], capsys)
-    assert status == 2 and out == ""
-    assert message in err and err.count("\n") == 1
+    status, out, err = main_in_process(olmo.main, ["--model", cli_checkpoint[0], "--prompt", "hi", *args], capsys)
+    assert out == "" and re.search(message, error_line(status, err))
 
 
-def test_cli_errors_in_a_real_process(cli_checkpoint, tmp_path):
-    path, _ = cli_checkpoint
-    for args in (["--top-p", "2"], ["--model", str(tmp_path)]):  # a flag, and a directory with no config.json
-        result = run_cli("--model", path, "--prompt", "hi", *args)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+def test_numpy_cli_has_no_torch_flags(cli_checkpoint, capsys):
+    for flag in ("--device", "--dtype", "--compile", "--revision"):
+        status, out, err = main_in_process(olmo_numpy.main, ["--model", cli_checkpoint[0], "--prompt", "hi", flag,
+                                                             "x"], capsys)
+        assert out == "" and f"unrecognized arguments: {flag}" in error_line(status, err)
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_errors_in_a_real_process(cli_checkpoint, script):
+    """`--prompt $'\xff\xfe'` as a shell passes it (real argv bytes, not a str), in a fresh process: exit status 2,
+    one line, no traceback. (The other bad flags and files run in this process, above and below: a fresh process
+    costs seconds of torch import.)"""
+    result = run_cli("--model", cli_checkpoint[0], "--prompt", SURROGATES, script=script)
+    assert result.stdout == "" and "--prompt is not valid UTF-8" in error_line(result.returncode, result.stderr)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("breakage, message", [
+    ("no_path", "not a checkpoint directory"),
     ("no_config", "config.json"),
     ("bad_json", "config.json"),
     ("not_olmo", "model_type"),
     ("missing_tensor", "missing tensor model.layers.0.mlp.up_proj.weight"),
-    ("bad_shape", "model.embed_tokens.weight has shape"),
+    ("bad_up_proj", r"model.layers.0.mlp.up_proj.weight has shape \(3, 3\)"),
     ("no_tokenizer", "tokenizer.json"),
+    ("bad_generation_json", "generation_config.json"),
+    ("generation_list", "generation_config.json does not hold a JSON object"),
+    ("generation_top_p", "generation_config.json: top_p must be a number in"),
 ])
-def test_cli_bad_checkpoints_one_line_exit_2(cli_checkpoint, tmp_path, breakage, message, capsys):
+def test_cli_bad_checkpoints_one_line_exit_2(cli_checkpoint, tmp_path, capsys, script, breakage, message):
+    bad = break_checkpoint(cli_checkpoint[0], str(tmp_path / "bad"), breakage)
+    status, out, err = main_in_process(MODULES[script].main, ["--model", bad, "--prompt", "hi"], capsys)
+    assert out == "" and re.search(message, error_line(status, err))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("temperature", ["1e-40", "1e-320"])
+def test_cli_tiny_temperature_samples_the_top_token(cli_checkpoint, capsys, script, temperature):
+    """A tiny positive temperature is a valid request, not a NaN: a token whose logit is below the top one by a gap
+    has relative probability exp(-gap / T), which underflows to exactly 0 once gap > ~104 T (float32), and distinct
+    float32 logits of order 1 differ by at least ~1e-7 >> 104 * 1e-40. So every sample is greedy's token."""
+    module, (path, tok) = MODULES[script], cli_checkpoint
+    status, out, err = main_in_process(module.main, ["--model", path, "--prompt", "Language", "--max-new-tokens",
+                                                     "12", "--temperature", temperature, *ON_CPU[script]], capsys)
+    assert status == 0, err
+    assert out == greedy_output(module, path, tok, "Language", 12)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_seeded_sampling_is_reproducible(cli_checkpoint, capsys, script):
     path, _ = cli_checkpoint
-    bad = break_checkpoint(path, str(tmp_path / "bad"), breakage)
-    status, out, err = main_in_process(olmo.main, ["--model", bad, "--prompt", "hi"], capsys)
-    assert status == 2 and out == ""
-    assert message in err and err.count("\n") == 1
+    outs = [main_in_process(MODULES[script].main, ["--model", path, "--prompt", "Language", "--max-new-tokens", "8",
+                                                   "--temperature", "1", "--seed", str(2**64 - 1)], capsys)
+            for _ in range(2)]
+    assert outs[0][0] == 0 and outs[0][1] == outs[1][1] and outs[0][1].startswith("Language")
 
 
-def test_cli_ctrl_c_keeps_what_was_printed(cli_checkpoint):
-    first, rest, err, status = ctrl_c_after_prompt(cli_checkpoint[0], "olmo.py")
-    assert first == "Go" and status == 130
-    assert "Traceback" not in err and (first + rest).endswith("\n")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_out_of_memory_keeps_the_text_and_says_how_far_it_got(cli_checkpoint, monkeypatch, capsys, script):
+    """When the growing cache runs out of memory, what was printed stays, and one line says how many tokens."""
+    module, (path, tok) = MODULES[script], cli_checkpoint
+    new = tok.encode(" models are", add_special_tokens=False).ids
+
+    def generate_then_run_out(self, input_ids, max_new_tokens, callback=None, **kw):
+        for t in new:
+            callback(np.array([t]) if module is olmo_numpy else torch.tensor([t]))
+        raise MemoryError
+
+    monkeypatch.setattr(module.OlmoForCausalLM, "generate", generate_then_run_out)
+    status, out, err = main_in_process(module.main, ["--model", path, "--prompt", "Language", "--max-new-tokens",
+                                                     "10"], capsys)
+    assert out == "Language models are\n"
+    assert f"out of memory after {len(new)} new tokens" in error_line(status, err)
+
+
+def ctrl_c_after_first_token(path, script, prompt="Go"):
+    """Start an endless greedy generation from prompt, read the prompt and 10 characters more as the CLI prints
+    them (a run that fails prints the prompt and a newline, then stops), then Ctrl-C: (what was read, the rest of
+    stdout, stderr, exit status)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), "--model", path, "--prompt", prompt,
+                             "--max-new-tokens", "100000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (2**32, 2**32)),
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # CUDA can't start in 4 GiB
+    watchdog = threading.Timer(60, proc.kill)  # should nothing be printed, fail instead of waiting forever
+    watchdog.start()
+    first = proc.stdout.read(len(prompt) + 10)
+    watchdog.cancel()
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    return first, rest, err, proc.returncode
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_huge_budget_starts_at_once_and_ctrl_c_keeps_the_text(endless_checkpoint, script):
+    """--max-new-tokens 100000000 is a limit, not an allocation: tokens stream at once, in 4 GiB of address space
+    (a cache for the whole budget would need 51 GB), and Ctrl-C keeps what was printed and ends the line."""
+    first, rest, err, status = ctrl_c_after_first_token(endless_checkpoint, script)
+    assert first.startswith("Go") and len(first) == 12, err
+    assert status == 130 and "Traceback" not in err and (first + rest).endswith("\n")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_reader_closing_stdout_early_is_quiet(endless_checkpoint, script):
+    """`| head -c 20`: the reader goes away; no message, no traceback, and status 141 (what a shell reports for
+    a writer killed by SIGPIPE), so that `set -o pipefail` still knows the output was cut short."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), "--model", endless_checkpoint, "--prompt",
+                             "Go", "--max-new-tokens", "5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = proc.stdout.read(20)
+    proc.stdout.close()  # what `head -c 20` does once it has its 20 bytes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and head.startswith(b"Go")
+    assert [line for line in err.splitlines() if not line.startswith(("loaded ", "warning: "))] == [], err
+
+
+def test_cli_compile_time_is_reported_apart():
+    """With --compile the first decode step (between the first two tokens) compiles: it is reported on its own and
+    left out of tokens/s. Times: 1 s of prefill, 10 s of compiling, then 1 s per token."""
+    line = cli.stats(0.0, [1.0, 11.0, 12.0, 13.0], compiled=True)
+    assert line.startswith("4 tokens in 13.00s") and "took 10.0s" in line and line.endswith(", 1.0 tokens/s")
+    assert cli.stats(0.0, [1.0, 2.0, 3.0, 4.0], compiled=False).endswith("4 tokens in 4.00s, 1.0 tokens/s")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_help_shows_every_default(script, capsys):
+    parser = cli.make_parser(MODULES[script].Backend())
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.required or "default" in (action.help or ""), action.option_strings
+    status, out, _ = main_in_process(MODULES[script].main, ["--help"], capsys)
+    assert status == 0 and "(default: 100)" in out.replace("\n", " ")
+    assert ("allenai/OLMo-1B-hf" if script == "olmo.py" else "required") in out
+
+
+def test_cli_revision_goes_to_the_hub(cli_checkpoint, monkeypatch, capsys):
+    """--revision picks an intermediate training checkpoint (a hub revision); without it none is asked for."""
+    asked = []
+    monkeypatch.setattr(olmo, "resolve_checkpoint", lambda path, revision=None: asked.append((path, revision))
+                        or cli_checkpoint[0])
+    for flags in (["--revision", "step1000-tokens4B"], []):
+        status, _, err = main_in_process(olmo.main, ["--model", "allenai/OLMo-1B-hf", "--prompt", "hi",
+                                                     "--max-new-tokens", "1", *flags], capsys)
+        assert status == 0, err
+    hub = [(path, rev) for path, rev in asked if path == "allenai/OLMo-1B-hf"]  # from_pretrained gets the directory
+    assert hub == [("allenai/OLMo-1B-hf", "step1000-tokens4B"), ("allenai/OLMo-1B-hf", None)]
+
+
+# The prompt's ids: as transformers' AutoTokenizer.from_pretrained(dir) gives them, for each way a checkpoint can
+# set them up: tokenizer.json's post-processor (none, one that prepends BOS, byte-level), tokenizer_config.json's
+# tokenizer_class and add_bos_token / add_prefix_space, config.json's model_type and bos_token_id.
+TOKENIZER_TEXTS = ["Language models", "e\u0301t\u00e9 🙂 日本語", " <|endoftext|>x", "", "  two  spaces\n"]
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer_json(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok"))
+    train_tokenizer(path, 300)
+    return json.load(open(os.path.join(path, "tokenizer.json")))
+
+
+@pytest.mark.parametrize("post", ["none", "bos", "byte_level"])
+@pytest.mark.parametrize("tokenizer_class", [None, "GPTNeoXTokenizerFast", "GPT2Tokenizer", "TokenizersBackend",
+                                             "PreTrainedTokenizerFast"])
+@pytest.mark.parametrize("model_type, settings", [("olmo", {}), ("olmo", {"add_bos_token": True}),
+                                                  ("olmo", {"add_prefix_space": True}),
+                                                  ("olmo2", {"add_bos_token": True}), ("olmo3", {})])
+def test_cli_prompt_ids_equal_autotokenizer(trained_tokenizer_json, tmp_path, post, tokenizer_class, model_type,
+                                        settings):
+    d = dict(trained_tokenizer_json)
+    d["post_processor"] = {
+        "none": None,
+        "bos": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}},
+        "byte_level": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    }[post]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    tokenizer_config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>",
+                        **settings, **({"tokenizer_class": tokenizer_class} if tokenizer_class else {})}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 300,
+                                                      "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}))
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = cli.load_tokenizer(str(tmp_path))
+    for text in TOKENIZER_TEXTS:
+        assert ours.encode(text).ids == reference(text)["input_ids"], text
+
+
+def test_cli_prompt_with_bos_reaches_the_model(cli_checkpoint, tmp_path, monkeypatch, capsys):
+    """A tokenizer.json whose post-processor prepends BOS, read as AutoTokenizer reads it (TokenizersBackend): the
+    model gets the BOS; the same file under OLMo 1's GPTNeoXTokenizer gets none."""
+    path, _ = cli_checkpoint
+    seen = []
+    monkeypatch.setattr(olmo_numpy.OlmoForCausalLM, "generate", lambda self, ids, *a, **kw: seen.append(ids[0]))
+    copy = shutil.copytree(path, tmp_path / "copy")
+    tokenizer = tokenizers.Tokenizer.from_file(str(copy / "tokenizer.json"))
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    tokenizer.save(str(copy / "tokenizer.json"))
+    for tokenizer_class in ("TokenizersBackend", "GPTNeoXTokenizer"):
+        (copy / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class}))
+        status, _, err = main_in_process(olmo_numpy.main, ["--model", str(copy), "--prompt", "hi"], capsys)
+        assert status == 0, err
+        assert seen[-1].tolist() == transformers.AutoTokenizer.from_pretrained(str(copy))("hi")["input_ids"]
+    assert seen[0][0] == 0 and seen[0][1:].tolist() == seen[1].tolist()  # BOS, then the same ids
+
+
+def test_cli_unknown_tokenizer_class_is_refused(cli_checkpoint, tmp_path, capsys):
+    copy = shutil.copytree(cli_checkpoint[0], tmp_path / "copy")
+    (copy / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    status, out, err = main_in_process(olmo_numpy.main, ["--model", str(copy), "--prompt", "hi"], capsys)
+    assert out == "" and "tokenizer_class 'LlamaTokenizer' is not supported" in error_line(status, err)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # olmo_numpy.py, the NumPy twin: against olmo.py and transformers on the same random checkpoints
 #
-# Tolerance (fp32, CPU): logits agree with olmo.py's and transformers' to atol = rtol = 2e-5 (logits of order 1).
-# The twin runs the same float32 arithmetic but through NumPy's OpenBLAS and its own reductions, so sums are taken
-# in another order (and gelu's erf is an approximation good to 1.5e-7): observed differences are a few 1e-6. Any
-# real bug (a wrong rotation, a missed clip or bias, a padding leak, a stale cache slot) moves logits by 1e-3 or
-# more.
+# Tolerance: the module docstring's. The twin runs float32 arithmetic through NumPy's OpenBLAS and its own
+# reductions, so it sums in other orders, and its gelu's erf is an approximation good to 1.5e-7 absolute (5 U
+# after the |x| / 2 of gelu, inside the ~8 U of a stage): the same analysis holds. Its logits are within FP32_TOL
+# of the float64 ones; against another float32 computation (olmo.py, its own cached path) within twice that, NP_TOL.
+# Any real bug (a wrong rotation, a missed clip or bias, a padding leak, a stale cache slot) moves logits by 1e-3
+# or more.
 
-NP_TOL = dict(atol=2e-5, rtol=2e-5)  # see the comment above
+NP_TOL = dict(atol=ATOL, rtol=RTOL)  # see the comment above
 
 # Explicit examples, so every run covers the rarest combination whatever hypothesis draws: dynamic RoPE past the
 # trained length, with GQA, bias, clip_qkv, a tied head and exact gelu.
@@ -987,18 +1434,19 @@ def np_step_logits(model, ids, mask, new):
 def assert_same_greedy(tokens, expected, logits, T):
     """Greedy tokens (B, T + n) equal expected token for token. One exception, which random weights can make:
     two candidates whose logits tie to within the tolerance may come out either way; past such a step the rows
-    are no longer comparable. logits (B, n, vocab) are the step logits along `tokens`."""
+    are no longer comparable. logits (B, n, vocab) are the step logits along `tokens`.
+    At the first step where the tokens differ both computations saw the same prefix; ours picked a, the other b,
+    and each logit is within ATOL + RTOL |logit| of the other's: so logit a - logit b <= twice that."""
     expected = np.asarray(expected)
+    assert tokens.shape == expected.shape
     for b in range(tokens.shape[0]):
-        n = min(tokens.shape[1], expected.shape[1]) - T
-        differ = np.flatnonzero(tokens[b, T:T + n] != expected[b, T:T + n])
+        differ = np.flatnonzero(tokens[b, T:] != expected[b, T:])
         if len(differ):
             i = differ[0]
             gap = logits[b, i, tokens[b, T + i]] - logits[b, i, expected[b, T + i]]
-            assert abs(gap) < 10 * NP_TOL["atol"], f"row {b} step {i}: token {tokens[b, T + i]}, expected " \
-                                                    f"{expected[b, T + i]}, whose logit is {gap} lower"
-            return  # a legitimate near tie: what follows is not comparable
-    assert tokens.shape == expected.shape
+            tie = 2 * (ATOL + RTOL * np.abs(logits[b, i]).max())
+            assert abs(gap) <= tie, f"row {b} step {i}: token {tokens[b, T + i]}, expected " \
+                                    f"{expected[b, T + i]}, whose logit is {gap} lower"
 
 
 @settings(max_examples=30)
@@ -1012,10 +1460,11 @@ def test_numpy_logits_equal_olmo_and_transformers(cfg, length, seed):
     with torch.no_grad():
         expected = ref(torch.from_numpy(ids)).logits
         ours = model(torch.from_numpy(ids))
+        exact = float64_model(ref)(torch.from_numpy(ids)).logits
     logits = twin(ids)
     assert isinstance(logits, np.ndarray) and logits.shape == (2, length, cfg["vocab_size"])
-    assert_close(logits, expected, **NP_TOL)
-    assert_close(logits, ours, **NP_TOL)
+    for float32_logits in (logits, ours.double(), expected.double()):  # each float32 implementation
+        assert_close(float32_logits, exact, **FP32_TOL)
     if cfg["clip_qkv"] is not None:  # the weights are large enough that the clip changes the result
         twin.config.clip_qkv = None
         assert not np.allclose(twin(ids), logits, atol=1e-3)
@@ -1170,14 +1619,53 @@ def test_numpy_sample_greedy_top_k_top_p():
 
 
 def test_numpy_erf_and_activations():
-    x = np.linspace(-6, 6, 100_001).astype(np.float32)
-    exact = np.array([math.erf(v) for v in x.tolist()])
-    assert np.abs(olmo_numpy.erf(x.astype(np.float64)) - exact).max() < 1.5e-7  # Abramowitz & Stegun 7.1.26
-    assert np.abs(olmo_numpy.erf(x) - exact).max() < 1.5e-7 + 6e-8  # plus the final rounding to float32
+    """Each float32 activation, olmo_numpy's and transformers' (torch's vectorised kernels, which differ by CPU),
+    against its exact value: the same formula in float64 on the same float32 inputs, with math.erf. Each must stay
+    within the bound float32 error analysis gives it, element by element. Every +, -, *, / adds a relative error
+    of at most U; a library's float32 exp, tanh or erf is granted LIB = 32 U (2e-6): relative for exp, absolute
+    for tanh and erf, whose values lie in (-1, 1). SLEEF, SVML and Arm's routines promise 1 to 4 ulps; torch's own
+    gelu erf has shown up to ~12 U (7e-7 absolute) on AVX-512."""
+    x = np.linspace(-8, 8, 100_001).astype(np.float32)  # past |x| = 6, where erf and tanh saturate in float32
+    xd = x.astype(np.float64)
+
+    def within(name, actual, exact, bound):
+        excess = np.abs(np.asarray(actual, np.float64) - exact) - bound
+        i = excess.argmax()
+        assert excess[i] <= 0, f"{name} at x = {x[i]}: {actual[i]}, exact {exact[i]}, bound {bound[i]:.3g}"
+
+    # olmo_numpy.erf: A&S 7.1.26's own error (< 1.5e-7, evaluated in float64), then rounded once to float32 (half
+    # an ulp of a value in (-1, 1): U / 2).
+    exact_erf = np.array([math.erf(v) for v in xd.tolist()])
+    assert np.abs(olmo_numpy.erf(xd) - exact_erf).max() < 1.5e-7
+    within("olmo_numpy.erf", olmo_numpy.erf(x), exact_erf, np.full_like(xd, 1.5e-7 + U / 2))
+
+    # gelu = 0.5 x (1 + f(z)), f = erf or tanh, 0.5 x exact: an absolute error E in f (its own, plus <= 3 U from
+    # its argument z, which carries <= 6 U relative, with |f'(z) z| <= 0.5) is an absolute |x| / 2 * (E + 3 U) in
+    # gelu, not a relative one; then 1 + f and the product round once each (2 U |gelu|). So gelu's relative error is
+    # unbounded where gelu nears 0 (x < -4). silu = x / (1 + exp(-x)) or x * sigmoid(x): a relative LIB in exp,
+    # then 3 roundings.
+    erf_half = np.array([math.erf(v / math.sqrt(2.0)) for v in xd.tolist()])
+    tanh_arg = math.sqrt(2.0 / math.pi) * (xd + 0.044715 * xd ** 3)
+    exact = {"silu": xd / (1.0 + np.exp(-xd)), "gelu": 0.5 * xd * (1.0 + erf_half),
+             "gelu_tanh": 0.5 * xd * (1.0 + np.tanh(tanh_arg)), "relu": np.maximum(xd, 0.0)}
+    exact.update(swish=exact["silu"], gelu_new=exact["gelu_tanh"], gelu_pytorch_tanh=exact["gelu_tanh"])
+
+    def bound(name, f_error):
+        if name in ("silu", "swish"):
+            return (LIB + 3 * U) * np.abs(exact[name])
+        if name == "relu":
+            return np.zeros_like(xd)  # exact
+        return np.abs(xd) / 2 * (f_error + 3 * U) + 2 * U * np.abs(exact[name])
+
     t = torch.from_numpy(x)
     for name in ACTIVATIONS:
-        expected = transformers.activations.ACT2FN[name](t).numpy()
-        np.testing.assert_allclose(olmo_numpy.ACT2FN[name](t.numpy()), expected, atol=3e-7, rtol=1e-6)
+        within(f"transformers {name}", transformers.activations.ACT2FN[name](t).numpy(), exact[name],
+               bound(name, LIB))
+        # the twin's gelu uses its own erf, whose bound is known (above); its tanh and exp are NumPy's
+        ours = bound(name, 1.5e-7 + U / 2 if name == "gelu" else LIB)
+        within(f"olmo_numpy {name}", olmo_numpy.ACT2FN[name](x), exact[name], ours)
+    # the closest wrong choice, the tanh approximation for exact gelu, is 100 times the bound away
+    assert (np.abs(exact["gelu_tanh"] - exact["gelu"]) > 100 * bound("gelu", LIB)).any()
     assert not np.isnan(olmo_numpy.silu(np.float32([-1e4, 1e4]))).any()
 
 
@@ -1256,9 +1744,9 @@ def test_numpy_loads_sharded_and_tied_checkpoints(tmp_path):
     half.save_pretrained(tmp_path / "bf16")
     twin = olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path / "bf16"))
     assert twin.weights["model.layers.0.mlp.up_proj.weight"].dtype == np.float32
-    with torch.no_grad():
-        olmo_fp32 = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32)
-        expected = olmo_fp32(torch.from_numpy(ids))
+    with torch.no_grad():  # the same rounded weights, computed in float32 by both
+        expected = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32)(
+            torch.from_numpy(ids))
     assert_close(twin(ids), expected, **NP_TOL)
 
 
@@ -1371,83 +1859,18 @@ def test_numpy_never_imports_torch(cli_checkpoint):
     assert result.returncode == 0, result.stderr
 
 
-def test_numpy_cli_streams_prompt_and_continuation(cli_checkpoint):
-    path, tok = cli_checkpoint
-    prompt = "Language 🙂 models"
-    result = run_cli("--model", path, "--prompt", prompt, "--max-new-tokens", "24", script="olmo_numpy.py")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == greedy_output(path, tok, prompt, 24)
-    assert "tokens/s" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("breakage, flags, message", [
-    ("no_path", [], "is not a checkpoint directory"),
-    ("bad_json", [], "cannot read .*config.json"),
-    ("not_olmo", [], "model_type is 'llama', not 'olmo'"),
-    ("missing_tensor", [], "missing tensor model.layers.0.mlp.up_proj.weight"),
-    ("bad_up_proj", [], r"model.layers.0.mlp.up_proj.weight has shape \(3, 3\)"),
-    (None, ["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
-    (None, ["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
-    (None, ["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
-    (None, ["--temperature", "-1"], "--temperature must be >= 0"),
-    (None, ["--top-k", "0"], "--top-k must be >= 1"),
-    (None, ["--device", "cpu"], "unrecognized arguments: --device"),
-])
-def test_numpy_cli_bad_input_one_line_exit_2(cli_checkpoint, tmp_path, breakage, flags, message):
-    path, _ = cli_checkpoint
-    if breakage:
-        path = break_checkpoint(path, str(tmp_path / "broken"), breakage)
-    result = run_cli("--model", path, "--prompt", "hi", *flags, script="olmo_numpy.py")
-    assert result.returncode == 2
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert re.search(message, lines[0]), lines[0]
-
-
-def test_numpy_cli_honours_generation_config(cli_checkpoint, tmp_path, capsys):
-    """generation_config.json's sampling settings apply unless a flag overrides them, as in olmo.py."""
-    path, _ = cli_checkpoint
-    path = shutil.copytree(path, tmp_path / "gen")
-    (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.9,
-                                                            "eos_token_id": [0, 5]}))
-    config = olmo_numpy.OlmoConfig.from_json(str(path / "config.json"))
-    for flags in ([], ["--temperature", "0", "--top-k", "3"]):
-        args = olmo_numpy.parse_args(["--model", str(path), "--prompt", "x", *flags])
-        assert olmo_numpy.sampling_settings(args, str(path), config) == \
-            olmo.sampling_settings(olmo.parse_args(["--model", str(path), "--prompt", "x", *flags]), str(path),
-                                   config)
-    assert olmo_numpy.sampling_settings(olmo_numpy.parse_args(["--model", str(path), "--prompt", "x"]), str(path),
-                                        config) == dict(temperature=0.7, top_k=50, top_p=0.9, eos_token_id=[0, 5])
-    # seeded sampling is reproducible end to end
-    outs = [run_cli("--model", str(path), "--prompt", "Language", "--max-new-tokens", "8", "--seed", "3",
-                    script="olmo_numpy.py").stdout for _ in range(2)]
-    assert outs[0] == outs[1] and outs[0].startswith("Language")
-
-
-def test_numpy_cli_ctrl_c_keeps_what_was_printed(cli_checkpoint):
-    first, rest, err, status = ctrl_c_after_prompt(cli_checkpoint[0], "olmo_numpy.py")
-    assert first == "Go" and status == 130
-    assert "Traceback" not in err and (first + rest).endswith("\n")
-
-
-def test_numpy_cli_streaming_never_splits_a_character(cli_checkpoint, monkeypatch):
-    """Feed the streamer tokens that split multi-byte characters: every chunk it prints must be whole text."""
-    chunks = stream_split_characters(olmo_numpy, cli_checkpoint, np.array, monkeypatch)
-    assert "".join(chunks) == "x🙂日本語🙂\n"
-    assert all("\ufffd" not in c for c in chunks) and len(chunks) > 3
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # convert.py, the checkpoint converter: trainer checkpoints built here
 #
 # Tiny checkpoints are built here in each source layout, with random weights under the original names; their
 # expected logits come from `trainer_reference_logits`, a forward pass written from the OLMo trainer's semantics
 # (olmo/model.py in ai2-olmo 0.6.0) straight on the fused tensors, never from convert.py's mapping.
-# Tolerance: assert_close's default, 1e-5 absolute and relative, justified differently here. A float32 model against
-# the float64 reference: float32 rounding (~6e-8 relative per op) over 1-2 tiny layers leaves ~1e-6 relative error
-# (measured: 1e-6 on O(3) logits, 6e-6 on the O(30) logits of a tied head); 1e-5 relative + 1e-5 absolute is above
-# that and far below what a wrong split gives (O(1)).
+# Tolerance: assert_close's default, ATOL = RTOL = 2^-14 (the module docstring's). The reference is float64 and
+# transformers runs the converted checkpoint in float32, the module docstring's analysis with one change: the
+# trainer's embedding has std 1, not d^-1/2, so a tied head's logits are sqrt(d) ~ 6 times larger (up to ~30) and
+# so are their errors, which the relative part follows. One float32 side would allow FP32_TOL; the default, twice
+# that, also covers the checks here between two float32 computations. Measured: <= 100 U (1 + |logit|), against
+# 1024 U allowed; a wrong split (q/k/v, up/gate) changes the logits by O(1).
 
 TRAINER_IDS = [3, 17, 99, 0, 42, 7, 64, 5, 88, 12, 31, 1]  # all below the 100 real tokens
 
@@ -1471,6 +1894,11 @@ def trainer_config(**overrides):
     return cfg
 
 
+# What makes a trainer config OLMo 2 (OLMo-2-1124-7B's config.yaml sets exactly these, with eps 1e-6).
+OLMO2_TRAINER = dict(layer_norm_type="rms", layer_norm_with_affine=True, attention_layer_norm=True,
+                     attention_layer_norm_with_affine=True, norm_after=True, layer_norm_eps=1e-6)
+
+
 def trainer_effective(cfg):
     """The few settings the reference forward needs, with the trainer's defaults (olmo/config.py)."""
     d, heads = cfg.get("d_model", 768), cfg.get("n_heads", 12)
@@ -1479,7 +1907,8 @@ def trainer_effective(cfg):
     vocab = cfg.get("embedding_size", 50304) or cfg.get("vocab_size", 50257)
     return dict(d=d, heads=heads, kv=kv, fused_mlp=fused, vocab=vocab, layers=cfg.get("n_layers", 12),
                 tied=cfg.get("weight_tying", True), theta=cfg.get("rope_theta", 10000), clip=cfg.get("clip_qkv"),
-                group=cfg.get("block_group_size", 1))
+                group=cfg.get("block_group_size", 1), olmo2=cfg.get("layer_norm_type") == "rms",
+                eps=cfg.get("layer_norm_eps", 1e-5))
 
 
 def trainer_block_prefix(e, i, prefix):
@@ -1489,7 +1918,8 @@ def trainer_block_prefix(e, i, prefix):
 
 def trainer_state(cfg, prefix="transformer.", seed=0):
     """Random weights in the trainer's fused layout. The scales keep activations O(1), so that a wrong
-    split (q/k/v, up/gate) changes the logits by far more than any tolerance below."""
+    split (q/k/v, up/gate) changes the logits by far more than any tolerance below. OLMo 2's norm weights are
+    1 + N(0, 0.5^2), far from the all-ones init, so that a misplaced or swapped norm weight shows too."""
     e, gen = trainer_effective(cfg), torch.Generator().manual_seed(seed)
     d, hd = e["d"], e["d"] // e["heads"]
 
@@ -1503,6 +1933,11 @@ def trainer_state(cfg, prefix="transformer.", seed=0):
         state[b + "attn_out.weight"] = randn(d, d, scale=d**-0.5)
         state[b + "ff_proj.weight"] = randn(e["fused_mlp"], d, scale=d**-0.5)
         state[b + "ff_out.weight"] = randn(d, e["fused_mlp"] // 2, scale=(e["fused_mlp"] // 2) ** -0.5)
+        if e["olmo2"]:
+            for name, size in [("attn_norm", d), ("ff_norm", d), ("q_norm", d), ("k_norm", e["kv"] * hd)]:
+                state[b + name + ".weight"] = 1 + randn(size, scale=0.5)
+    if e["olmo2"]:
+        state[prefix + "ln_f.weight"] = 1 + randn(d, scale=0.5)
     if not e["tied"]:
         state[prefix + "ff_out.weight"] = randn(e["vocab"], d, scale=d**-0.5)
     return state
@@ -1533,14 +1968,20 @@ def trainer_reference_logits(state, cfg, ids, prefix="transformer."):
     """The trainer's OLMo forward on its fused tensors, in float64: non-affine LayerNorm (eps 1e-5),
     q/k/v as consecutive row blocks of att_proj (clamped to ±clip_qkv), rotate-half RoPE, GQA by
     repeat_interleave, causal softmax attention, SwiGLU as `x, gate = ff_proj(h).chunk(2)` →
-    silu(gate) * x, then wte (tied) or ff_out."""
+    silu(gate) * x, then wte (tied) or ff_out.
+    OLMo 2 (layer_norm_type rms, norm_after, attention_layer_norm; olmo/model.py OLMoSequentialBlock): every
+    norm is an RMSNorm with a weight, x / sqrt(mean(x^2) + eps) * weight; q_norm and k_norm normalise the whole
+    q (d wide) and k (kv_heads * head_dim wide) before the split into heads; attn_norm and ff_norm normalise the
+    sublayer's output before the residual add; ln_f has a weight."""
     e = trainer_effective(cfg)
     d, heads, kv = e["d"], e["heads"], e["kv"]
     hd, T = d // heads, len(ids)
     w = {k: v.double() for k, v in state.items()}
 
-    def norm(x):
-        return F.layer_norm(x, (d,), eps=1e-5)
+    def norm(x, weight=None):  # weight: the name of an OLMo 2 norm's weight
+        if not e["olmo2"]:
+            return F.layer_norm(x, (d,), eps=1e-5)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + e["eps"]) * w[weight]
 
     inv_freq = 1.0 / (e["theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
@@ -1554,24 +1995,29 @@ def trainer_reference_logits(state, cfg, ids, prefix="transformer."):
     causal = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
     for i in range(e["layers"]):
         b = trainer_block_prefix(e, i, prefix)
-        qkv = norm(x) @ w[b + "att_proj.weight"].T
+        qkv = (x if e["olmo2"] else norm(x)) @ w[b + "att_proj.weight"].T
         if e["clip"] is not None:
             qkv = qkv.clamp(-e["clip"], e["clip"])
         q, k, v = qkv.split([d, kv * hd, kv * hd], dim=-1)
+        if e["olmo2"]:
+            q, k = norm(q, b + "q_norm.weight"), norm(k, b + "k_norm.weight")
         q = q.view(T, heads, hd).transpose(0, 1)
         k = k.view(T, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, dim=0)
         v = v.view(T, kv, hd).transpose(0, 1).repeat_interleave(heads // kv, dim=0)
         q, k = rope(q), rope(k)
         att = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(hd) + causal, dim=-1) @ v
-        x = x + att.transpose(0, 1).reshape(T, d) @ w[b + "attn_out.weight"].T
-        up, gate = (norm(x) @ w[b + "ff_proj.weight"].T).chunk(2, dim=-1)
-        x = x + (F.silu(gate) * up) @ w[b + "ff_out.weight"].T
+        att = att.transpose(0, 1).reshape(T, d) @ w[b + "attn_out.weight"].T
+        x = x + (norm(att, b + "attn_norm.weight") if e["olmo2"] else att)
+        up, gate = ((x if e["olmo2"] else norm(x)) @ w[b + "ff_proj.weight"].T).chunk(2, dim=-1)
+        mlp = (F.silu(gate) * up) @ w[b + "ff_out.weight"].T
+        x = x + (norm(mlp, b + "ff_norm.weight") if e["olmo2"] else mlp)
     head = w[prefix + "wte.weight"] if e["tied"] else w[prefix + "ff_out.weight"]
-    return norm(x) @ head.T
+    return norm(x, prefix + "ln_f.weight") @ head.T
 
 
 def transformers_logits(path, ids):
-    model = transformers.OlmoForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    """transformers' OlmoForCausalLM or Olmo2ForCausalLM, as config.json's model_type says."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].double()
 
@@ -1612,7 +2058,81 @@ def test_convert_trainer_checkpoint_gives_the_trainers_logits(tmp_path, override
     expected = trainer_reference_logits(state, cfg, TRAINER_IDS)
     assert_close(transformers_logits(tmp_path / "dst", TRAINER_IDS), expected)
     if e["clip"] is not None:  # the clip must actually bite for this case to test anything
-        assert not torch.allclose(trainer_reference_logits(state, dict(cfg, clip_qkv=None), TRAINER_IDS), expected)
+        unclipped = trainer_reference_logits(state, dict(cfg, clip_qkv=None), TRAINER_IDS)
+        assert not torch.allclose(unclipped, expected, atol=1e-3)  # not just by rounding (allclose's atol is 1e-8)
+
+
+# OLMo 2 tolerance, against the float64 reference: a float32 dot product of length K is off by at most
+# K * u * sum(|terms|), u = 2^-24 (Higham). One OLMo 2 layer chains att_proj (K = d = 32), q.k (K = head_dim = 8),
+# attention @ v (K = T = 12), attn_out (32), ff_proj (32) and ff_out (K = 48), plus ~20 elementwise roundings
+# (five RMSNorms, RoPE, softmax, silu): ~184u = 1.1e-5 relative per layer. RMSNorm after each sublayer keeps
+# errors from compounding, so 2 layers and the head (K = 32) give ~2.4e-5 of sum(|terms|), which for random
+# weights is ~sqrt(d)/3 ~ 2x the largest |logit| (max ~ 3 sigma). Hence 5e-5 * max|logit| (~1.5e-3 on the
+# O(30) logits of a tied head; measured: <= 1.8e-5). Any misplaced norm weight moves logits by O(1) (checked).
+# Checked once against the original, ai2-olmo 0.6.0's OLMo 2 model (olmo/model.py, run outside this repo; d_model 64,
+# 3 layers, GQA and tied MHA): transformers' Olmo2ForCausalLM on the converted checkpoint gives its float32 logits
+# bit for bit, and this float64 reference is within 7.8e-6 of them (logits up to 11).
+OLMO2_TOL = 5e-5
+
+
+@pytest.mark.parametrize("overrides,fmt", [
+    ({"n_kv_heads": 2}, "pt"),
+    ({"weight_tying": True}, "safetensors"),
+    ({"n_kv_heads": 1, "weight_tying": True, "block_group_size": 2, "rope_theta": 500000}, "safetensors"),
+], ids=["gqa-untied-pt", "tied-safetensors", "mqa-tied-groups-theta"])
+def test_convert_olmo2_trainer_checkpoint_gives_the_trainers_logits(tmp_path, overrides, fmt):
+    cfg = trainer_config(**OLMO2_TRAINER, **overrides)
+    state = trainer_state(cfg)
+    src = write_trainer(tmp_path / "src", cfg, state, fmt)
+    convert.convert(src, tmp_path / "dst")
+
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    e = trainer_effective(cfg)
+    assert config["model_type"] == "olmo2" and config["architectures"] == ["Olmo2ForCausalLM"]
+    assert config["rms_norm_eps"] == 1e-6 and "clip_qkv" not in config
+    assert config["num_key_value_heads"] == e["kv"] and config["tie_word_embeddings"] == e["tied"]
+    assert config["rope_theta"] == e["theta"] and config["intermediate_size"] == 48
+    with safe_open(tmp_path / "dst" / "model.safetensors", "pt") as f:
+        out = {name: f.get_tensor(name) for name in f.keys()}
+    # Each trainer norm weight lands, unchanged, under transformers' name.
+    for i in range(2):
+        b, layer = trainer_block_prefix(e, i, "transformer."), f"model.layers.{i}."
+        for trainer_name, name in [("attn_norm", "post_attention_layernorm"), ("ff_norm", "post_feedforward_layernorm"),
+                                   ("q_norm", "self_attn.q_norm"), ("k_norm", "self_attn.k_norm")]:
+            assert torch.equal(out[layer + name + ".weight"], state[b + trainer_name + ".weight"])
+    assert torch.equal(out["model.norm.weight"], state["transformer.ln_f.weight"])
+    assert ("lm_head.weight" in out) == (not e["tied"])
+
+    expected = trainer_reference_logits(state, cfg, TRAINER_IDS)
+    atol = OLMO2_TOL * expected.abs().max().item()
+    assert_close(transformers_logits(tmp_path / "dst", TRAINER_IDS), expected, atol=atol, rtol=0)
+    with torch.no_grad():
+        ours = olmo.OlmoForCausalLM.from_pretrained(tmp_path / "dst", dtype=torch.float32)(torch.tensor([TRAINER_IDS]))
+    assert_close(ours[0].double(), expected, atol=atol, rtol=0)
+    # The norm weights matter: all-ones norms (the init) would be far outside the tolerance.
+    ones = {k: torch.ones_like(v) if "norm" in k or "ln_f" in k else v for k, v in state.items()}
+    assert (trainer_reference_logits(ones, cfg, TRAINER_IDS) - expected).abs().max() > 100 * atol
+
+
+@pytest.mark.parametrize("setting,value", [
+    ("norm_after", False), ("attention_layer_norm", False), ("layer_norm_with_affine", False),
+    ("attention_layer_norm_with_affine", False), ("clip_qkv", 8.0), ("layer_norm_type", "fancy"),
+])
+def test_convert_olmo2_settings_transformers_cannot_express_are_refused(tmp_path, setting, value):
+    cfg = trainer_config(**OLMO2_TRAINER)
+    src = write_trainer(tmp_path / "src", dict(cfg, **{setting: value}), trainer_state(cfg))
+    with pytest.raises(convert.ConversionError, match=f"sets {setting}: {json.dumps(value)}"):
+        convert.convert(src, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_olmo2_norm_biases_are_refused_by_name(tmp_path):
+    cfg = trainer_config(**OLMO2_TRAINER, bias_for_layer_norm=True)
+    state = trainer_state(cfg)
+    state["transformer.blocks.0.attn_norm.bias"] = torch.zeros(32)  # what bias_for_layer_norm adds
+    src = write_trainer(tmp_path / "src", cfg, state)
+    with pytest.raises(convert.ConversionError, match=r"config.yaml does not explain: transformer.blocks.0.attn_norm.bias"):
+        convert.convert(src, tmp_path / "dst")
 
 
 def test_convert_sparse_config_takes_the_trainers_defaults(tmp_path):
@@ -1654,6 +2174,119 @@ def test_convert_absent_settings_are_refused_by_their_trainer_default(tmp_path, 
     src = write_trainer(tmp_path / "src", cfg, trainer_state(trainer_config()))
     with pytest.raises(convert.ConversionError, match=f"leaves {setting} unset"):
         convert.convert(src, tmp_path / "dst")
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("d_model", "64", 'd_model must be a positive integer, got "64"'),
+    ("vocab_size", None, "vocab_size must be a positive integer, got null"),
+    ("embedding_size", "50304", 'embedding_size must be a positive integer or null, got "50304"'),
+    ("n_heads", 4.0, "n_heads must be a positive integer, got 4.0"),
+    ("max_sequence_length", True, "max_sequence_length must be a positive integer, got true"),
+    ("n_kv_heads", [2], r"n_kv_heads must be a positive integer or null, got \[2\]"),
+    ("weight_tying", "false", 'weight_tying must be true or false, got "false"'),
+    ("rope", "true", 'sets rope: "true"; transformers\' OLMo has rotary position embeddings'),
+    ("multi_query_attention", 0, "multi_query_attention must be true, false or null, got 0"),
+    ("rope_theta", float("nan"), "rope_theta must be a positive number, got NaN"),
+    ("rope_theta", "10000", 'rope_theta must be a positive number, got "10000"'),
+    ("clip_qkv", 0, "clip_qkv must be a positive number or null, got 0"),
+    ("eos_token_id", 128, r"eos_token_id must be .*128\).*got 128"),  # olmo.py's check
+    ("pad_token_id", -1, "pad_token_id must be an integer >= 0, got -1"),
+    ("n_heads", 5, "d_model must be divisible by n_heads 5, got 32"),  # olmo.py's check, in the trainer's names
+    ("n_layers", 10**9, "n_layers 1000000000, but the checkpoint holds only 10 tensors"),
+    ("d_model", 2**62, r"d_model must be .*got 4611686018427387904"),  # olmo.py's check
+])
+def test_convert_config_yaml_with_wrong_types_names_the_key(tmp_path, setting, value, message):
+    cfg = trainer_config()
+    src = write_trainer(tmp_path / "src", dict(cfg, **{setting: value}), trainer_state(cfg))
+    with pytest.raises(convert.ConversionError, match=message) as info:
+        convert.convert(src, tmp_path / "dst")
+    assert str(info.value).startswith(str(src / "config.yaml")) and "\n" not in str(info.value)
+
+
+def test_convert_config_yaml_numbers_are_read_as_the_trainer_reads_them(tmp_path):
+    # PyYAML (YAML 1.1) reads a hand-written 1e-6 or 5e5 as a string; the trainer's OmegaConf reads a float, and so
+    # must we. A quoted "1e-6" stays a string, and is refused.
+    cfg = trainer_config(**OLMO2_TRAINER)
+    state = trainer_state(cfg)
+    src = write_trainer(tmp_path / "src", cfg, state)
+    text = (src / "config.yaml").read_text()
+    assert "layer_norm_eps: 1.0e-06\n" in text and "rope_theta: 10000\n" in text
+    (src / "config.yaml").write_text(text.replace("layer_norm_eps: 1.0e-06", "layer_norm_eps: 1e-6")
+                                     .replace("rope_theta: 10000", "rope_theta: 5e5"))
+    convert.convert(src, tmp_path / "dst")
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert config["rms_norm_eps"] == 1e-6 and config["rope_theta"] == 500000.0
+    (src / "config.yaml").write_text(text.replace("layer_norm_eps: 1.0e-06", "layer_norm_eps: '1e-6'"))
+    with pytest.raises(convert.ConversionError, match='layer_norm_eps must be a positive number, got "1e-6"'):
+        convert.convert(src, tmp_path / "dst2")
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_convert_integer_tensors_are_refused_by_name(tmp_path, fmt):
+    cfg = trainer_config()
+    state = trainer_state(cfg)
+    state["transformer.blocks.1.attn_out.weight"] = state["transformer.blocks.1.attn_out.weight"].to(torch.int64)
+    src = write_trainer(tmp_path / "src", cfg, state, fmt)
+    with pytest.raises(convert.ConversionError, match=r"tensor transformer.blocks.1.attn_out.weight has dtype "
+                                                      r"(torch.int64|I64), not a floating-point type"):
+        convert.convert(src, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_float64_sources_are_written_as_float32_unless_asked(tmp_path):
+    cfg = trainer_config()
+    state = {k: v.double() for k, v in trainer_state(cfg).items()}
+    src = write_trainer(tmp_path / "src", cfg, state)
+    convert.convert(src, tmp_path / "f32")
+    convert.convert(src, tmp_path / "bf16", dtype="bfloat16")
+    for name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
+        assert json.loads((tmp_path / name / "config.json").read_text())["torch_dtype"] == str(dtype)[6:]
+        out = load_file(tmp_path / name / "model.safetensors")
+        assert out["model.embed_tokens.weight"].dtype == dtype
+        assert torch.equal(out["model.embed_tokens.weight"], state["transformer.wte.weight"].to(dtype))
+
+
+# config.yaml mutations: each turns one setting into another type, an out-of-range or non-finite number, a nested
+# value, or removes it (the base spells out every trainer default a deletion would fall back to, so that a deletion
+# either changes nothing or is refused), or adds an unknown nested setting.
+CONFIG_MUTATIONS = ["delete", "text", "float", "list", "dict", "unknown", None, True, False, 0, -1, math.nan,
+                    math.inf, -math.inf]
+
+
+def mutate_setting(cfg, key, mutation):
+    cfg, value = dict(cfg), cfg[key]
+    if mutation == "delete":
+        del cfg[key]
+    elif mutation == "unknown":
+        cfg["a_future_setting"] = {"nested": value}
+    else:
+        cfg[key] = {"text": str(value), "list": [value], "dict": {"value": value},
+                    "float": float(value) if type(value) is int else value}.get(mutation, mutation)
+    return cfg
+
+
+@settings(max_examples=30)
+@given(olmo2=st.booleans(), key=st.sampled_from(sorted(trainer_config())), mutation=st.sampled_from(CONFIG_MUTATIONS))
+def test_convert_mutated_config_yaml_gives_the_same_model_or_names_the_file(tmp_path_factory, olmo2, key, mutation):
+    # Either the same model as the unmutated config (bit-identical tensors and olmo.py logits; token ids and
+    # max_sequence_length may change, which the forward pass doesn't see) or ValueError naming the file, before
+    # anything is written. Never another exception.
+    base = trainer_config(max_sequence_length=1024, **(dict(OLMO2_TRAINER, layer_norm_eps=1e-5) if olmo2 else {}))
+    state, tmp = trainer_state(base), tmp_path_factory.mktemp("mutated")
+    convert.convert(write_trainer(tmp / "base", base, state), tmp / "base-out")
+    src = write_trainer(tmp / "src", mutate_setting(base, key, mutation), state)
+    try:
+        convert.convert(src, tmp / "out")
+    except ValueError as e:
+        assert str(src / "config.yaml") in str(e) and "\n" not in str(e)
+        assert not (tmp / "out").exists()
+        return
+    out, expected = load_file(tmp / "out" / "model.safetensors"), load_file(tmp / "base-out" / "model.safetensors")
+    assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in out)
+    ids = torch.tensor([TRAINER_IDS])
+    with torch.no_grad():
+        logits = [olmo.OlmoForCausalLM.from_pretrained(tmp / d, dtype=torch.float32)(ids) for d in ("out", "base-out")]
+    assert torch.equal(*logits)
 
 
 def test_convert_conflicting_mqa_and_n_kv_heads_are_refused(tmp_path):
@@ -1716,6 +2349,55 @@ def test_convert_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch, ex
     with pytest.raises(exception):
         convert.convert(src, tmp_path / "dst", shard_size="20KB")
     assert written and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.fixture(scope="module")
+def tall_trainer_checkpoint(tmp_path_factory):
+    """250 layers of width 8: 1752 tiny tensors, so converting prints ~137 KB of progress lines on stderr."""
+    cfg = trainer_config(d_model=8, n_heads=2, n_layers=250, mlp_hidden_size=16, vocab_size=16, embedding_size=16,
+                         eos_token_id=15)
+    return write_trainer(tmp_path_factory.mktemp("tall") / "src", cfg, trainer_state(cfg))
+
+
+def small_pipe():
+    """A pipe (read end, write end) holding as little as the system allows: on Linux one page, via F_SETPIPE_SZ
+    (its default is 16 pages, 1 MiB with ARM's 64 KiB pages); elsewhere at most 64 KiB (macOS)."""
+    import fcntl
+
+    read, write = os.pipe()
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, os.sysconf("SC_PAGE_SIZE"))
+        assert fcntl.fcntl(write, fcntl.F_GETPIPE_SZ) <= 64 * 1024
+    return read, write
+
+
+def test_convert_signals_mid_conversion_leave_nothing(tall_trainer_checkpoint, tmp_path):
+    # Deterministically mid-conversion: convert.py prints a progress line before each tensor, 137 KB in all, more
+    # than its stderr pipe holds (at most 64 KiB, see small_pipe). Reading stderr only up to the first tensor's
+    # line means the process must block writing progress long before it can finish, with its staging directory
+    # on disk, until the signal arrives. The three processes start together (each spends seconds importing torch).
+    procs = {}  # signal -> (process, its stderr)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        read, write = small_pipe()
+        procs[signum] = subprocess.Popen([sys.executable, os.path.join(HERE, "convert.py"),
+                                          str(tall_trainer_checkpoint), str(tmp_path / f"dst-{signum.name}")],
+                                         stderr=write), os.fdopen(read)
+        os.close(write)
+    for signum, (proc, stderr) in procs.items():
+        line = ""
+        while not line.startswith("[1/1752] model.embed_tokens.weight"):  # after "converting ...", any warnings
+            line = stderr.readline()
+            assert line, "convert.py ended before converting"
+        assert any(p.name.startswith(f".dst-{signum.name}.partial-") for p in tmp_path.iterdir())
+        proc.send_signal(signum)
+    for signum, (proc, stderr) in procs.items():
+        with stderr:
+            err = stderr.read()  # to the end: the process exits once the signal is handled
+        proc.wait(timeout=60)
+        assert proc.returncode == 128 + signum, (signum, err[-500:])  # the shell's "ended by signal N"
+        assert "Traceback" not in err
+        assert err.splitlines()[-1] == f"error: stopped by {signum.name}; nothing was written"
+    assert os.listdir(tmp_path) == []  # no destination, no staging directory
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1858,6 +2540,40 @@ def test_convert_transformers_bin_is_rewritten_as_safetensors(tmp_path, tied, sh
     assert_close(transformers_logits(tmp_path / "dst", TRAINER_IDS), expected)
 
 
+@pytest.mark.parametrize("model_type", ["olmo2", "olmo3"])
+def test_convert_olmo2_and_olmo3_transformers_checkpoints_are_rewritten(tmp_path, model_type):
+    # A .bin with norm weights that matter, GQA and (OLMo 3) a sliding window shorter than the input.
+    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=1, eos_token_id=100)
+    if model_type == "olmo2":
+        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**kw, rms_norm_eps=1e-6))
+    else:
+        model = transformers.Olmo3ForCausalLM(transformers.Olmo3Config(**kw, sliding_window=4,
+                                                                       layer_types=["sliding_attention", "full_attention"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g) if p.ndim == 1 else
+                    torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    src = tmp_path / "src"
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    convert.convert(src, tmp_path / "dst")
+
+    out = load_file(tmp_path / "dst" / "model.safetensors")
+    assert out.keys() == model.state_dict().keys() and "model.layers.1.self_attn.k_norm.weight" in out
+    assert all(torch.equal(t, model.state_dict()[name]) for name, t in out.items())
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert config == dict(json.loads((src / "config.json").read_text()), torch_dtype="float32")  # only the dtype added
+    ids = torch.tensor([TRAINER_IDS])
+    with torch.no_grad():  # the same weights and code on both sides: bit for bit
+        expected = model(ids).logits
+        assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()(ids).logits,
+                           expected)
+        ours = olmo.OlmoForCausalLM.from_pretrained(tmp_path / "dst", dtype=torch.float32)(ids)
+    assert_close(ours, expected)
+
+
 @pytest.mark.parametrize("rope_type,v4_config,dtype", [
     ("linear", False, "float32"), ("dynamic", True, "float32"), ("linear", True, "bfloat16"),
     ("dynamic", False, "bfloat16"),
@@ -1891,15 +2607,16 @@ def test_convert_transformers_features_survive_a_rewrite(tmp_path, rope_type, v4
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda raw, s: raw.update(rope_parameters={"rope_type": "yarn", "factor": 2.0}), "rope_scaling type 'yarn'"),
-    (lambda raw, s: raw.update(hidden_act="tanh"), "hidden_act 'tanh'"),
+    (lambda raw, s: raw.update(rope_parameters={"rope_type": "llama3", "factor": 2.0}), "rope_type .*got 'llama3'"),
+    (lambda raw, s: raw.update(hidden_act="tanh"), "hidden_act must be one of .*, got 'tanh'"),
     (lambda raw, s: raw.update(num_key_value_heads=3), "num_key_value_heads 3"),
-    (lambda raw, s: raw.update(hidden_size=-32), "hidden_size must be a positive integer"),
+    (lambda raw, s: raw.update(hidden_size=-32), "hidden_size must be .*got -32"),
+    (lambda raw, s: raw.update(tie_word_embeddings="false"), "tie_word_embeddings must be .*got 'false'"),
     (lambda raw, s: s.pop("model.layers.1.self_attn.k_proj.bias"), "model.layers.1.self_attn.k_proj.bias"),
     (lambda raw, s: raw.update(attention_bias=False), "model.layers.0.self_attn.k_proj.bias"),
     (lambda raw, s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(16)}),
      r"q_proj.bias has shape \(16,\)"),
-], ids=["rope-type", "activation", "kv-heads", "size", "missing-bias", "unexpected-bias", "bias-shape"])
+], ids=["rope-type", "activation", "kv-heads", "size", "tie-string", "missing-bias", "unexpected-bias", "bias-shape"])
 def test_convert_transformers_checkpoint_inconsistent_with_olmo_is_refused(tmp_path, change, message):
     model = reference_model({**CONVERTIBLE, "attention_bias": True})
     src = tmp_path / "src"
@@ -1954,6 +2671,17 @@ def test_convert_olmo_numpy_reads_the_result(converted_checkpoint):
     assert_close(torch.from_numpy(logits[0]).double(), expected)
 
 
+@pytest.mark.skipif(not hasattr(olmo_numpy.OlmoConfig, "model_type"),
+                    reason="olmo_numpy.py does not read OLMo 2 yet")
+def test_convert_olmo_numpy_reads_an_olmo2_result(tmp_path):
+    cfg = trainer_config(**OLMO2_TRAINER, n_kv_heads=2)
+    state = trainer_state(cfg)
+    convert.convert(write_trainer(tmp_path / "src", cfg, state), tmp_path / "dst", shard_size="20KB")
+    expected = trainer_reference_logits(state, cfg, TRAINER_IDS)
+    logits = olmo_numpy.OlmoForCausalLM.from_pretrained(tmp_path / "dst")(np.array([TRAINER_IDS]))
+    assert_close(torch.from_numpy(logits[0]).double(), expected, atol=OLMO2_TOL * expected.abs().max().item(), rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # convert.py: the command line
 
@@ -1971,12 +2699,17 @@ def test_convert_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     src = write_trainer(tmp_path / "src", cfg, trainer_state(cfg))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
+    (tmp_path / "olmo-core" / "model_and_optim").mkdir(parents=True)  # what olmo-core writes, with a config.json
+    (tmp_path / "olmo-core" / "config.json").write_text('{"run_name": "x", "model": {}, "dataset": {}}')
     cases = {
+        (tmp_path / "olmo-core", tmp_path / "o0"): "olmo-core checkpoint; convert it with olmo-core's own",
         (tmp_path / "missing", tmp_path / "o1"): "no such directory",
         (tmp_path / "notes", tmp_path / "o2"): "not an OLMo checkpoint",
         (src, tmp_path / "o3"): "alibi",
         (src, tmp_path / "o4", "--dtype", "float8"): "--dtype",
         (src, tmp_path / "o5", "--shard-size", "lots"): "--shard-size",
+        (src, tmp_path / "notes" / "a.txt" / "o6"): f"{tmp_path / 'notes' / 'a.txt'} is a file, not a directory",
+        (src, tmp_path / "notes" / "a.txt" / "deeper" / "o7"): "a.txt is a file",
     }
     for args, message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -1984,7 +2717,8 @@ def test_convert_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2, (args, lines)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "olmo-core", "src"]
+    assert (tmp_path / "notes" / "a.txt").read_text() == "x"
 
     # The same through a real process, once (each one spends seconds importing torch).
     result = run_cli(str(src), str(tmp_path / "o6"), script="convert.py")
@@ -2103,10 +2837,11 @@ SHAPES_7B = {  # the released 7B shapes, by generation (OLMo-7B, OLMo-2-1124-7B,
 @pytest.mark.parametrize("kind", SHAPES_7B)
 def test_7b_shape_bf16_on_gpu_equals_transformers(tmp_path, kind):
     """Each generation's 7B shape (4 of its 32 layers, to stay quick: for OLMo 3 three sliding, one full) with
-    random weights of std 1/sqrt(fan_in), so logits have std ~1, and norm weights 1 +- 0.3, loaded by both in bf16.
-    bf16 keeps 8 mantissa bits (steps of 0.4%), and the two implementations round at different points (e.g.
-    different attention kernels), so over 4 layers logits agree to a few 1e-2, not 1e-5: tolerance 0.1 absolute
-    plus 2% relative, still far below the O(1) change of a real bug."""
+    random weights of std 1/sqrt(fan_in), so logits have std ~1, and norm weights 1 +- 0.3, loaded by both in bf16,
+    each against the exact logits of the same bf16 weights (transformers' model cast to float64). BF16_TOL, as on
+    the CPU: each stage's output rounds to bf16 once (cuBLAS sums in float32, so the sums of 4096 or 11008 products
+    add little), ~60 stages over 4 layers, ~sqrt(60) 2^-8 = 0.03 typically. Measured on an H100 (torch 2.11, OLMo 1
+    shape): 17 x 2^-8 at most, against 32 x 2^-8 allowed; a real bug changes logits by O(1)."""
     config_class, model_class = (getattr(transformers, name) for name in GENERATIONS[kind])
     with torch.device("cuda"):
         ref = model_class(config_class(num_hidden_layers=4, **SHAPES_7B[kind]))
@@ -2121,7 +2856,10 @@ def test_7b_shape_bf16_on_gpu_equals_transformers(tmp_path, kind):
     model = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path), device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 50280, (2, 64), device="cuda")
     with torch.no_grad():
-        assert_close(model(ids).float(), ref(ids).logits.float(), atol=0.1, rtol=0.02)
+        ours, theirs = model(ids).double(), ref(ids).logits.double()
+        exact = ref.double()(ids).logits  # 10 GB of float64 weights
+    assert_close(ours, exact, **BF16_TOL)
+    assert_close(theirs, exact, **BF16_TOL)
 
 
 @pytest.mark.skipif(not os.environ.get("OLMO_7B_PATH") or not torch.cuda.is_available(),
@@ -2136,3 +2874,444 @@ def test_real_olmo_7b_equals_transformers():
         assert_close(model(ids).float(), ref(ids).logits.float(), atol=0.05, rtol=0.01)
     expected = ref.generate(ids, max_new_tokens=20, do_sample=False)
     assert torch.equal(model.generate(ids, 20, eos_token_id=model.config.eos_token_id), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --chat: the template rendered as transformers renders it, and conversations through both CLIs
+#
+# The references: transformers' AutoTokenizer.apply_chat_template over the same tokenizer files, and its
+# OlmoForCausalLM.generate (greedy) on the prompts that renders. Replies are compared as exact text. A greedy token
+# can only differ where the reference's top two logits are closer than the two implementations' logits can
+# disagree: float32 over these 2-layer models with O(1) logits, within the tolerances derived above (1e-5 to 2e-5).
+# Each of the two logits can be off by that much, so a gap above 2 x 2e-5 decides the token; chat_reference checks
+# that every reference step's top-2 gap is above 1e-4, so an equal reply is the only passing outcome.
+
+
+# OLMo 1 Instruct's template (Tulu style). The newline after each {{ ... }} stays, while a line holding only a
+# block tag vanishes (trim_blocks, lstrip_blocks): "<|user|>\nHi\n<|assistant|>\n".
+TULU_TEMPLATE = (
+    "{{ eos_token }}{% for message in messages %}\n"
+    "{% if message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+# OLMo 2 Instruct's shape: a BOS string, whitespace control with {%- -%}, the last reply without a newline.
+OLMO2_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}\n"
+    "  {%- if message['role'] == 'system' -%}{{ '<|system|>\\n' + message['content'] + '\\n' }}\n"
+    "  {%- elif message['role'] == 'user' -%}{{ '<|user|>\\n' + message['content'] + '\\n' }}\n"
+    "  {%- elif not loop.last -%}{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}\n"
+    "  {%- else -%}{{ '<|assistant|>\\n' + message['content'] + eos_token }}{%- endif -%}\n"
+    "  {%- if loop.last and add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}\n"
+    "{%- endfor -%}")
+# Refuses a system message and roles that don't alternate, as several hub templates do.
+STRICT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<start_of_turn>{{ message['role'] }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+# tojson (transformers': no HTML escaping, unicode kept, keyword options), namespace, {% continue %}, {% break %},
+# the {% generation %} tag, strftime_now, and indented block tags (lstrip_blocks removes the indent).
+JSON_TEMPLATE = """{% set ns = namespace(shown=0) %}{{ strftime_now('%Y') | length }}
+{% for message in messages %}
+    {% if message['content'] == '' %}{% continue %}{% endif %}
+    {% if ns.shown == 4 %}
+        {% break %}
+    {% endif %}
+    {% set ns.shown = ns.shown + 1 %}
+    {% if message['role'] == 'assistant' %}
+        {% generation %}{{ message | tojson }}{% endgeneration %}
+    {% else %}
+  {{ message['content'] | tojson(indent=2, sort_keys=True) }}
+    {% endif %}
+{% endfor %}
+{{ dict(n=ns.shown) | tojson(separators=(',', ':')) }}{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+PAD = {"__type": "AddedToken", "content": "<|padding|>", "lstrip": False, "rstrip": False, "normalized": False,
+       "single_word": False, "special": True}
+CHAT_CONFIGS = {  # tokenizer_config.json of each: special tokens as strings, nulls and token objects
+    "tulu": dict(chat_template=TULU_TEMPLATE, tokenizer_class="GPTNeoXTokenizer", bos_token=None,
+                 eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=PAD),
+    "olmo2": dict(chat_template=OLMO2_TEMPLATE, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                  pad_token=PAD),
+    "strict": dict(chat_template=STRICT_TEMPLATE, eos_token="<|endoftext|>"),
+    "json": dict(chat_template=JSON_TEMPLATE, eos_token={**PAD, "content": "<|endoftext|>"}),
+}
+CHAT_PIECES = ["", " ", "\n", "\n\n", "\t", "Hi", " there", "Language models", "🙂", "👍🏽", "日本語", "e\u0301",
+               "<|user|>", "<|endoftext|>", "{{ eos_token }}", "\"quoted\" & <b>", "\\"]
+
+
+def chat_text():
+    """Message text: empty, multi-line, emoji, CJK, a combining accent (NFC), special-token and template syntax."""
+    return st.lists(st.sampled_from(CHAT_PIECES) | st.text(max_size=5), max_size=6).map("".join)
+
+
+@st.composite
+def conversations(draw):
+    """[system] + user/assistant turns ending with a user message, as --chat builds them."""
+    messages = [{"role": "system", "content": draw(chat_text())}] if draw(st.booleans()) else []
+    for i in range(draw(st.integers(0, 2))):
+        messages += [{"role": "user", "content": draw(chat_text())},
+                     {"role": "assistant", "content": draw(chat_text())}]
+    return messages + [{"role": "user", "content": draw(chat_text())}]
+
+
+def train_chat_tokenizer(path):
+    """OLMo 1's tokenizer in miniature: byte-level BPE after NFC normalization, with chat special tokens."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.normalizer = tokenizers.normalizers.NFC()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|padding|>", "<|system|>", "<|user|>", "<|assistant|>"])
+    tok.train_from_iterator(["<|user|>\nLanguage models are fun. 🙂 日本語も少し。\n<|assistant|>\n"] * 20, trainer)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return tok
+
+
+def write_chat_config(path, name, **changes):
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({**CHAT_CONFIGS[name], **changes}, f)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    """(directory holding the trained tokenizer.json, the tokenizers.Tokenizer)."""
+    root = tmp_path_factory.mktemp("chat_tokenizer")
+    return root, train_chat_tokenizer(str(root))
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizers(chat_tokenizer):
+    """{template name: (our prompt ids of a conversation, transformers' AutoTokenizer)}, over the same files."""
+    root, tok = chat_tokenizer
+    result = {}
+    for name in CHAT_CONFIGS:
+        path = str(root / name)
+        os.makedirs(path)
+        shutil.copy(root / "tokenizer.json", path)
+        if name == "olmo2":  # a tokenizer.json that adds BOS by itself: apply_chat_template must not let it
+            tok.post_processor = tokenizers.processors.TemplateProcessing(
+                single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+            tok.save(os.path.join(path, "tokenizer.json"))
+        write_chat_config(path, name)
+        source, file = cli.find_chat_template(path)
+        template, variables = cli.compile_chat_template(source, file), cli.special_token_variables(path)
+        tokenizer = cli.load_tokenizer(path)
+        result[name] = (lambda messages, t=template, f=file, v=variables, tok=tokenizer:
+                        cli.chat_prompt(t, f, v, tok, messages),
+                        transformers.AutoTokenizer.from_pretrained(path))
+    return result
+
+
+@settings(max_examples=80)
+@given(name=st.sampled_from(sorted(CHAT_CONFIGS)), messages=conversations())
+def test_chat_prompt_ids_equal_apply_chat_template(chat_tokenizers, name, messages):
+    import jinja2
+    ours, reference = chat_tokenizers[name]
+    try:
+        expected = reference.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    except jinja2.TemplateError as e:  # the template's raise_exception: ours refuses with the same message
+        with pytest.raises(ValueError, match="the chat template failed: " + re.escape(str(e))):
+            ours(messages)
+        return
+    assert ours(messages) == expected
+
+
+def write_template_layout(path, layout):
+    """A tokenizer directory whose templates are spread as `layout` says; "WIN" marks the one transformers uses."""
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>", "chat_template": {
+            "jinja": "config", "extra": "config", "string": "WIN", "list": [
+                {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "WIN"}],
+            "json_last": "WIN", "json_only": None}[layout]}, f)
+    if layout == "jinja":
+        open(os.path.join(path, "chat_template.jinja"), "w").write("WIN")
+    if layout == "extra":  # additional_chat_templates/default.jinja is the default too
+        os.makedirs(os.path.join(path, "additional_chat_templates"))
+        open(os.path.join(path, "additional_chat_templates", "default.jinja"), "w").write("WIN")
+        open(os.path.join(path, "additional_chat_templates", "other.jinja"), "w").write("other")
+    if layout in ("json_last", "json_only"):  # a processor's legacy file: tokenizers don't read it
+        json.dump({"chat_template": "WIN" if layout == "json_only" else "json"},
+                  open(os.path.join(path, "chat_template.json"), "w"))
+
+
+@pytest.mark.parametrize("layout", ["jinja", "extra", "string", "list", "json_last", "json_only"])
+def test_chat_template_found_where_transformers_finds_it(chat_tokenizer, tmp_path, layout):
+    shutil.copy(chat_tokenizer[0] / "tokenizer.json", tmp_path)
+    write_template_layout(str(tmp_path), layout)
+    source, file = cli.find_chat_template(str(tmp_path))
+    assert source == "WIN"
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    if layout == "json_only":  # the last resort, where AutoTokenizer has none
+        assert reference.chat_template is None and file.endswith("chat_template.json")
+    else:
+        assert reference.get_chat_template() == "WIN"
+
+
+@pytest.mark.parametrize("config, message", [
+    ({}, "has no chat template (use --prompt for plain text)"),
+    ({"chat_template": None}, "has no chat template (use --prompt for plain text)"),
+    ({"chat_template": [{"name": "tool_use", "template": "x"}]}, "tokenizer_config.json has chat templates "
+                                                                 "tool_use but none named 'default'"),
+    ({"chat_template": ["x"]}, "chat_template is a list but not of"),
+    ({"chat_template": 7}, "tokenizer_config.json: chat_template is 7, not a string"),
+    ({"chat_template": "{% if %}"}, "tokenizer_config.json: the chat template does not compile"),
+    ({"chat_template": "x", "eos_token": 7}, "tokenizer_config.json: eos_token is 7, not a string"),
+    ({"chat_template": "x", "bos_token": {"id": 3}}, "bos_token is an object without a string \"content\""),
+])
+def test_chat_bad_templates_raise_naming_the_file(tmp_path, config, message):
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        source, file = cli.find_chat_template(str(tmp_path))
+        cli.compile_chat_template(source, file), cli.special_token_variables(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(chat_tokenizer, tmp_path_factory):
+    """A random tiny OLMo 1 with OLMo 1 Instruct's template and a short context (96 positions), so that a
+    conversation soon outgrows it: (path, transformers model, tokenizers.Tokenizer, AutoTokenizer)."""
+    path = str(tmp_path_factory.mktemp("chat_checkpoint"))
+    ref = reference_model({**SMALL, "vocab_size": 300, "eos_token_id": 0, "max_position_embeddings": 96}, 7)
+    save(ref, path)
+    shutil.copy(chat_tokenizer[0] / "tokenizer.json", path)
+    write_chat_config(path, "tulu")
+    return path, ref, chat_tokenizer[1], transformers.AutoTokenizer.from_pretrained(path)
+
+
+def chat_reference(checkpoint, lines, new_tokens, system=None):
+    """What `--chat` must print for these lines of stdin, computed with transformers: (stdout, notices), notices
+    being "dropped" for a turn that had to drop the oldest turns and "not sent" for a message too long to fit.
+    Each turn: the conversation (earlier replies as printed) through apply_chat_template, greedy generate, the
+    new tokens decoded without special tokens; while the prompt and new_tokens don't fit the context, the oldest
+    turn goes."""
+    path, ref, tok, auto = checkpoint
+    context, out, notices, turns = ref.config.max_position_embeddings, "", [], []
+    for line in lines:
+        if line == "/reset":
+            turns = []
+            continue
+
+        def prompt(kept):
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            for user, reply in kept:
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            messages.append({"role": "user", "content": line})
+            return auto.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+        first = next((k for k in range(len(turns) + 1) if len(prompt(turns[k:])) + new_tokens <= context), None)
+        if first is None:
+            notices.append("not sent")
+            continue
+        notices += ["dropped"] * (first > 0)
+        turns, ids = turns[first:], prompt(turns[first:])
+        with torch.no_grad():
+            result = ref.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=0,
+                                  pad_token_id=1, output_scores=True, return_dict_in_generate=True)
+        top2 = torch.stack([s[0].topk(2).values for s in result.scores])
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-4  # no near-tie: greedy tokens are determined (see above)
+        reply = tok.decode(result.sequences[0, len(ids):].tolist(), skip_special_tokens=True)
+        out += reply + "\n"
+        turns.append((line, reply))
+    return out, notices
+
+
+CHAT_LINES = ["Hello 🙂", "Language models are fun.", "日本語も少し。", "", "/reset", "Language models",
+              "The quick brown fox jumps over the lazy dog, again and again, all day long " * 2,
+              "Are they?", "Yes, fun. 🙂", "Tell me more", "And more."]
+
+
+@pytest.fixture(scope="module")
+def chat_expected(chat_checkpoint):
+    out, notices = chat_reference(chat_checkpoint, [line for line in CHAT_LINES if line], 8, system="Be brief.")
+    assert "dropped" in notices and "not sent" in notices  # the conversation does outgrow the context
+    return out, notices
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_chat_through_a_pipe_equals_transformers(chat_checkpoint, chat_expected, script):
+    """Replies (only they, on stdout) equal transformers' greedy replies turn by turn, across /reset, turns
+    dropped to fit the 96-position context and a message too long to send at all; EOF ends with status 0."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, script), "--model", chat_checkpoint[0], "--chat",
+                           "--system", "Be brief.", "--max-new-tokens", "8"],
+                          input="\n".join(CHAT_LINES).encode(), capture_output=True, cwd=HERE, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert out == chat_expected[0]
+    assert err.count("dropped the oldest") == chat_expected[1].count("dropped") and err.count("not sent") == 1
+    assert "> " not in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def chat_endless_checkpoint(chat_checkpoint, tmp_path_factory):
+    """chat_checkpoint with no EOS and a long context: replies run until stopped."""
+    path = str(tmp_path_factory.mktemp("chat_endless"))
+    for name in os.listdir(chat_checkpoint[0]):
+        shutil.copy(os.path.join(chat_checkpoint[0], name), path)
+    for name, changes in (("config.json", {"eos_token_id": None, "max_position_embeddings": 100000}),
+                          ("generation_config.json", {"eos_token_id": None})):
+        with open(os.path.join(path, name)) as f:
+            d = json.load(f)
+        with open(os.path.join(path, name), "w") as f:
+            json.dump({**d, **changes}, f)
+    return path
+
+
+def greedy_text(checkpoint, messages, new_tokens):
+    """transformers' greedy continuation of the chat prompt of messages, decoded without special tokens."""
+    path, ref, tok, auto = checkpoint
+    ids = auto.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        new = ref.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=1)[0, len(ids):]
+    return tok.decode(new.tolist(), skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_chat_ctrl_c_stops_the_reply_and_at_the_prompt_exits_130(chat_checkpoint, chat_endless_checkpoint, script):
+    """On a terminal (stdin a pty): "> " on stderr when the session waits for a line. Ctrl-C in a reply that would
+    run for 50000 tokens ends it with a newline and returns to the prompt, the reply staying in the conversation
+    as printed: the next reply continues that conversation. Ctrl-C at the prompt exits 130."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), "--model", chat_endless_checkpoint,
+                             "--chat", "--max-new-tokens", "50000"], stdin=slave, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(slave)
+    out, err = proc.stdout.fileno(), proc.stderr.fileno()
+
+    def read(fd, n):  # up to n bytes, failing instead of hanging if the session stops responding
+        assert select.select([fd], [], [], 60)[0], "no output for 60 s"
+        chunk = os.read(fd, n)
+        assert chunk, "the session ended"
+        return chunk
+
+    def wait_for_prompt():
+        seen = b""
+        while not seen.endswith(b"> "):
+            seen += read(err, 1)
+
+    def interrupted_reply(line):
+        """Send line, wait for 32 bytes of the reply, Ctrl-C, wait for the prompt: the reply as printed."""
+        os.write(master, line.encode() + b"\n")
+        printed = b""
+        while len(printed) < 32:
+            printed += read(out, 32 - len(printed))
+        proc.send_signal(signal.SIGINT)
+        wait_for_prompt()  # the reply and its newline were flushed to stdout before the prompt was written
+        os.set_blocking(out, False)
+        while True:
+            try:
+                chunk = os.read(out, 65536)
+            except BlockingIOError:
+                break
+            printed += chunk
+        os.set_blocking(out, True)
+        return printed.decode()
+
+    try:
+        wait_for_prompt()
+        first = interrupted_reply("Hello 🙂")
+        second = interrupted_reply("Language models")
+        proc.send_signal(signal.SIGINT)  # at the prompt
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        os.close(master)
+    assert first.endswith("\n") and second.endswith("\n")
+    first, second = first[:-1], second[:-1]
+    hello = [{"role": "user", "content": "Hello 🙂"}]
+    assert greedy_text(chat_checkpoint, hello, len(first.encode()) + 16).startswith(first)
+    followup = hello + [{"role": "assistant", "content": first}, {"role": "user", "content": "Language models"}]
+    assert greedy_text(chat_checkpoint, followup, len(second.encode()) + 16).startswith(second)
+    assert "Traceback" not in proc.stderr.read().decode()
+
+
+def chat_in_process(module, path, lines, monkeypatch, capsys, *flags):
+    """module's (olmo's or olmo_numpy's) --chat in this process, stdin piped from lines: (status, out, err)."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("".join(f"{x}\n" for x in lines).encode())))
+    return main_in_process(module.main, ["--model", path, "--chat", "--max-new-tokens", "4", *flags], capsys)
+
+
+def copy_with_template(path, dest, template):
+    shutil.copytree(path, dest)
+    with open(os.path.join(dest, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(dest, "tokenizer_config.json"), "w") as f:
+        json.dump({**config, "chat_template": template}, f)
+    return str(dest)
+
+
+@pytest.mark.parametrize("module", [olmo, olmo_numpy], ids=["olmo", "olmo_numpy"])
+def test_chat_without_a_template_one_line_exit_2(chat_checkpoint, tmp_path, module, monkeypatch, capsys):
+    path = copy_with_template(chat_checkpoint[0], tmp_path / "plain", None)
+    status, out, err = chat_in_process(module, path, ["hi"], monkeypatch, capsys)
+    assert (status, out) == (2, "")
+    assert err.splitlines()[-1] == f"error: {path} has no chat template (use --prompt for plain text)"
+
+
+SANDBOX_ESCAPES = [  # (template, what the one error line says)
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "access to attribute '__class__' of 'str' object is unsafe"),
+    ("{{ cycler.__init__.__globals__.os.system('touch pwned') }}", "is unsafe"),
+    ("{{ lipsum.__globals__['os'].system('touch pwned') }}", "is unsafe"),
+    ("{{ (messages | attr('__class__')).__base__ }}", "is unsafe"),
+    ("{{ '{0.__init__.__globals__[os]}'.format(raise_exception) }}", "is unsafe"),
+    ("{{ dict.__class__.__mro__ }}", "is unsafe"),
+    ("{% set _ = messages.append({'role': 'user', 'content': 'x'}) %}", "is unsafe"),
+    ("{% set ns = namespace() %}{% set ns._secret = 1 %}", "may not start with '_'"),
+    ("{{ raise_exception.__globals__ }}", "renders the conversation as empty text"),  # unsafe renders as nothing
+]
+
+
+@pytest.mark.parametrize("module", [olmo, olmo_numpy], ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("template, message", SANDBOX_ESCAPES)
+def test_chat_template_sandbox_escapes_fail_in_one_line(chat_checkpoint, tmp_path, module, template, message,
+                                                        monkeypatch, capsys):
+    path = copy_with_template(chat_checkpoint[0], tmp_path / "evil", template)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = chat_in_process(module, path, ["hi"], monkeypatch, capsys)
+    assert (status, out) == (2, "") and not os.path.exists(tmp_path / "pwned")
+    assert err.count("\n") == 2 and err.startswith("loaded ")  # the "loaded" line, then the error
+    assert err.splitlines()[1].startswith(f"error: {path}/tokenizer_config.json: the chat template ")
+    assert message in err
+
+
+def test_chat_budget_dynamic_rope_and_bad_lines(chat_checkpoint, tmp_path, monkeypatch, capsys):
+    """A reply budget that leaves no room in the context is refused; with dynamic RoPE nothing is ever dropped; a
+    line that isn't UTF-8 is skipped with a notice, and the session goes on."""
+    path = chat_checkpoint[0]
+    status, out, err = chat_in_process(olmo_numpy, path, ["hi"], monkeypatch, capsys, "--max-new-tokens", "96")
+    assert (status, out) == (2, "") and err.splitlines()[-1] == (
+        "error: --max-new-tokens 96 leaves no room for a message in the 96 positions the model was trained on")
+
+    dynamic = shutil.copytree(path, tmp_path / "dynamic")
+    with open(dynamic / "config.json") as f:
+        config = json.load(f)
+    with open(dynamic / "config.json", "w") as f:
+        json.dump({**config, "max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+                   "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, f)
+    lines = ["Language models are fun.", "日本語も少し。", "Hello 🙂 " * 4]
+    status, out, err = chat_in_process(olmo_numpy, str(dynamic), lines, monkeypatch, capsys, "--max-new-tokens", "30")
+    assert status == 0 and "dropped" not in err and "not sent" not in err and out.count("\n") >= 3
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\nLanguage models\n")))
+    status, out, err = main_in_process(olmo_numpy.main, ["--model", path, "--chat", "--max-new-tokens", "4"], capsys)
+    assert status == 0 and out.endswith("\n") and "that line is not UTF-8 text; skipped" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# README
+
+
+def test_readme_python_example_runs_as_written(cli_checkpoint, capsys):
+    """The README's Python example, run as written against a test checkpoint (its path swapped in), so the README
+    can't drift from the code: it must print one decoded continuation per prompt."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        code, = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert "path/to/OLMo-1B-hf" in code
+    exec(compile(code.replace("path/to/OLMo-1B-hf", cli_checkpoint[0]), "README.md", "exec"), {})
+    printed = eval(capsys.readouterr().out)
+    assert isinstance(printed, list) and len(printed) == 2 and all(isinstance(text, str) for text in printed)
