@@ -10,18 +10,25 @@ prefill = time to the first token; decode = time per token after the first. Deco
 weights read per step x steps/s, next to this machine's own memory bandwidth (a 1 GiB copy): the fraction of the
 roofline that decoding reaches (at batch 1 each step reads every weight once, so it is bound by memory bandwidth).
 
-    python bench.py --shape 160m                          # random weights in OLMo's shapes, built in a temp dir
-    python bench.py --shape 160m --check-isolation        # ... and olmo.py vs transformers again, alone together
-    python bench.py --shape tiny --new-tokens 200 --budgets 20000,100000  # time to the 200th token per budget
-    python bench.py --shape 160m --long-prompt 256 --long-prompt 6000     # prefill speed and memory
-    python bench.py --shape 1b --dtype float32 --dtype bfloat16           # bf16 beside fp32 (the twin: fp32 only)
-    python bench.py --shape 1b --numpy-threads 1 --numpy-threads 2        # the twin with 1 and 2 BLAS threads
-    python bench.py --shape 7b --device cuda --dtype bfloat16 --compile
+    python bench.py --shape 160m                     # random weights in OLMo's shapes, built in a temp dir
     python bench.py --model path/to/OLMo-1B-hf --json results.json
+    python bench.py --shape 7b --device cuda --dtype bfloat16 --compile
 
-By default the 8192-token budget is timed beside --new-tokens' own (the cache of a prompt of 16 and 32 new tokens
-holds 48): a decode step that costs more with a larger budget shows as a ratio above 1. transformers' cache grows
-with the tokens, so its ratio stays near 1: a control for the measurement itself.
+What each of the speed goals reads (any of these flags combine in one run):
+    --shape 160m --compile --check-isolation         decode vs transformers, eager and compiled; and the same
+                                                     ratio from a second schedule with olmo.py and transformers
+                                                     alone, which must agree (no implementation slows another)
+    --shape 160m                                     per-token decode at an 8192-token budget vs --new-tokens'
+                                                     (the default --budgets 8192; a cache of 16 + 32 = 48 slots)
+    --shape tiny --new-tokens 200 --budgets 20000,100000   seconds to the 200th token at each budget
+    --shape 160m --long-prompt 256 --long-prompt 6000     prefill speed, and its peak memory vs olmo.py's
+    --dtype float32 --dtype bfloat16                 bf16 rows beside fp32 (the NumPy twin: fp32 only)
+    --numpy-threads 1 --numpy-threads 2              the twin with 1 and with 2 OpenBLAS threads
+    --shape 1b | olmo2-1b                            OLMo-1B; OLMo-2-0425-1B (transformers alone until a twin
+                                                     reads model_type olmo2: the table says which it skipped)
+
+transformers' cache grows with the tokens, so its budget ratio stays near 1: a control for the measurement.
+Numbers from a machine running other work are noisy: the header gives the load average before and after.
 """
 
 import argparse
