@@ -1,21 +1,34 @@
-"""Benchmark olmo.py against transformers' OlmoForCausalLM (and olmo_numpy.py, when it imports).
+"""Benchmark olmo.py and olmo_numpy.py against transformers, as ratios measured in one run.
 
-For each implementation: load time, peak memory while loading and producing the first token (each load in a fresh
-subprocess, so peaks don't mix), prefill tokens/s, decode tokens/s, and decode bandwidth: bytes of weights read
-per step x steps/s, next to this machine's own memory bandwidth (a 1 GiB copy), i.e. the fraction of the roofline
-that decoding reaches (decoding one token reads every weight once, so at batch 1 it is bound by memory bandwidth).
+Every implementation runs in a fresh process of its own (same checkpoint, same prompts), one process per
+implementation and repetition, in an order that rotates with each repetition (A B C, B C A, C A B), so drifts in
+clock speed or load hit all of them alike and no implementation's BLAS threads run beside another's; the tables
+show medians. Each process loads the model (load time; peak memory to load and produce the first token), times
+its long prompts (peak memory of the prefill above the loaded model, time to first token), warms up, then times
+generate(prompt, budget) for each token budget (max_new_tokens), stopped after --new-tokens tokens:
+prefill = time to the first token; decode = time per token after the first. Decode bandwidth is the bytes of
+weights read per step x steps/s, next to this machine's own memory bandwidth (a 1 GiB copy): the fraction of the
+roofline that decoding reaches (at batch 1 each step reads every weight once, so it is bound by memory bandwidth).
 
     python bench.py --shape 160m                     # random weights in OLMo's shapes, built in a temp dir
-    python bench.py --shape 7b --device cuda --dtype bfloat16 --compile
     python bench.py --model path/to/OLMo-1B-hf --json results.json
+    python bench.py --shape 7b --device cuda --dtype bfloat16 --compile
 
-Timing is greedy decoding with no EOS stop. Prefill = time to first token (the prompt's forward and the first
-token); decode = (time of generate(prompt, N) - prefill) / (N - 1), so decode excludes prefill. olmo.py and
-olmo_numpy.py tell when their first token is ready (generate's callback); transformers' prefill is the time of its
-generate(prompt, 1), the same generate with one token. After a warm-up, the implementations take turns
-(round-robin) in each of --reps repetitions, so drifts in clock speed or load hit all of them alike; the table
-shows medians. On a machine shared with other work, OMP_NUM_THREADS=1 keeps torch's threads from waiting on each
-other (two threads on two busy cores can run several times slower than one).
+What each of the speed goals reads (any of these flags combine in one run):
+    --shape 160m --compile --check-isolation         decode vs transformers, eager and compiled; and the same
+                                                     ratio from a second schedule with olmo.py and transformers
+                                                     alone, which must agree (no implementation slows another)
+    --shape 160m                                     per-token decode at an 8192-token budget vs --new-tokens'
+                                                     (the default --budgets 8192; a cache of 16 + 32 = 48 slots)
+    --shape tiny --new-tokens 200 --budgets 20000,100000   seconds to the 200th token at each budget
+    --shape 160m --long-prompt 256 --long-prompt 6000     prefill speed, and its peak memory vs olmo.py's
+    --dtype float32 --dtype bfloat16                 bf16 rows beside fp32 (the NumPy twin: fp32 only)
+    --numpy-threads 1 --numpy-threads 2              the twin with 1 and with 2 OpenBLAS threads
+    --shape 1b | olmo2-1b                            OLMo-1B; OLMo-2-0425-1B (transformers alone until a twin
+                                                     reads model_type olmo2: the table says which it skipped)
+
+transformers' cache grows with the tokens, so its budget ratio stays near 1: a control for the measurement.
+Numbers from a machine running other work are noisy: the header gives the load average before and after.
 """
 
 import argparse
@@ -33,13 +46,18 @@ import torch
 
 import olmo
 
-# The shapes of OLMo v1 (all with the real 50304-token vocabulary); "tiny" measures per-token overhead only.
+# The shapes of OLMo 1 (with the real 50304-token vocabulary; "tiny" measures per-token overhead only) and of
+# OLMo-2-0425-1B, which transformers' Olmo2Config describes (olmo.py reads model_type "olmo2" once it supports it).
 SHAPES = {
     "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=256, num_attention_heads=4),
     "160m": dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, num_attention_heads=12),
     "1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=16,
                tie_word_embeddings=True),
     "7b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32),
+    "olmo2-1b": dict(model_type="olmo2", num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
+                     num_attention_heads=16, num_key_value_heads=16, vocab_size=100352, rms_norm_eps=1e-6,
+                     rope_theta=500000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+                     pad_token_id=100277, bos_token_id=100257, eos_token_id=100257),
 }
 IMPLS = ["olmo.py", "olmo.py compiled", "olmo_numpy.py", "transformers"]
 
@@ -57,42 +75,64 @@ def build_checkpoint(shape, directory, dtype=torch.float32, device="cpu", seed=0
 
     Each tensor is drawn on its own (the model is built on the meta device: no init, no copy of the whole model),
     with std 1/sqrt(fan_in), so every projection keeps its input's scale and the logits have std ~1: greedy
-    decoding then depends on the weights, as with a trained model, instead of being a near-tie."""
+    decoding then depends on the weights, as with a trained model, instead of being a near-tie. RMSNorm weights
+    (OLMo 2) are ones, biases zeros."""
     from safetensors.torch import save_file
 
-    config = olmo.OlmoConfig(**SHAPES[shape])
-    with torch.device("meta"):
-        model = olmo.OlmoForCausalLM(config)
+    spec = dict(SHAPES[shape])
+    if spec.pop("model_type", "olmo") == "olmo":
+        config = olmo.OlmoConfig(**spec)
+        with torch.device("meta"):
+            model = olmo.OlmoForCausalLM(config)
+        config_json = {"architectures": ["OlmoForCausalLM"], "model_type": "olmo", **dataclasses.asdict(config)}
+    else:  # olmo2: transformers writes the reference config
+        import transformers
+        config = transformers.Olmo2Config(**spec)
+        with torch.device("meta"):
+            model = transformers.Olmo2ForCausalLM(config)
+        config_json = {"architectures": ["Olmo2ForCausalLM"], **config.to_dict()}
+        config_json.pop("dtype", None)
     generator = torch.Generator(device).manual_seed(seed)
     tensors = {}
     for name, p in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        if name == "lm_head.weight" and spec.get("tie_word_embeddings"):
             continue  # tied: the embedding matrix is the head (transformers doesn't save it twice either)
         if name.endswith(".bias"):
             t = torch.zeros(p.shape, dtype=dtype)
+        elif name.endswith("norm.weight"):
+            t = torch.ones(p.shape, dtype=dtype)
         else:  # Linear (out, in) -> fan_in = in; the embedding (vocab, hidden) doubles as the head when tied
             t = torch.randn(p.shape, generator=generator, device=device).mul_(p.shape[-1] ** -0.5)
             t = t.to(device="cpu", dtype=dtype)
         tensors[name] = t
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    dtype_name = str(dtype).removeprefix("torch.")
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"architectures": ["OlmoForCausalLM"], "model_type": "olmo", "torch_dtype": dtype_name,
-                   **dataclasses.asdict(config)}, f, indent=2)
-    return config
+        json.dump({**config_json, "torch_dtype": str(dtype).removeprefix("torch.")}, f, indent=2)
 
 
-def weight_bytes(config, dtype):
+def checkpoint_numels(path):
+    """{tensor name: number of elements}, from the safetensors files' headers (no weight is read)."""
+    from safetensors import SafetensorError, safe_open
+    files = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+    if not files:
+        raise ValueError(f"{path} has no .safetensors file")
+    numels = {}
+    for file in files:
+        try:
+            with safe_open(os.path.join(path, file), "pt") as f:
+                numels.update({k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()})
+        except SafetensorError as e:
+            raise ValueError(f"cannot read {file}: {e}") from None
+    return numels
+
+
+def weight_bytes(numels, tied, dtype):
     """(every weight, weights read per decode step): the step reads each parameter once except the embedding
     table, of which it reads one row per token; the head counts, also when it is the (tied) embedding."""
-    with torch.device("meta"):
-        model = olmo.OlmoForCausalLM(config)
     size = torch.finfo(dtype).bits // 8
-    total = sum(p.numel() for p in model.parameters())  # tied weights once
-    per_step = sum(p.numel() for name, p in model.named_parameters(remove_duplicate=False)
-                   if name != "model.embed_tokens.weight")
-    return total * size, per_step * size
+    total = sum(n for name, n in numels.items() if not (tied and name == "lm_head.weight"))  # tied ones once
+    return total * size, (total - (0 if tied else numels["model.embed_tokens.weight"])) * size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,213 +186,360 @@ def peak_rss():
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def start_peak(device):
+    """Start measuring peak memory (GPU: allocated; CPU: resident set); -> the baseline for peak_since."""
+    synchronize(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    reset_peak_rss()
+    return peak_rss()
+
+
+def peak_since(device, base):
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else peak_rss()) - base
+
+
+def openblas_info():
+    """numpy's OpenBLAS kernel ("core") and thread count, read from the library itself; None where not found."""
+    import ctypes
+    import glob
+    import numpy
+    for lib in glob.glob(os.path.join(os.path.dirname(numpy.__file__) + ".libs", "*openblas*")):
+        blas = ctypes.CDLL(lib)
+        for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "")):
+            try:
+                corename, threads = (getattr(blas, f"{prefix}get_{what}{suffix}")
+                                     for what in ("corename", "num_threads"))
+            except AttributeError:
+                continue
+            corename.restype = ctypes.c_char_p
+            return f"{corename().decode()}, {threads()} thread(s)"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The implementations, behind one interface: generate(input_ids (B, T) on the CPU, n) -> (new tokens (B, n), the
-# perf_counter() time the first new token was ready, or None where the implementation can't tell)
+# What each child process runs. The implementations, behind one interface: generate(ids (B, T) as lists, budget,
+# on_token) calls on_token(tokens (B,)) with each new token.
 
 
-def load(impl, path, device, dtype):
+class Stop(Exception):
+    """Raised from on_token to end a generate early (after the tokens we time, well inside a large budget)."""
+
+
+class Streamer:
+    """transformers' streamer interface: put() gets the prompt first, then each step's tokens."""
+
+    def __init__(self, on_token):
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.on_token(value)
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def load(impl, compiled, path, device, dtype):
     """Load one implementation; return its generate function."""
-    if impl.startswith("olmo.py"):
+    if impl == "olmo.py":
         model = olmo.OlmoForCausalLM.from_pretrained(path, device=device, dtype=dtype)
-        if impl == "olmo.py compiled":  # as olmo.py's CLI does
+        if compiled:  # as olmo.py's CLI does
             mode = "reduce-overhead" if device.startswith("cuda") else "default"
             model.decode_one_token = torch.compile(model.decode_one_token, mode=mode, fullgraph=True)
-
-        def generate(input_ids, n):
-            first = []
-            out = model.generate(input_ids.to(device), n, callback=first_token_clock(first, device))
-            return out[:, input_ids.shape[1]:].cpu(), first[0]
-    elif impl == "olmo_numpy.py":
+        return lambda ids, budget, on_token: model.generate(torch.tensor(ids, device=device), budget,
+                                                            callback=on_token)
+    if impl == "olmo_numpy.py":
         import numpy as np
         import olmo_numpy
         model = olmo_numpy.OlmoForCausalLM.from_pretrained(path)
-
-        def generate(input_ids, n):
-            first = []
-            out = np.asarray(model.generate(input_ids.numpy(), n, callback=first_token_clock(first, "cpu")))
-            return torch.from_numpy(out[:, input_ids.shape[1]:].astype(np.int64)), first[0]
-    elif impl == "transformers":
+        return lambda ids, budget, on_token: model.generate(np.array(ids), budget, callback=on_token)
+    if impl == "transformers":
         import transformers
         transformers.logging.set_verbosity_error()
-        model = transformers.OlmoForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
-        def generate(input_ids, n):
-            ids = input_ids.to(device)
-            with torch.no_grad():  # min_new_tokens = n: no EOS stop, like ours with eos_token_id=None
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                     min_new_tokens=n, pad_token_id=model.config.pad_token_id)
-            return out[:, ids.shape[1]:].cpu(), None  # its prefill is timed as generate(prompt, 1)
-    else:
-        raise ValueError(f"unknown implementation {impl!r}")
-    return generate
-
-
-def first_token_clock(first, device):
-    """A generate callback that notes when the first token is ready (the time to first token = prefill)."""
-    def callback(token):
-        if not first:
-            synchronize(device)
-            first.append(time.perf_counter())
-    return callback
+        def generate(ids, budget, on_token):
+            ids = torch.tensor(ids, device=device)
+            with torch.no_grad():  # min_new_tokens = budget: no EOS stop, like ours with eos_token_id=None
+                model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=budget,
+                               min_new_tokens=budget, pad_token_id=model.config.pad_token_id,
+                               streamer=Streamer(on_token))
+        return generate
+    raise ValueError(f"unknown implementation {impl!r}")
 
 
-def load_child(impl, path, device, dtype, prompt):
-    """Run in a fresh process: load, then produce one token (which touches every weight, so memory-mapped weights
-    count too). Reports load time and the peak memory that took, above what the process held before loading."""
+def timed(generate, ids, budget, n, device):
+    """generate(ids, budget), stopped after n tokens -> {first_s: time to the first token, last_s: to the n-th,
+    decode_step_s: per token after the first, tokens: n x (B,)}."""
+    stamps, tokens = [], []
+
+    def on_token(token):
+        synchronize(device)
+        stamps.append(time.perf_counter())
+        tokens.append(token.tolist())
+        if len(stamps) == n and budget > n:
+            raise Stop
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    try:
+        generate(ids, budget, on_token)
+    except Stop:
+        pass
+    first, last = stamps[0] - t0, stamps[-1] - t0
+    return {"first_s": first, "last_s": last, "decode_step_s": (last - first) / max(n - 1, 1), "tokens": tokens}
+
+
+def child(spec):
+    """One implementation in this fresh process: load, long prompts, then each budget. -> a JSON-able dict."""
     import numpy as np
+    impl, device, dtype = spec["impl"], spec["device"], olmo.DTYPES[spec["dtype"]]
     if impl == "transformers":
         import transformers  # resolve the lazy imports before the baseline: they are code, not the model
-        transformers.OlmoForCausalLM, transformers.GenerationConfig
+        transformers.AutoModelForCausalLM, transformers.GenerationConfig
     if impl == "olmo_numpy.py":
         import olmo_numpy  # noqa: F401
     # Warm up the math libraries too (thread pools, per-thread buffers), which any model would allocate.
     a = torch.randn(256, 256, dtype=dtype, device=device)
     torch.nn.functional.scaled_dot_product_attention(a[None, None], a[None, None], a[None, None]) @ a
     np.ones((256, 256), dtype=np.float32) @ np.ones((256, 256), dtype=np.float32)
-    ids = torch.tensor(prompt)
-    synchronize(device)
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        reset_peak_rss()
-        base = peak_rss()
+    out = {"blas": openblas_info() if impl == "olmo_numpy.py" else None}
+
+    # Each call's prompt starts with a token of its own (olmo.py reuses the cached keys of a prefix shared with the
+    # previous call; every call here prefills its whole prompt). The timed ones are the same in every process.
+    budgets, n = [spec["new_tokens"]] + spec["budgets"], spec["new_tokens"]
+    untimed = iter(range(len(budgets), 1 << 30))
+
+    def prompt(ids, first=None):
+        first = next(untimed) if first is None else first
+        return [[first] + row[1:] for row in ids]
+
+    base = start_peak(device)
     t0 = time.perf_counter()
-    generate = load(impl, path, device, dtype)
+    generate = load(impl, spec["compiled"], spec["path"], device, dtype)
     synchronize(device)
-    load_s = time.perf_counter() - t0
-    generate(ids, 1)
-    synchronize(device)
-    first_token_s = time.perf_counter() - t0 - load_s
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else peak_rss()) - base
-    return {"load_s": load_s, "first_token_s": first_token_s, "peak_bytes": peak}
+    out["load_s"] = time.perf_counter() - t0
+    out["first_token_s"] = timed(generate, prompt(spec["prompt"]), 1, 1, device)["first_s"]  # reads every weight
+    out["peak_bytes"] = peak_since(device, base)
 
+    out["long"] = {}
+    for ids in spec["long_prompts"]:  # memory first, while the process holds little more than the model
+        base = start_peak(device)
+        timed(generate, prompt(ids), 1, 1, device)
+        peak = peak_since(device, base)
+        first = timed(generate, prompt(ids), 1, 1, device)["first_s"]
+        out["long"][len(ids[0])] = {"peak_bytes": peak, "first_s": first}
 
-def measure_load(impl, path, device, dtype, prompt):
-    cmd = [sys.executable, os.path.abspath(__file__), "--load-child", impl, "--model", path, "--device", device,
-           "--dtype", str(dtype).removeprefix("torch."), "--prompt-ids", json.dumps(prompt)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"loading {impl} in a subprocess failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    t0 = time.perf_counter()
+    for _ in range(2 if spec["compiled"] else 1):  # compiled: the first call compiles, CUDA graphs record later
+        timed(generate, prompt(spec["prompt"]), n, n, device)
+    out["warmup_s"] = time.perf_counter() - t0
+    out["budgets"] = {}
+    for i, budget in enumerate(budgets):
+        if spec["compiled"] and budget != n:  # a cache of a new length recompiles: not what the budget costs
+            timed(generate, prompt(spec["prompt"]), budget, n, device)
+        out["budgets"][budget] = timed(generate, prompt(spec["prompt"], i), budget, n, device)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The benchmark
+# The parent: variants, the schedule of processes, the report
 
 
-def timed(generate, input_ids, n, device):
-    """-> (seconds to the first token or None, seconds in all, new tokens)."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    tokens, first = generate(input_ids, n)
-    synchronize(device)
-    return None if first is None else first - t0, time.perf_counter() - t0, tokens
+@dataclasses.dataclass
+class Variant:
+    label: str  # the table's name for it
+    impl: str  # "olmo.py" | "olmo_numpy.py" | "transformers"
+    dtype: str
+    compiled: bool = False
+    blas_threads: int | None = None  # OPENBLAS_NUM_THREADS in the NumPy twin's process
+
+    def run(self, spec):
+        """This variant in a fresh process: child()'s dict, or {"error": the child's last line of stderr}."""
+        env = dict(os.environ)
+        if self.blas_threads:
+            env["OPENBLAS_NUM_THREADS"] = str(self.blas_threads)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env, text=True,
+                              capture_output=True, input=json.dumps({**spec, **dataclasses.asdict(self)}))
+        if proc.returncode != 0:
+            return {"error": (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def variants(args, device, dtypes, unreadable):
+    """The variants to run, and {label: why not} for those skipped."""
+    chosen, skipped = [], {}
+    for dtype in dtypes:
+        suffix = "" if dtype == dtypes[0] else f" {dtype}"
+        for impl in args.impl or IMPLS:
+            if impl == "olmo.py compiled" and not (args.compile or args.impl):
+                continue
+            label, base = impl + suffix, impl.removesuffix(" compiled")
+            if base in unreadable:
+                skipped[label] = unreadable[base]
+            elif base == "olmo_numpy.py" and (device != "cpu" or dtype != "float32"):
+                skipped[label] = "CPU and float32 only"
+            elif base == "olmo_numpy.py" and args.numpy_threads:
+                chosen += [Variant(f"{label} {t} thread{'s' * (t > 1)}", base, dtype, blas_threads=t)
+                           for t in args.numpy_threads]
+            else:
+                chosen.append(Variant(label, base, dtype, compiled=impl.endswith("compiled")))
+    return chosen, skipped
+
+
+def schedule(labels, reps):
+    """Rep r starts at the r-th label and goes round (A B C, B C A, C A B, ...): each runs once per rep, and
+    each runs first as often as the others."""
+    return [labels[r % len(labels):] + labels[:r % len(labels)] for r in range(reps)]
+
+
+def run_all(chosen, spec, reps):
+    """Every variant, reps times, each time in its own process -> {label: [child dicts]}, or {"error"} after a
+    failure (a failed variant is not run again)."""
+    by_label = {v.label: v for v in chosen}
+    runs = {label: [] for label in by_label}
+    failed = {}
+    for rep, order in enumerate(schedule(list(by_label), reps)):
+        for label in order:
+            if label in failed:
+                continue
+            log(f"rep {rep + 1}/{reps}: {label} (a fresh process)")
+            r = by_label[label].run(spec)
+            if "error" in r:
+                log(f"{label} failed: {r['error']}")
+                failed[label] = r
+            else:
+                runs[label].append(r)
+    return {label: failed.get(label) or summarize(rs) for label, rs in runs.items()}
+
+
+def summarize(rs):
+    """One variant's child dicts -> medians (and the raw figures)."""
+    med = lambda get: statistics.median(get(r) for r in rs)  # noqa: E731
+    out = {k: med(lambda r: r[k]) for k in ("load_s", "first_token_s", "peak_bytes", "warmup_s")}
+    out["blas"] = rs[0]["blas"]
+    out["tokens"] = rs[0]["budgets"][min(rs[0]["budgets"], key=int)]["tokens"]
+    out["budgets"] = {b: {k: med(lambda r: r["budgets"][b][k]) for k in ("first_s", "last_s", "decode_step_s")}
+                      for b in rs[0]["budgets"]}
+    out["long"] = {n: {k: med(lambda r: r["long"][n][k]) for k in ("first_s", "peak_bytes")} for n in rs[0]["long"]}
+    out["runs"] = [{k: v for k, v in r.items() if k != "budgets"} | {"budgets": {
+        b: {k: v for k, v in x.items() if k != "tokens"} for b, x in r["budgets"].items()}} for r in rs]
+    return out
+
+
+def derive(results, chosen, args, step_bytes, total_bytes, bandwidth):
+    """Per-variant figures and ratios: vs transformers of the same dtype, and each budget vs --new-tokens'."""
+    reference = {v.dtype: v.label for v in chosen if v.impl == "transformers" and "error" not in results[v.label]}
+    eager = {v.dtype: v.label for v in chosen if v.impl == "olmo.py" and not v.compiled}  # long prompts' yardstick
+    n = str(args.new_tokens)
+    for v in chosen:
+        r = results[v.label]
+        r["variant"] = dataclasses.asdict(v)
+        if "error" in r:
+            continue
+        main = r["budgets"][n]
+        r.update(prefill_s=main["first_s"], prefill_tok_s=args.batch * args.prompt_len / main["first_s"],
+                 decode_step_s=main["decode_step_s"], decode_tok_s=args.batch / main["decode_step_s"],
+                 decode_bytes_s=step_bytes[v.dtype] / main["decode_step_s"],
+                 peak_ratio=r["peak_bytes"] / total_bytes[v.dtype])
+        r["roofline"] = r["decode_bytes_s"] / bandwidth
+        for b in r["budgets"].values():
+            b["vs_new_tokens"] = b["decode_step_s"] / main["decode_step_s"]
+        for length, x in r["long"].items():
+            x["tok_s"] = args.batch * int(length) / x["first_s"]
+    for v in chosen:
+        r, ref = results[v.label], results.get(reference.get(v.dtype))
+        if "error" in r:
+            continue
+        r["same_tokens_as"] = reference.get(v.dtype)
+        r["same_tokens"] = ref is None or r["tokens"] == ref["tokens"]
+        if ref is not None:
+            r["vs_transformers"] = {k: r[k] / ref[k] for k in ("prefill_tok_s", "decode_tok_s")}
+        ours = results.get(eager.get(v.dtype))
+        for length, x in r["long"].items():
+            if ours and "error" not in ours and length in ours["long"]:
+                x["peak_vs_olmo.py"] = x["peak_bytes"] / ours["long"][length]["peak_bytes"]
 
 
 def bench(args):
     device = args.device or olmo.default_device()
-    dtype = olmo.DTYPES[args.dtype] if args.dtype else torch.float32 if device == "cpu" else torch.bfloat16
-    long_prompt = args.long_prompt if args.long_prompt is not None else 2048 if device.startswith("cuda") else 0
-    torch.manual_seed(args.seed)
+    dtypes = args.dtype or ["float32" if device == "cpu" else "bfloat16"]
+    long_prompts = args.long_prompt if args.long_prompt is not None else [2048] if device.startswith("cuda") else []
+    long_prompts = [n for n in long_prompts if n]
     with tempfile.TemporaryDirectory(prefix="olmo-bench-") as tmp:
         if args.model:
             path, name = args.model, os.path.basename(os.path.normpath(args.model))
-            config = olmo.OlmoConfig.from_json(os.path.join(path, "config.json"))
+            if not os.path.isdir(path):
+                raise ValueError(f"{path} is not a checkpoint directory")
         else:
             path, name = tmp, args.shape
-            log(f"building a {args.shape} checkpoint with random weights ({str(dtype).removeprefix('torch.')})")
+            log(f"building a {args.shape} checkpoint with random weights ({dtypes[0]})")
             t0 = time.perf_counter()
-            config = build_checkpoint(args.shape, tmp, dtype, device if device.startswith("cuda") else "cpu")
+            build_checkpoint(args.shape, tmp, olmo.DTYPES[dtypes[0]], device if device.startswith("cuda") else "cpu")
             log(f"built in {time.perf_counter() - t0:.1f}s")
-        return run_bench(args, path, name, config, device, dtype, long_prompt)
+        return run_bench(args, path, name, device, dtypes, long_prompts)
 
 
-def run_bench(args, path, name, config, device, dtype, long_prompt):
-    impls = [i for i in args.impl or IMPLS if i != "olmo.py compiled" or args.compile or args.impl]
-    skipped = {}
-    if "olmo_numpy.py" in impls and (device != "cpu" or dtype != torch.float32):
-        skipped["olmo_numpy.py"] = "CPU and float32 only"
-    if "transformers" in impls:
+def run_bench(args, path, name, device, dtypes, long_prompts):
+    config_file = os.path.join(path, "config.json")
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {config_file}: {e}") from None
+    unreadable = {}
+    import olmo_numpy
+    for impl, module in (("olmo.py", olmo), ("olmo_numpy.py", olmo_numpy)):
         try:
-            import transformers  # noqa: F401
-        except ImportError:
-            skipped["transformers"] = "not installed"
-    impls = [i for i in impls if i not in skipped]
-    total_bytes, step_bytes = weight_bytes(config, dtype)
-    vocab = min(config.vocab_size, 50280)  # real tokens only
-    prompt = torch.randint(0, vocab, (args.batch, args.prompt_len))
-    long_ids = torch.randint(0, vocab, (args.batch, long_prompt)) if long_prompt else None
-    N = args.new_tokens
+            module.OlmoConfig.from_json(config_file)
+        except ValueError as e:
+            if config.get("model_type", "olmo") == "olmo":
+                raise  # a broken OLMo checkpoint: that is the error
+            unreadable[impl] = f"cannot read it yet ({e})"  # a newer model type (OLMo 2 before it lands)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        unreadable["transformers"] = "not installed"
+    numels = checkpoint_numels(path)
+    tied = bool(config.get("tie_word_embeddings", False))
+    sizes = {d: weight_bytes(numels, tied, olmo.DTYPES[d]) for d in dtypes}
+    total_bytes, step_bytes = {d: s[0] for d, s in sizes.items()}, {d: s[1] for d, s in sizes.items()}
+    chosen, skipped = variants(args, device, dtypes, unreadable)
 
+    torch.manual_seed(args.seed)
+    vocab = min(config.get("vocab_size", 50304), 50280)  # real tokens of OLMo 1's tokenizer
+    spec = {"path": path, "device": device, "new_tokens": args.new_tokens, "budgets": args.budgets,
+            "prompt": torch.randint(0, vocab, (args.batch, args.prompt_len)).tolist(),
+            "long_prompts": [torch.randint(0, vocab, (args.batch, n)).tolist() for n in long_prompts]}
     log(f"measuring memory bandwidth on {device} (1 GiB copy)")
     bandwidth = memory_bandwidth(device)
-    results = {impl: {} for impl in impls}
-    for impl in impls:
-        if impl == "olmo.py compiled":
-            continue  # loads exactly as olmo.py; its compile time is reported as warmup_s
-        log(f"loading {impl} in a subprocess (load time, peak memory)")
-        r = measure_load(impl, path, device, dtype, prompt.tolist())
-        results[impl].update(r, peak_ratio=r["peak_bytes"] / total_bytes)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results = run_all(chosen, spec, args.reps)
+    derive(results, chosen, args, step_bytes, total_bytes, bandwidth)
 
-    generators = {}
-    for impl in impls:
-        log(f"loading {impl}, warming up" + (" (compiling)" if "compiled" in impl else ""))
-        generators[impl] = load(impl, path, device, dtype)
-        t0 = time.perf_counter()
-        for _ in range(2):  # compiled: the first call compiles, CUDA graphs record on a later one
-            timed(generators[impl], prompt, N, device)
-        results[impl]["warmup_s"] = time.perf_counter() - t0
-        if impl == "transformers":
-            timed(generators[impl], prompt, 1, device)
-
-    # Our implementations report when their first token was ready, so one generate(prompt, N) gives both prefill
-    # and decode, with the KV cache sized for N throughout; transformers' prefill is its generate(prompt, 1).
-    times = {impl: {"first": [], "all": [], "long": []} for impl in impls}
-    tokens = {}
-    for rep in range(args.reps):
-        for impl in impls:  # round-robin: each repetition runs every implementation once
-            log(f"rep {rep + 1}/{args.reps}: {impl}")
-            first, seconds, tokens[impl] = timed(generators[impl], prompt, N, device)
-            if first is None:
-                first = timed(generators[impl], prompt, 1, device)[1]
-            times[impl]["first"].append(first)
-            times[impl]["all"].append(seconds)
-    if long_ids is not None:  # after the short prompts: a cache sized for these mustn't alternate with theirs
-        for impl in impls:
-            timed(generators[impl], long_ids, 1, device)  # warm-up
-        for rep in range(args.reps):
-            for impl in impls:
-                log(f"rep {rep + 1}/{args.reps}: {impl}, prompt of {long_prompt} tokens")
-                times[impl]["long"].append(timed(generators[impl], long_ids, 1, device)[1])
-
-    reference = "transformers" if "transformers" in impls else impls[0] if impls else None
-    for impl in impls:
-        r, t = results[impl], times[impl]
-        first, everything = statistics.median(t["first"]), statistics.median(t["all"])
-        decode_step = max(everything - first, 1e-9) / (N - 1)
-        r.update(prefill_s=first, prefill_tok_s=args.batch * args.prompt_len / first, generate_s=everything,
-                 decode_step_s=decode_step, decode_tok_s=args.batch / decode_step,
-                 decode_bytes_s=step_bytes / decode_step, roofline=step_bytes / decode_step / bandwidth,
-                 same_tokens_as=reference, same_tokens=bool(torch.equal(tokens[impl], tokens[reference])),
-                 times=t)
-        if t["long"]:
-            long_s = statistics.median(t["long"])
-            r.update(long_prefill_s=long_s, long_prefill_tok_s=args.batch * long_prompt / long_s)
-    if "transformers" in impls:
-        hf = results["transformers"]
-        for impl in impls:
-            r = results[impl]
-            r["vs_transformers"] = {k: r[k] / hf[k] for k in ("prefill_tok_s", "decode_tok_s", "long_prefill_tok_s")
-                                    if k in r}
+    isolation = None
+    pair = [v for v in chosen if v.label in ("olmo.py", "transformers")]
+    if args.check_isolation and len(pair) == 2 and len(chosen) > 2:
+        log("isolation check: olmo.py and transformers again, without the others")
+        alone = run_all(pair, {**spec, "budgets": [], "long_prompts": []}, args.reps)
+        derive(alone, pair, args, step_bytes, total_bytes, bandwidth)
+        isolation = {"with": [v.label for v in chosen], "alone": alone,
+                     "ratios": {k: [results["olmo.py"]["vs_transformers"][k], alone["olmo.py"]["vs_transformers"][k]]
+                                for k in ("prefill_tok_s", "decode_tok_s")}}
     return {
-        "model": name, "config": dataclasses.asdict(config), "device": device, "device_name": device_name(device),
-        "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": N, "long_prompt_len": long_prompt,
-        "reps": args.reps, "weight_bytes": total_bytes, "weight_bytes_per_step": step_bytes,
-        "memory_bandwidth_bytes_s": bandwidth, "skipped": skipped, "results": results,
+        "model": name, "config": config, "device": device, "device_name": device_name(device), "dtypes": dtypes,
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "openblas_env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
+                                                    "OMP_NUM_THREADS") if k in os.environ},
+        "load_average": [load_before, os.getloadavg()] if load_before else None,  # other work on the machine
+        "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "budgets": args.budgets,
+        "long_prompt_lens": long_prompts, "reps": args.reps, "weight_bytes": total_bytes,
+        "weight_bytes_per_step": step_bytes, "memory_bandwidth_bytes_s": bandwidth, "skipped": skipped,
+        "results": results, "isolation": isolation,
     }
 
 
@@ -363,46 +550,82 @@ def device_name(device):
     return platform.processor() or platform.machine()
 
 
+def columns(head, rows):
+    """Aligned text: the first column left, the others right."""
+    widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in [head] + rows]
+
+
 def table(report):
     """The report as readable text."""
-    r0 = report["results"]
-    GB = 1e9
-    lines = [f"{report['model']}: {report['weight_bytes'] / GB:.3f} GB of weights "
-             f"({report['weight_bytes_per_step'] / GB:.3f} GB read per decode step), {report['dtype']}, "
-             f"on {report['device']} ({report['device_name']}, {report['threads']} threads, torch {report['torch']})",
+    results, GB, MB = report["results"], 1e9, 1e6
+    ok = {label: r for label, r in results.items() if "error" not in r}
+    first = report["dtypes"][0]
+    lines = [f"{report['model']}: {report['weight_bytes'][first] / GB:.3f} GB of weights "
+             f"({report['weight_bytes_per_step'][first] / GB:.3f} GB read per decode step) in {first}, "
+             f"on {report['device']} ({report['device_name']}, torch {report['torch']} with "
+             f"{report['torch_threads']} threads)",
              f"batch {report['batch']}, prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens, "
-             f"medians of {report['reps']} reps; memory bandwidth (1 GiB copy): "
-             f"{report['memory_bandwidth_bytes_s'] / GB:.1f} GB/s", ""]
-    hf = "transformers" in r0
-    head = ["implementation", "load s", "peak mem", "prefill tok/s", "decode tok/s", "decode GB/s", "roofline",
-            "warmup s", "same tokens"]
-    rows = []
-    for impl, r in r0.items():
-        vs = r.get("vs_transformers", {})
+             f"medians of {report['reps']} reps, each implementation in its own process; memory bandwidth (1 GiB "
+             f"copy): {report['memory_bandwidth_bytes_s'] / GB:.1f} GB/s"
+             + (" (1-minute load average {:.1f} before, {:.1f} after: other work competes)".format(
+                 report["load_average"][0][0], report["load_average"][1][0])
+                if report["load_average"] else ""), ""]
 
-        def with_ratio(key, fmt):
-            return f"{r[key]:{fmt}}" + (f" ({vs[key]:.2f}x)" if hf and impl != "transformers" else "")
-        rows.append([impl, f"{r['load_s']:.2f}" if "load_s" in r else "-",
-                     f"{r['peak_ratio']:.2f}x" if "peak_ratio" in r else "-",
-                     with_ratio("prefill_tok_s", ".0f"), with_ratio("decode_tok_s", ".1f"),
-                     f"{r['decode_bytes_s'] / GB:.1f}", f"{r['roofline']:.0%}", f"{r['warmup_s']:.1f}",
+    def ratio(r, key):
+        vs = r.get("vs_transformers", {}).get(key)
+        return f" ({vs:.2f}x)" if vs is not None and r["same_tokens_as"] != label else ""
+    rows = []
+    for label, r in ok.items():
+        loads = not r["variant"]["compiled"]  # compiled loads as olmo.py does, then imports the compiler
+        rows.append([label, f"{r['load_s']:.2f}" if loads else "-", f"{r['peak_ratio']:.2f}x" if loads else "-",
+                     f"{r['prefill_tok_s']:.0f}{ratio(r, 'prefill_tok_s')}",
+                     f"{r['decode_tok_s']:.1f}{ratio(r, 'decode_tok_s')}", f"{r['decode_bytes_s'] / GB:.1f}",
+                     f"{r['roofline']:.0%}", f"{r['warmup_s']:.1f}",
                      "yes" if r["same_tokens"] else f"no (vs {r['same_tokens_as']})"])
-    widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
-    for row in [head] + rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    if report["long_prompt_len"]:
-        lines += ["", f"prompt of {report['long_prompt_len']} tokens: time to first token"]
-        for impl, r in r0.items():
-            vs = r.get("vs_transformers", {}).get("long_prefill_tok_s")
-            lines.append(f"  {impl:<18} {r['long_prefill_s'] * 1000:8.1f} ms  {r['long_prefill_tok_s']:10.0f} tok/s"
-                         + (f"  ({vs:.2f}x)" if vs and impl != "transformers" else ""))
+    lines += columns(["implementation", "load s", "peak mem", "prefill tok/s", "decode tok/s", "decode GB/s",
+                      "roofline", "warmup s", "same tokens"], rows)
+
+    n = str(report["new_tokens"])
+    if report["budgets"]:
+        budgets = [n] + [str(b) for b in report["budgets"]]
+        lines += ["", f"token budget (max_new_tokens), generate stopped after {n} tokens: ms per decoded token "
+                      f"(x vs budget {n}) | seconds to token {n}"]
+        rows = [[label] + [f"{r['budgets'][b]['decode_step_s'] * 1000:.2f}"
+                           + (f" ({r['budgets'][b]['vs_new_tokens']:.2f}x)" if b != n else "")
+                           + f" | {r['budgets'][b]['last_s']:.2f}" for b in budgets] for label, r in ok.items()]
+        lines += columns(["implementation"] + [f"budget {b}" for b in budgets], rows)
+    if report["long_prompt_lens"]:
+        lengths = [str(n) for n in report["long_prompt_lens"]]
+        lines += ["", "long prompts: time to first token in ms (tok/s) | peak memory of that prefill above the "
+                      "loaded model, MB (x vs olmo.py)"]
+        rows = [[label] + [f"{r['long'][n]['first_s'] * 1000:.1f} ({r['long'][n]['tok_s']:.0f})"
+                           f" | {r['long'][n]['peak_bytes'] / MB:.0f}"
+                           + (f" ({r['long'][n]['peak_vs_olmo.py']:.2f}x)" if "peak_vs_olmo.py" in r['long'][n]
+                              else "") for n in lengths] for label, r in ok.items()]
+        lines += columns(["implementation"] + [f"{n} tokens" for n in lengths], rows)
+    if report["isolation"]:
+        lines.append("")
+        for key, name in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+            together, alone = report["isolation"]["ratios"][key]
+            lines.append(f"isolation: olmo.py {name} vs transformers {together:.2f}x in the run with "
+                         f"{len(report['isolation']['with'])} implementations, {alone:.2f}x with only these two")
     lines += ["", "peak mem: peak memory to load and produce the first token, in a fresh process, / the weights' "
               "bytes" + (" (GPU: max_memory_allocated)" if report["device"].startswith("cuda") else
                          " (resident set above the process's before loading)"),
-              "decode GB/s: weights read per step x steps/s; roofline: that / the measured bandwidth"
-              + ("; (Nx): vs transformers" if hf else "")]
-    for impl, why in report["skipped"].items():
-        lines.append(f"skipped {impl}: {why}")
+              "decode GB/s: weights read per step x steps/s; roofline: that / the measured bandwidth; "
+              "(Nx): vs transformers of the same dtype"]
+    for label, r in ok.items():
+        if r["blas"]:
+            lines.append(f"{label}: numpy's OpenBLAS runs {r['blas']}")
+    if report["openblas_env"]:
+        lines.append("environment: " + " ".join(f"{k}={v}" for k, v in report["openblas_env"].items()))
+    for label, why in report["skipped"].items():
+        lines.append(f"skipped {label}: {why}")
+    for label, r in results.items():
+        if "error" in r:
+            lines.append(f"failed {label}: {r['error']}")
     return "\n".join(lines)
 
 
@@ -413,35 +636,51 @@ def table(report):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark olmo.py against transformers (and olmo_numpy.py).")
     p.add_argument("--shape", choices=SHAPES, default="160m", help="random weights of this shape (default 160m)")
-    p.add_argument("--model", help="a checkpoint directory instead of --shape")
+    p.add_argument("--model", help="a checkpoint directory (safetensors) instead of --shape")
     p.add_argument("--device", help="default: cuda, then mps, then cpu")
-    p.add_argument("--dtype", choices=olmo.DTYPES, help="default: float32 on the CPU, bfloat16 on a GPU")
+    p.add_argument("--dtype", choices=olmo.DTYPES, action="append",
+                   help="repeatable: each dtype's rows beside the first's (default: float32 on the CPU, "
+                        "bfloat16 on a GPU)")
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens per generate, >= 2")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens timed per generate, >= 2")
+    p.add_argument("--budgets", default="8192",
+                   help="comma-separated max_new_tokens (each > --new-tokens) timed beside --new-tokens' own, "
+                        "stopped after --new-tokens tokens; 'none' for none (default 8192)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="processes per implementation")
     p.add_argument("--compile", action="store_true", help="also time olmo.py with torch.compile'd decode steps")
     p.add_argument("--impl", action="append", choices=IMPLS, help="only these (repeatable; default: all present)")
-    p.add_argument("--long-prompt", type=int, help="also time the prefill of a prompt this long (default: 2048 "
-                                                   "on CUDA, none elsewhere; 0 = none)")
+    p.add_argument("--numpy-threads", type=int, action="append",
+                   help="repeatable: time olmo_numpy.py with this many OpenBLAS threads (OPENBLAS_NUM_THREADS)")
+    p.add_argument("--long-prompt", type=int, action="append",
+                   help="repeatable: also time the prefill of a prompt this long, and its peak memory (default: "
+                        "2048 on CUDA, none elsewhere; 0 = none)")
+    p.add_argument("--check-isolation", action="store_true",
+                   help="run olmo.py and transformers again without the others: their ratio must not change")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the raw figures here")
-    p.add_argument("--load-child", choices=IMPLS, help=argparse.SUPPRESS)  # internal: one load, in a subprocess
-    p.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # internal: one process's work
     args = p.parse_args(argv)
     for flag in ("prompt_len", "batch", "reps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (decode speed is measured from the tokens after the first)")
+    try:
+        args.budgets = [] if args.budgets == "none" else [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        p.error(f"--budgets must be comma-separated integers or 'none', got {args.budgets!r}")
+    if any(b <= args.new_tokens for b in args.budgets):
+        p.error(f"each of --budgets must be > --new-tokens ({args.new_tokens})")
+    if any(t < 1 for t in args.numpy_threads or []) or any(n < 0 for n in args.long_prompt or []):
+        p.error("--numpy-threads must be >= 1 and --long-prompt >= 0")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.load_child:
-        dtype = olmo.DTYPES[args.dtype]
-        print(json.dumps(load_child(args.load_child, args.model, args.device, dtype, json.loads(args.prompt_ids))))
+    if args.child:
+        print(json.dumps(child(json.load(sys.stdin))))
         return 0
     try:
         report = bench(args)
