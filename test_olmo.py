@@ -124,7 +124,9 @@ def configs(draw, generations=tuple(GENERATIONS)):
     if kind != "olmo":
         cfg["rms_norm_eps"] = draw(st.sampled_from([1e-5, 1e-6, 0.1]))
     if kind == "olmo3":
-        cfg["sliding_window"] = draw(st.integers(1, 8))
+        # windows of 1 are tested against transformers' forward only (test_the_cache_grows_with_the_tokens_produced):
+        # transformers 5.23's generate treats a window of 1 as one of 2, disagreeing with its own forward
+        cfg["sliding_window"] = draw(st.integers(2, 8))
         cfg["layer_types"] = draw(st.none() | st.lists(st.sampled_from(["full_attention", "sliding_attention"]),
                                                        min_size=layers, max_size=layers))
     return cfg
@@ -265,12 +267,9 @@ def test_cached_generation_equals_transformers_and_full_forward(cfg, lengths, ne
     full_mask = torch.cat([mask, torch.ones(len(lengths), new - 1, dtype=mask.dtype)], 1)
     with torch.no_grad():
         full = model(tokens[:, :-1], attention_mask=full_mask)[:, T - 1:]
-    if dynamic_past_max(cfg, max(lengths) + new - 1):
-        # Dynamic NTK changes the frequencies as the sequence grows, but cached keys keep the rotation they got
-        # when they were computed; transformers behaves exactly so (checked above), and a full forward differs.
-        assume(new > 1)
-        assert not torch.allclose(full, steps, atol=1e-3)
-    else:
+    # Dynamic NTK changes the frequencies as the sequence grows, but cached keys keep the rotation they got when
+    # they were computed; transformers behaves exactly so (checked above), and a full forward differs.
+    if not dynamic_past_max(cfg, max(lengths) + new - 1):
         assert_close(full, steps)
 
 
@@ -430,10 +429,11 @@ def tiny_olmo3():
                 layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
 
-def test_the_cache_grows_with_the_tokens_produced(tmp_path):
+@pytest.mark.parametrize("window", [1, 3])
+def test_the_cache_grows_with_the_tokens_produced(tmp_path, window):
     """A budget is a limit, not an allocation: the cache starts at 256 slots whatever max_new_tokens says, and
     doubles as tokens are produced, with transformers' greedy tokens past the doubling and the windows."""
-    cfg = tiny_olmo3()
+    cfg = {**tiny_olmo3(), "sliding_window": window}
     ref = reference_model(cfg, 5)
     model = olmo.OlmoForCausalLM.from_pretrained(save(ref, tmp_path))
     ids = ids_for(cfg, 1, 6, 0)
