@@ -478,8 +478,7 @@ class OlmoModel(nn.Module):
         self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps) if config.norm_after else \
             OlmoLayerNorm(config.hidden_size)
-        # OLMo 3: each layer type has its own RoPE (scaling stretches the full-attention layers, sliding ones
-        # see only nearby keys and keep plain RoPE)
+        # OLMo 3: a RoPE per layer type (scaling stretches the full-attention layers; sliding ones stay plain)
         self.rotary_emb = nn.ModuleDict({kind: OlmoRotaryEmbedding(config, kind) for kind in config.rope_parameters})
 
     def forward(self, input_ids, position_ids, query_slots, key_valid, slots=None):
@@ -701,17 +700,18 @@ def resolve_checkpoint(path, revision=None):
     try:
         import huggingface_hub
     except ImportError:
-        raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub "
-                         f"or download it with `huggingface-cli download {path} --local-dir DIR`") from None
+        raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub") from None
     try:  # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
         files = huggingface_hub.list_repo_files(path, revision=revision)
-        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
-        return huggingface_hub.snapshot_download(path, revision=revision,
-                                                 allow_patterns=["*.json", "tokenizer*", "*.jinja", weights])
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+    except Exception:  # offline (HF_HUB_OFFLINE): whatever the cache holds; other errors come back below
+        weights = ["*.safetensors", "*.bin"]
+    try:
+        return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=["*.json", "tokenizer*",
+                                                                                          "*.jinja", *weights])
     except Exception as e:  # offline, unknown repo or revision, no network: one line, not a traceback
-        at = f" at revision {revision!r}" if revision else ""
-        raise ValueError(f"cannot fetch {path}{at} from the hub ({type(e).__name__}); check the name and "
-                         "revision, download it when online, or pass a local checkpoint directory") from None
+        raise ValueError(f"cannot fetch {path}{f' at revision {revision!r}' if revision else ''} from the hub "
+                         f"({type(e).__name__}); check the name and revision, or pass a local directory") from None
 
 
 def column_major(path, name, tensor, dtype):

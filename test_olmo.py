@@ -745,12 +745,20 @@ def test_hub_ids_fetch_one_weight_format_at_a_revision(small_checkpoint, monkeyp
     assert repo == "allenai/OLMo-1B-hf" and kw["revision"] == "step1000-tokens4B"
     assert weights in kw["allow_patterns"] and {"*.safetensors", "*.bin"} - {weights} - set(kw["allow_patterns"])
 
+    def offline(repo, revision=None):  # what list_repo_files does with HF_HUB_OFFLINE set
+        raise OSError("offline mode is enabled")
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    asked.clear()
+    assert_close(olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")(ids), expected_logits(ref, ids))
+    assert {"*.safetensors", "*.bin"} <= set(asked[0][1]["allow_patterns"])  # whichever the cache holds
+
     class RevisionNotFoundError(Exception):
         pass
 
-    def unknown(repo, revision=None):
+    def unknown(repo, revision=None, **kw):
         raise RevisionNotFoundError("404 Client Error\n(many lines)")
     monkeypatch.setattr(huggingface_hub, "list_repo_files", unknown)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unknown)
     with pytest.raises(ValueError, match="revision 'step0'.*RevisionNotFoundError") as error:
         olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf", revision="step0")
     assert "\n" not in str(error.value)
@@ -1167,7 +1175,8 @@ def test_cli_no_prompt_is_an_error(cli_checkpoint, capsys, script):
 def test_cli_torch_flags_one_line_exit_2(cli_checkpoint, args, message, tmp_path, monkeypatch, capsys):
     if (args[-1] == "cuda" and torch.cuda.is_available()) or (args[-1] == "mps" and torch.backends.mps.is_available()):
         pytest.skip(f"this machine has {args[-1]}")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the env var is too late
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
     status, out, err = main_in_process(olmo.main, ["--model", cli_checkpoint[0], "--prompt", "hi", *args], capsys)
     assert out == "" and re.search(message, error_line(status, err))
