@@ -488,7 +488,7 @@ class OlmoModel(nn.Module):
         # RoPE tables and masks once per layer type, shared by every layer of that type
         rope = {kind: emb(position_ids) for kind, emb in self.rotary_emb.items()}
         masks = {kind: causal_mask(query_slots, key_valid, self.config.sliding_window
-                                      if kind == "sliding_attention" else None) for kind in rope}
+                                   if kind == "sliding_attention" else None) for kind in rope}
         for layer, kind in zip(self.layers, self.config.layer_types):
             x = layer(x, *rope[kind], masks[kind], slots)
         return self.norm(x)
