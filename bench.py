@@ -466,7 +466,8 @@ def derive(results, chosen, args, step_bytes, total_bytes, bandwidth):
 
 
 def bench(args):
-    device = args.device or olmo.default_device()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                             else "cpu")
     dtypes = args.dtype or ["float32" if device == "cpu" else "bfloat16"]
     long_prompts = args.long_prompt if args.long_prompt is not None else [2048] if device.startswith("cuda") else []
     long_prompts = [n for n in long_prompts if n]
