@@ -400,8 +400,8 @@ class OlmoAttention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
-        if slots is not None:
-            k, v = self.kv_cache.update(slots, k, v)  # (B, kv_heads, S, head_dim)
+        if slots is not None:  # attend over the cache's first S slots, S the mask's width (see setup_cache)
+            k, v = (t[:, :, :mask.shape[-1]] for t in self.kv_cache.update(slots, k, v))  # (B, kv_heads, S, head_dim)
         # One fused kernel for softmax(q k^T / sqrt(head_dim) + mask) v. enable_gqa lets each group of
         # num_heads / num_kv_heads query heads share a key/value head without copying k and v.
         y = F.scaled_dot_product_attention(
@@ -551,10 +551,8 @@ class OlmoForCausalLM(nn.Module):
     # (left-padded) batch row; its RoPE position is s minus the row's padding.
 
     def grow_cache(self, batch_size, needed):
-        """Make every layer's cache hold at least `needed` slots, keeping what it holds. The length grows in powers
-        of two (at least 256): a decode step attends over the whole cache -- a static shape per length, which is
-        what torch.compile and CUDA graphs need, so they recompile only at each doubling -- and at most half of it
-        is empty, so a large max_new_tokens costs nothing until the tokens are produced."""
+        """Make every layer's cache hold at least `needed` slots, keeping what it holds, in powers of two (at least
+        256): a large max_new_tokens costs nothing until its tokens are produced."""
         cache, p, c = self.model.layers[0].self_attn.kv_cache, self.lm_head.weight, self.config
         k = cache and cache.k_cache
         same = cache is not None and (k.shape[0], k.dtype, k.device) == (batch_size, p.dtype, p.device)
@@ -578,10 +576,12 @@ class OlmoForCausalLM(nn.Module):
         self.slots = torch.arange(new_length, device=p.device)
 
     def setup_cache(self, attention_mask, length):
-        """Make the cache hold `length` slots for the batch of attention_mask (B, T), and note which slots hold real
-        tokens: key_valid (B, S), False at the prompt's padding (the slots after the prompt get generated tokens)."""
-        self.grow_cache(attention_mask.shape[0], length)
-        self.key_valid = F.pad(attention_mask.bool(), (0, len(self.slots) - attention_mask.shape[1]), value=True)
+        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots hold real
+        tokens (not the prompt's padding). Steps attend over S = `length` rounded up to a power of two: a static
+        shape per doubling (as torch.compile and CUDA graphs need), at most twice what is filled, at any capacity."""
+        width = max(256, 1 << (length - 1).bit_length())
+        self.grow_cache(attention_mask.shape[0], width)
+        self.key_valid = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]), value=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
         """input_ids, attention_mask (B, T); the cache already holds slots < start -> logits of the last position
@@ -638,7 +638,7 @@ class OlmoForCausalLM(nn.Module):
                 if finished.all():
                     break
             if i + 1 < max_new_tokens:
-                if T + i + 1 > len(self.slots):
+                if T + i + 1 > self.key_valid.shape[1]:
                     self.setup_cache(attention_mask, T + i + 1)
                 # the slot as a view of self.slots: a new tensor per step would be a host-to-device copy (a GPU stall)
                 logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)

@@ -447,6 +447,8 @@ def test_the_cache_grows_with_the_tokens_produced(tmp_path, window):
     # drifts from its own forward on prompts this long, in transformers 5.23)
     with torch.no_grad():
         assert torch.equal(out[0, 250:], ref(out[:, :-1]).logits[0, 249:].argmax(-1))
+    model.generate(ids[:, :5], 3)  # a short call after a long one attends over 256 slots, not the 512 allocated
+    assert len(model.slots) == 512 and model.key_valid.shape == (1, 256)
 
 
 @pytest.mark.parametrize("cfg", [tiny_olmo3(), {**SMALL, "max_position_embeddings": 12,
@@ -592,7 +594,7 @@ def test_mutated_config_json_loads_the_same_model_or_names_the_file(data, tmp_pa
     """Whatever one key of a valid config.json is turned into (a type swap, a non-finite or out-of-range number,
     null, nesting, or removal), loading either raises ValueError naming config.json or the offending tensor, or
     gives a model with transformers' logits for the same file (where transformers refuses the file, the unmutated
-    model's): never another exception, never a different model."""
+    model's): never another exception, never a different model; and the NumPy twin decides the same."""
     cfg = data.draw(configs())
     d = tmp_path_factory.mktemp("mutated")
     unmutated = reference_model(cfg)
@@ -610,8 +612,11 @@ def test_mutated_config_json_loads_the_same_model_or_names_the_file(data, tmp_pa
         model = olmo.OlmoForCausalLM.from_pretrained(d)
     except ValueError as e:
         assert "config.json" in str(e) or "tensor" in str(e), str(e)
+        with pytest.raises(ValueError, match="config.json|tensor"):  # the twin refuses it too
+            olmo_numpy.OlmoForCausalLM.from_pretrained(str(d))
         return
     ids = ids_for(cfg, 1, 12, 0)
+    assert_close(olmo_numpy.OlmoForCausalLM.from_pretrained(str(d))(ids.numpy()), model(ids).detach().numpy())
     try:
         ref = getattr(transformers, GENERATIONS[model.config.model_type][1]).from_pretrained(d).eval()
     except Exception:  # stricter than us (an int where it wants a float): then nothing may have changed
@@ -2747,7 +2752,7 @@ def test_bench_tiny_end_to_end(tmp_path):
     prompt, the NumPy twin's BLAS threads set in its process; the report holds every figure, and greedy tokens
     agree across implementations (timings are only checked to exist: speed is bench.py's output, not a test)."""
     out = tmp_path / "bench.json"
-    proc = run_cli("--shape", "tiny", "--device", "cpu", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1",
+    proc = run_cli("--shape", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1",  # default device
                    "--budgets", "6", "--long-prompt", "12", "--numpy-threads", "1", "--json", str(out),
                    script="bench.py", env={"OMP_NUM_THREADS": "1"})  # quick on a busy machine
     assert proc.returncode == 0, proc.stderr[-3000:]
