@@ -584,11 +584,11 @@ class OlmoForCausalLM(nn.Module):
         self.key_valid = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]), value=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
-        """input_ids, attention_mask (B, T); the cache already holds slots < start -> logits of the last position
-        (B, vocab)."""
-        slots = self.slots[start:input_ids.shape[1]]
+        """input_ids, attention_mask (B, T), cache slots < start already filled -> last position's logits (B, vocab)."""
+        T = input_ids.shape[1]
+        slots = self.slots[start:T]  # keys past T are later than every query here: attend over the first T only
         hidden = self.model(input_ids[:, start:], positions_from_mask(attention_mask)[:, start:], slots,
-                            self.key_valid, slots)
+                            self.key_valid[:, :T], slots)
         return self.lm_head(hidden[:, -1])  # the vocab projection only where we sample: (B, vocab)
 
     def decode_one_token(self, token, slot, position_ids):
