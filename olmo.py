@@ -556,7 +556,7 @@ class OlmoForCausalLM(nn.Module):
         cache, p, c = self.model.layers[0].self_attn.kv_cache, self.lm_head.weight, self.config
         k = cache and cache.k_cache
         same = cache is not None and (k.shape[0], k.dtype, k.device) == (batch_size, p.dtype, p.device)
-        length = cache.k_cache.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
+        length = k.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
         if needed <= length:
             return
         self.cached_ids = self.cached_ids if same else []
