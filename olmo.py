@@ -209,14 +209,8 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
 
 
 # The MLP gate's activations, by the names config.json uses (transformers' ACT2FN).
-ACT2FN = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+ACT2FN = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Norm
@@ -387,8 +381,8 @@ class OlmoAttention(nn.Module):
         self.kv_cache = None  # set by OlmoForCausalLM.grow_cache
 
     def forward(self, x, cos, sin, mask, slots=None):
-        """x (B, T, hidden); mask (B, 1, T, S) bool, True = may attend; slots (T,) cache slots to write, or None to
-        attend only within x (S = T)."""
+        """x (B, T, hidden); mask (B, 1, T, S) bool, True = may attend, or None: plain causal over S = T keys;
+        slots (T,) cache slots to write, or None to attend only within x (S = T)."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.config.norm_after:
@@ -401,12 +395,13 @@ class OlmoAttention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
         if slots is not None:  # attend over the cache's first S slots, S the mask's width (see setup_cache)
-            k, v = (t[:, :, :mask.shape[-1]] for t in self.kv_cache.update(slots, k, v))  # (B, kv_heads, S, head_dim)
-        # One fused kernel for softmax(q k^T / sqrt(head_dim) + mask) v. enable_gqa lets each group of
-        # num_heads / num_kv_heads query heads share a key/value head without copying k and v.
+            S = T if mask is None else mask.shape[-1]
+            k, v = (t[:, :, :S] for t in self.kv_cache.update(slots, k, v))  # (B, kv_heads, S, head_dim)
+        # One fused kernel for softmax(q k^T / sqrt(head_dim) + mask) v (without a mask: the causal kernel, which
+        # skips the masked half). enable_gqa lets each group of query heads share a key/value head without copies.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.config.attention_dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads)  # (B, heads, T, head_dim)
+            is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -481,14 +476,16 @@ class OlmoModel(nn.Module):
         # OLMo 3: a RoPE per layer type (scaling stretches the full-attention layers; sliding ones stay plain)
         self.rotary_emb = nn.ModuleDict({kind: OlmoRotaryEmbedding(config, kind) for kind in config.rope_parameters})
 
-    def forward(self, input_ids, position_ids, query_slots, key_valid, slots=None):
+    def forward(self, input_ids, position_ids, query_slots, key_valid, slots=None, plain=False):
         """input_ids, position_ids (B, T); query_slots (T,) the tokens' slots; key_valid (B, S) which slots hold
-        real tokens; slots: query_slots again to write the KV cache, or None to attend only within input_ids."""
+        real tokens; slots: query_slots again to write the KV cache, or None to attend only within input_ids.
+        plain: the queries are all S slots, none padding, so full attention needs no mask (a faster kernel)."""
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         # RoPE tables and masks once per layer type, shared by every layer of that type
         rope = {kind: emb(position_ids) for kind, emb in self.rotary_emb.items()}
-        masks = {kind: causal_mask(query_slots, key_valid, self.config.sliding_window
-                                   if kind == "sliding_attention" else None) for kind in rope}
+        masks = {kind: None if plain and kind == "full_attention" else causal_mask(
+            query_slots, key_valid, self.config.sliding_window if kind == "sliding_attention" else None)
+            for kind in rope}
         for layer, kind in zip(self.layers, self.config.layer_types):
             x = layer(x, *rope[kind], masks[kind], slots)
         return self.norm(x)
@@ -536,7 +533,8 @@ class OlmoForCausalLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         slots = torch.arange(input_ids.shape[1], device=input_ids.device)
-        hidden = self.model(input_ids, positions_from_mask(attention_mask), slots, attention_mask.bool())
+        hidden = self.model(input_ids, positions_from_mask(attention_mask), slots, attention_mask.bool(),
+                            plain=bool(attention_mask.all()))
         logits = self.lm_head(hidden)
         if labels is None:
             return logits
@@ -588,7 +586,7 @@ class OlmoForCausalLM(nn.Module):
         T = input_ids.shape[1]
         slots = self.slots[start:T]  # keys past T are later than every query here: attend over the first T only
         hidden = self.model(input_ids[:, start:], positions_from_mask(attention_mask)[:, start:], slots,
-                            self.key_valid[:, :T], slots)
+                            self.key_valid[:, :T], slots, plain=start == 0 and bool(attention_mask.all()))
         return self.lm_head(hidden[:, -1])  # the vocab projection only where we sample: (B, vocab)
 
     def decode_one_token(self, token, slot, position_ids):
