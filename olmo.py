@@ -552,8 +552,8 @@ class OlmoForCausalLM(nn.Module):
         """Make every layer's cache hold at least `needed` slots, keeping what it holds, in powers of two (at least
         256): a large max_new_tokens costs nothing until its tokens are produced."""
         cache, p, c = self.model.layers[0].self_attn.kv_cache, self.lm_head.weight, self.config
-        k = cache and cache.k_cache
-        same = cache is not None and (k.shape[0], k.dtype, k.device) == (batch_size, p.dtype, p.device)
+        k = None if cache is None else cache.k_cache  # (B, kv_heads, length, head_dim)
+        same = k is not None and (k.shape[0], k.dtype, k.device) == (batch_size, p.dtype, p.device)
         length = k.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
         if needed <= length:
             return

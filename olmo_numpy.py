@@ -24,10 +24,11 @@ import types
 import typing
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 # Threads: NumPy's BLAS keeps its default, a thread per core, on purpose: a real model's decode step streams every
 # weight from memory, which one core alone doesn't do at full speed (160m: 30 vs 45 ms per token with a second core
 # free). For tiny models, or cores busy with other work, one thread is faster: set OPENBLAS_NUM_THREADS=1.
-import numpy as np
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config (the same dataclass and checks as olmo.py's, repeated on purpose: this file imports nothing from it)
