@@ -9,6 +9,8 @@ generate(prompt, budget) for each token budget (max_new_tokens), stopped after -
 prefill = time to the first token; decode = time per token after the first. Decode bandwidth is the bytes of
 weights read per step x steps/s, next to this machine's own memory bandwidth (a 1 GiB copy): the fraction of the
 roofline that decoding reaches (at batch 1 each step reads every weight once, so it is bound by memory bandwidth).
+A last process times only a step's matrix-vector products ("weights alone"): no implementation's step can take
+less, so transformers' step time over it is the largest speedup this machine allows any implementation.
 
     python bench.py --shape 160m                     # random weights in OLMo's shapes, built in a temp dir
     python bench.py --model path/to/OLMo-1B-hf --json results.json
@@ -24,8 +26,7 @@ What each of the speed goals reads (any of these flags combine in one run):
     --shape 160m --long-prompt 256 --long-prompt 6000     prefill speed, and its peak memory vs olmo.py's
     --dtype float32 --dtype bfloat16                 bf16 rows beside fp32 (the NumPy twin: fp32 only)
     --numpy-threads 1 --numpy-threads 2              the twin with 1 and with 2 OpenBLAS threads
-    --shape 1b | olmo2-1b                            OLMo-1B; OLMo-2-0425-1B (transformers alone until a twin
-                                                     reads model_type olmo2: the table says which it skipped)
+    --shape 1b | olmo2-1b                            OLMo-1B; OLMo-2-0425-1B
 
 transformers' cache grows with the tokens, so its budget ratio stays near 1: a control for the measurement.
 Numbers from a machine running other work are noisy: the header gives the load average before and after.
@@ -47,7 +48,7 @@ import torch
 import olmo
 
 # The shapes of OLMo 1 (with the real 50304-token vocabulary; "tiny" measures per-token overhead only) and of
-# OLMo-2-0425-1B, which transformers' Olmo2Config describes (olmo.py reads model_type "olmo2" once it supports it).
+# OLMo-2-0425-1B, written as transformers' Olmo2Config describes it.
 SHAPES = {
     "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=256, num_attention_heads=4),
     "160m": dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, num_attention_heads=12),
@@ -294,10 +295,39 @@ def timed(generate, ids, budget, n, device):
     return {"first_s": first, "last_s": last, "decode_step_s": (last - first) / max(n - 1, 1), "tokens": tokens}
 
 
+def floor_step_s(path, device, dtype, reps=7):
+    """The least time a decode step takes on this machine: one matrix-vector product per weight the step reads
+    (every projection and the head; of the embedding only a row), nothing else, in torch's own kernels; the best
+    of reps passes. At batch 1 that is the step's memory traffic, so transformers' step time / this bounds what
+    any implementation can gain over it here, whatever its overheads."""
+    from safetensors import safe_open
+    weights = []
+    for file in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(path, file), "pt") as f:
+            names = [n for n in f.keys() if len(f.get_slice(n).get_shape()) == 2]
+            weights += [(n, f.get_tensor(n).to(device, dtype)) for n in names]  # a copy in memory, not the file
+    if any(n == "lm_head.weight" for n, _ in weights):  # untied: the head is read, the embedding is not
+        weights = [(n, w) for n, w in weights if n != "model.embed_tokens.weight"]
+    x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype, device=device) for _, w in weights}
+
+    def one_pass():
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _, w in weights:
+            torch.nn.functional.linear(x[w.shape[1]], w)
+        synchronize(device)
+        return time.perf_counter() - t0
+    with torch.no_grad():
+        one_pass()  # warm-up
+        return min(one_pass() for _ in range(reps))
+
+
 def child(spec):
     """One implementation in this fresh process: load, long prompts, then each budget. -> a JSON-able dict."""
     import numpy as np
     impl, device, dtype = spec["impl"], spec["device"], olmo.DTYPES[spec["dtype"]]
+    if impl == "floor":
+        return {"step_s": floor_step_s(spec["path"], device, dtype)}
     if impl == "transformers":
         import transformers  # resolve the lazy imports before the baseline: they are code, not the model
         transformers.AutoModelForCausalLM, transformers.GenerationConfig
@@ -492,15 +522,10 @@ def run_bench(args, path, name, device, dtypes, long_prompts):
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {config_file}: {e}") from None
-    unreadable = {}
     import olmo_numpy
-    for impl, module in (("olmo.py", olmo), ("olmo_numpy.py", olmo_numpy)):
-        try:
-            module.OlmoConfig.from_json(config_file)
-        except ValueError as e:
-            if config.get("model_type", "olmo") == "olmo":
-                raise  # a broken OLMo checkpoint: that is the error
-            unreadable[impl] = f"cannot read it yet ({e})"  # a newer model type (OLMo 2 before it lands)
+    for module in (olmo, olmo_numpy):  # a config either twin refuses is the error, in one line
+        module.OlmoConfig.from_json(config_file)
+    unreadable = {}
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -521,6 +546,10 @@ def run_bench(args, path, name, device, dtypes, long_prompts):
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     results = run_all(chosen, spec, args.reps)
     derive(results, chosen, args, step_bytes, total_bytes, bandwidth)
+    floor = {}
+    for dtype in dtypes:
+        log(f"weights alone in {dtype}: the matrix-vector products of a step, nothing else (a fresh process)")
+        floor[dtype] = Variant("weights alone", "floor", dtype).run(spec)
 
     isolation = None
     pair = [v for v in chosen if v.label in ("olmo.py", "transformers")]
@@ -540,7 +569,7 @@ def run_bench(args, path, name, device, dtypes, long_prompts):
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "budgets": args.budgets,
         "long_prompt_lens": long_prompts, "reps": args.reps, "weight_bytes": total_bytes,
         "weight_bytes_per_step": step_bytes, "memory_bandwidth_bytes_s": bandwidth, "skipped": skipped,
-        "results": results, "isolation": isolation,
+        "results": results, "isolation": isolation, "floor": floor,
     }
 
 
@@ -587,6 +616,17 @@ def table(report):
                      "yes" if r["same_tokens"] else f"no (vs {r['same_tokens_as']})"])
     lines += columns(["implementation", "load s", "peak mem", "prefill tok/s", "decode tok/s", "decode GB/s",
                       "roofline", "warmup s", "same tokens"], rows)
+
+    for dtype, f in report["floor"].items():
+        if "error" in f:
+            lines.append(f"weights alone in {dtype} failed: {f['error']}")
+            continue
+        ref = next((r for r in ok.values() if r["variant"]["impl"] == "transformers"
+                    and r["variant"]["dtype"] == dtype), None)
+        lines.append(f"weights alone in {dtype} (each weight's matrix-vector product, nothing else): "
+                     f"{f['step_s'] * 1000:.2f} ms per step, {report['weight_bytes_per_step'][dtype] / f['step_s'] / GB:.1f}"
+                     f" GB/s" + (f": no implementation decodes faster than {ref['decode_step_s'] / f['step_s']:.2f}x "
+                                 f"transformers here" if ref and report["batch"] == 1 else ""))
 
     n = str(report["new_tokens"])
     if report["budgets"]:

@@ -2787,6 +2787,9 @@ def test_bench_tiny_end_to_end(tmp_path):
     blas = results["olmo_numpy.py 1 thread"]["blas"]  # None where numpy's BLAS isn't a findable OpenBLAS
     assert blas is None or blas.endswith(", 1 thread(s)"), blas
     assert "roofline" in proc.stdout and "budget 6" in proc.stdout and "12 tokens" in proc.stdout
+    # The floor: a step's matrix-vector products alone, in a process of its own, and the bound it sets.
+    assert report["floor"]["float32"]["step_s"] > 0, report["floor"]
+    assert "weights alone in float32" in proc.stdout and "no implementation decodes faster than" in proc.stdout
     assert "[bench]" in proc.stderr  # progress goes to stderr
 
 
@@ -2828,8 +2831,7 @@ def test_bench_tied_checkpoint_loads_in_both(tmp_path, monkeypatch):
 
 def test_bench_olmo2_shape(tmp_path, monkeypatch):
     """An OLMo 2 shape is written as transformers' Olmo2ForCausalLM reads it (every weight present, RMSNorm
-    weights ones, logits not degenerate); bench runs olmo.py on it where olmo.py reads OLMo 2, else skips it
-    and says why."""
+    weights ones, logits not degenerate), and bench's olmo.py gives transformers' greedy tokens on it."""
     shape = dict(SHAPES_OLMO2_TINY)
     monkeypatch.setitem(bench.SHAPES, "tiny-olmo2", shape)
     bench.build_checkpoint("tiny-olmo2", tmp_path)
@@ -2845,10 +2847,7 @@ def test_bench_olmo2_shape(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert "error" not in report["results"]["transformers"], report["results"]["transformers"]
-    if "olmo.py" in report["skipped"]:  # until olmo.py reads OLMo 2: said, not failed
-        assert "model_type" in report["skipped"]["olmo.py"] and "skipped olmo.py" in proc.stdout
-    else:
-        assert report["results"]["olmo.py"]["same_tokens"], report["results"]["olmo.py"]
+    assert report["results"]["olmo.py"]["same_tokens"], report["results"]["olmo.py"]
 
 
 SHAPES_OLMO2_TINY = dict(model_type="olmo2", num_hidden_layers=1, hidden_size=32, intermediate_size=64,
