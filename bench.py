@@ -92,7 +92,7 @@ def build_checkpoint(shape, directory, dtype=torch.float32, device="cpu", seed=0
         with torch.device("meta"):
             model = transformers.Olmo2ForCausalLM(config)
         config_json = {"architectures": ["Olmo2ForCausalLM"], **config.to_dict()}
-        config_json.pop("dtype", None)
+    config_json.pop("dtype", None)  # the dtype written below, as torch_dtype
     generator = torch.Generator(device).manual_seed(seed)
     tensors = {}
     for name, p in model.state_dict().items():
@@ -249,8 +249,8 @@ def load(impl, compiled, path, device, dtype):
     if impl == "olmo.py":
         model = olmo.OlmoForCausalLM.from_pretrained(path, device=device, dtype=dtype)
         if compiled:  # as olmo.py's CLI does
-            mode = "reduce-overhead" if device.startswith("cuda") else "default"
-            model.decode_one_token = torch.compile(model.decode_one_token, mode=mode, fullgraph=True)
+            options = {"triton.cudagraphs": device.startswith("cuda"), "emulate_precision_casts": True}
+            model.decode_one_token = torch.compile(model.decode_one_token, fullgraph=True, options=options)
         return lambda ids, budget, on_token: model.generate(torch.tensor(ids, device=device), budget,
                                                             callback=on_token)
     if impl == "olmo_numpy.py":

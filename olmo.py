@@ -829,9 +829,10 @@ class Backend:
         path = resolve_checkpoint(args.model, args.revision)
         model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=dtype and DTYPES[dtype])
         self.name = f"PyTorch on {device}, {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
-        if args.compile:  # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps
-            mode = "reduce-overhead" if device.startswith("cuda") else "default"
-            model.decode_one_token = torch.compile(model.decode_one_token, mode=mode, fullgraph=True)
+        if args.compile:  # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps;
+            # rounding after every op as eager does keeps bf16's tokens (fused kernels would round once)
+            options = {"triton.cudagraphs": device.startswith("cuda"), "emulate_precision_casts": True}
+            model.decode_one_token = torch.compile(model.decode_one_token, fullgraph=True, options=options)
         return model, path
 
     def generate(self, model, ids, max_new_tokens, callback, **settings):
