@@ -297,29 +297,43 @@ def timed(generate, ids, budget, n, device):
 
 def floor_step_s(path, device, dtype, reps=7):
     """The least time a decode step takes on this machine: one matrix-vector product per weight the step reads
-    (every projection and the head; of the embedding only a row), nothing else, in torch's own kernels; the best
-    of reps passes. At batch 1 that is the step's memory traffic, so transformers' step time / this bounds what
-    any implementation can gain over it here, whatever its overheads."""
+    (every projection and the head; of the embedding only a row), nothing else, in torch's own kernels, the best
+    of reps passes over all of them (a pass over fewer would be served from the CPU's cache). The fastest of three
+    layouts counts: by rows (transformers'), the head by columns (olmo.py's on the CPU), all by columns. At batch 1
+    that is the step's memory traffic, so transformers' step time / this bounds what any implementation can gain
+    over it here, whatever its overheads."""
     from safetensors import safe_open
-    weights = []
+    weights = {}
     for file in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
-        with safe_open(os.path.join(path, file), "pt") as f:
-            names = [n for n in f.keys() if len(f.get_slice(n).get_shape()) == 2]
-            weights += [(n, f.get_tensor(n).to(device, dtype)) for n in names]  # a copy in memory, not the file
-    if any(n == "lm_head.weight" for n, _ in weights):  # untied: the head is read, the embedding is not
-        weights = [(n, w) for n, w in weights if n != "model.embed_tokens.weight"]
-    x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype, device=device) for _, w in weights}
+        with safe_open(os.path.join(path, file), "pt") as f:  # each a copy in memory, not the file's mapping
+            weights.update((n, f.get_tensor(n).to(device, dtype)) for n in f.keys()
+                           if len(f.get_slice(n).get_shape()) == 2)
+    head = "model.embed_tokens.weight"  # tied: the embedding is the head
+    if "lm_head.weight" in weights:  # untied: the head is read, the embedding is not
+        head = "lm_head.weight"
+        del weights["model.embed_tokens.weight"]
+    x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype, device=device) for w in weights.values()}
 
-    def one_pass():
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _, w in weights:
-            torch.nn.functional.linear(x[w.shape[1]], w)
-        synchronize(device)
-        return time.perf_counter() - t0
+    def best_pass():
+        times = []
+        for _ in range(reps + 1):  # the first warms up
+            synchronize(device)
+            t0 = time.perf_counter()
+            for w in weights.values():
+                torch.nn.functional.linear(x[w.shape[1]], w)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    def by_columns(names):
+        for n in names:  # one at a time: the old layout is freed as the new one is made
+            weights[n] = weights[n].t().contiguous().t()
     with torch.no_grad():
-        one_pass()  # warm-up
-        return min(one_pass() for _ in range(reps))
+        times = [best_pass()]
+        by_columns([head])
+        times.append(best_pass())
+        by_columns([n for n in weights if n != head])
+        return min(times + [best_pass()])
 
 
 def child(spec):
