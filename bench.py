@@ -637,10 +637,11 @@ def table(report):
             continue
         ref = next((r for r in ok.values() if r["variant"]["impl"] == "transformers"
                     and r["variant"]["dtype"] == dtype), None)
+        gb_s = report["weight_bytes_per_step"][dtype] / f["step_s"] / GB
         lines.append(f"weights alone in {dtype} (each weight's matrix-vector product, nothing else): "
-                     f"{f['step_s'] * 1000:.2f} ms per step, {report['weight_bytes_per_step'][dtype] / f['step_s'] / GB:.1f}"
-                     f" GB/s" + (f": no implementation decodes faster than {ref['decode_step_s'] / f['step_s']:.2f}x "
-                                 f"transformers here" if ref and report["batch"] == 1 else ""))
+                     f"{f['step_s'] * 1000:.2f} ms per step, {gb_s:.1f} GB/s"
+                     + (f": no implementation decodes faster than {ref['decode_step_s'] / f['step_s']:.2f}x "
+                        f"transformers here" if ref and report["batch"] == 1 else ""))
 
     n = str(report["new_tokens"])
     if report["budgets"]:
