@@ -246,11 +246,10 @@ class Streamer:
 
 def load(impl, compiled, path, device, dtype):
     """Load one implementation; return its generate function."""
-    if impl == "olmo.py":
-        model = olmo.OlmoForCausalLM.from_pretrained(path, device=device, dtype=dtype)
-        if compiled:  # as olmo.py's CLI does
-            options = {"triton.cudagraphs": device.startswith("cuda"), "emulate_precision_casts": True}
-            model.decode_one_token = torch.compile(model.decode_one_token, fullgraph=True, options=options)
+    if impl == "olmo.py":  # through its CLI's own loader: the same device check and torch.compile settings
+        args = argparse.Namespace(model=path, revision=None, device=device, seed=None, compile=compiled,
+                                  dtype=str(dtype).removeprefix("torch."))
+        model, _ = olmo.Backend().load(args)
         return lambda ids, budget, on_token: model.generate(torch.tensor(ids, device=device), budget,
                                                             callback=on_token)
     if impl == "olmo_numpy.py":
