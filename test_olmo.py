@@ -2793,6 +2793,27 @@ def test_bench_tiny_end_to_end(tmp_path):
     assert "[bench]" in proc.stderr  # progress goes to stderr
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_bench_weights_alone_multiplies_what_a_step_reads(tmp_path, monkeypatch, tied):
+    """The floor's passes multiply each weight a decode step reads once: every projection and the head, the
+    embedding only when it is the head; first all by rows, then the head by columns, then all by columns."""
+    monkeypatch.setitem(bench.SHAPES, "floor", dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                                    num_attention_heads=2, tie_word_embeddings=tied))
+    bench.build_checkpoint("floor", tmp_path)
+    seen, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: seen.append(w) or linear(x, w))
+    assert bench.floor_step_s(str(tmp_path), "cpu", torch.float32, reps=1) > 0
+    per_pass = 4 + 3 + 1  # q, k, v, o; gate, up, down; the head
+    passes = [seen[i:i + per_pass] for i in range(0, len(seen), per_pass)]
+    assert len(passes) == 3 * 2  # three layouts, each a warm-up pass and reps=1 timed one
+    expected = sorted([(32, 32)] * 4 + [(64, 32)] * 2 + [(32, 64), (50304, 32)])
+    for i, weights in enumerate(passes):
+        assert sorted(tuple(w.shape) for w in weights) == expected
+        by_columns = [w.stride(0) == 1 for w in weights]  # (out, in) stored column by column
+        head = [w.shape[0] == 50304 for w in weights]
+        assert by_columns == [[False] * per_pass, head, [True] * per_pass][i // 2], i
+
+
 def test_bench_schedule_rotates():
     """Each repetition runs every implementation once, and over len(labels) repetitions each takes every place
     in the order once: none always runs first (cold caches, a clock still ramping) or always last."""
