@@ -130,8 +130,8 @@ class OlmoConfig:
         transformers_version, ...) are irrelevant. Errors name the source."""
         try:
             d = dict(d)
-            if "torch_dtype" in d:
-                d.setdefault("dtype", d.pop("torch_dtype"))
+            if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
+                d["dtype"] = d.get("torch_dtype")
             theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
             if d.get("rope_parameters") is None:  # transformers 4.x
                 if not isinstance(scaling, (dict, type(None))):

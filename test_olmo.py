@@ -563,6 +563,18 @@ def test_bad_configs_are_rejected_naming_the_field(change, field, tmp_path):
         olmo.OlmoConfig.from_json(tmp_path / "config.json")
 
 
+@pytest.mark.parametrize("keys", [{"torch_dtype": "bfloat16"}, {"dtype": "bfloat16"},
+                                  {"dtype": None, "torch_dtype": "bfloat16"},
+                                  {"dtype": "bfloat16", "torch_dtype": "float16"}, {"dtype": None}, {}])
+def test_checkpoint_dtype_read_as_transformers_reads_it(keys):
+    """dtype (transformers 5) first, torch_dtype (4.x) when dtype is absent or null, else none: float32."""
+    expected = transformers.OlmoConfig(**keys).dtype
+    expected = None if expected is None else str(expected).removeprefix("torch.")
+    config = {k: v for k, v in VALID.items() if k != "torch_dtype"} | keys
+    for module in (olmo, olmo_numpy):
+        assert module.OlmoConfig.from_dict(config).dtype == expected, module.__name__
+
+
 def test_config_styles_and_ignored_keys():
     v4 = olmo.OlmoConfig.from_dict({"model_type": "olmo", "rope_theta": 500.0, "dtype": "float32",
                                     "rope_scaling": {"type": "dynamic", "factor": 2}, "architectures": ["x"]})
