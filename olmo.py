@@ -652,7 +652,7 @@ class OlmoForCausalLM(nn.Module):
         """Load a checkpoint directory as the hub ships it (config.json + safetensors or pytorch_model.bin, single
         or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded with huggingface_hub, at `revision`:
         a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints "step1000-tokens4B").
-        dtype None keeps the checkpoint's own (config.json's torch_dtype), as transformers 5 does."""
+        dtype None keeps the checkpoint's own (config.json's dtype or torch_dtype), as transformers 5 does."""
         path = resolve_checkpoint(path, revision)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         dtype = dtype or getattr(torch, config.dtype or "float32")
@@ -814,7 +814,7 @@ class Backend:
                                           "checkpoint such as step1000-tokens4B (default: the latest)")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
         p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU; on the CPU the checkpoint's own "
-                                                       "(config.json's torch_dtype, else float32)")
+                                                       "(config.json's dtype or torch_dtype, else float32)")
         p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
 
     def load(self, args):
