@@ -1,5 +1,8 @@
-"""Tests of the command line both twins share (cli.py behind olmo.py and olmo_numpy.py): flags, files, streaming,
-signals, tokenizers, and --chat against transformers' chat template and generate."""
+"""Tests of the command line both twins share: cli.py behind olmo.py (torch) and olmo_numpy.py (NumPy), each test
+parametrised over the two scripts where both take part, in the order of cli.py: flags, generation_config.json,
+the tokenizer, streaming, one run (signals, pipes, errors), and --chat against transformers' chat template and
+generate. A test of cli.py's own logic that needs one backend only runs behind the NumPy twin, the quicker to
+start, unless what it tests is torch's alone."""
 
 import io
 import json
@@ -30,7 +33,44 @@ from conftest import HERE, SMALL, reference_model, rewrite_weights, run_cli, sav
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI
+# Running the two CLIs
+
+
+SCRIPTS = ["olmo.py", "olmo_numpy.py"]  # the two CLIs: cli.py behind a torch and a NumPy backend
+
+
+MODULES = {"olmo.py": olmo, "olmo_numpy.py": olmo_numpy}
+
+
+ON_CPU = {"olmo.py": ["--device", "cpu"], "olmo_numpy.py": []}  # float32 on the CPU, as greedy_output computes
+
+
+def main_in_process(main, args, capsys):
+    """The CLI's main() in this process (a subprocess costs seconds of torch import): (status, stdout, stderr).
+    An uncaught exception fails the test, as a traceback would."""
+    try:
+        status = main(args)
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def error_line(status, err):
+    """The one `error: ...` line of a failed run (and that there is nothing else: no traceback, exit status 2)."""
+    assert status == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if not line.startswith("loaded ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def greedy_output(module, path, tok, prompt, new_tokens):
+    """What the CLI prints for a greedy run: the prompt, then module's (olmo's or olmo_numpy's) own greedy
+    continuation to EOS 0 decoded by the tokenizer, then a newline."""
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    array = torch.tensor if module is olmo else np.array
+    new = module.OlmoForCausalLM.from_pretrained(path).generate(array([ids]), new_tokens, eos_token_id=0)
+    return prompt + tok.decode([int(t) for t in new[0, len(ids):]], skip_special_tokens=True) + "\n"
 
 
 def break_checkpoint(path, dest, breakage):
@@ -62,22 +102,6 @@ def break_checkpoint(path, dest, breakage):
     return bad
 
 
-def main_in_process(main, args, capsys):
-    """The CLI's main() in this process (a subprocess costs seconds of torch import): (status, stdout, stderr).
-    An uncaught exception fails the test, as a traceback would."""
-    try:
-        status = main(args)
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-SCRIPTS = ["olmo.py", "olmo_numpy.py"]  # the two CLIs: cli.py behind a torch and a NumPy backend
-MODULES = {"olmo.py": olmo, "olmo_numpy.py": olmo_numpy}
-ON_CPU = {"olmo.py": ["--device", "cpu"], "olmo_numpy.py": []}  # float32 on the CPU, as greedy_output computes
-
-
 @pytest.fixture(scope="module")
 def endless_checkpoint(cli_checkpoint, tmp_path_factory):
     """cli_checkpoint with no EOS id anywhere: greedy generation runs until the budget (or a signal) ends it."""
@@ -88,92 +112,106 @@ def endless_checkpoint(cli_checkpoint, tmp_path_factory):
     return str(path)
 
 
-def greedy_output(module, path, tok, prompt, new_tokens):
-    """What the CLI prints for a greedy run: the prompt, then module's (olmo's or olmo_numpy's) own greedy
-    continuation to EOS 0 decoded by the tokenizer, then a newline."""
-    ids = tok.encode(prompt, add_special_tokens=False).ids
-    array = torch.tensor if module is olmo else np.array
-    new = module.OlmoForCausalLM.from_pretrained(path).generate(array([ids]), new_tokens, eos_token_id=0)
-    return prompt + tok.decode([int(t) for t in new[0, len(ids):]], skip_special_tokens=True) + "\n"
+# ----------------------------------------------------------------------------------------------------------------
+# Flags
 
 
-def error_line(status, err):
-    """The one `error: ...` line of a failed run (and that there is nothing else: no traceback, exit status 2)."""
-    assert status == 2 and "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if not line.startswith("loaded ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+SURROGATES = os.fsdecode(b"\xff\xfe")  # what Python makes of the bytes of `--prompt $'\xff\xfe'`
+
+
+BAD_FLAGS = [  # (flags, what the one error line must say): for both CLIs
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["--top-p", "nan"], "--top-p"),
+    (["--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--seed", "x"], "--seed"),
+    (["--prompt", SURROGATES], "--prompt is not valid UTF-8"),
+    (["--chat"], "either --prompt TEXT or --chat"),
+    (["--system", "be brief"], "--system is for --chat"),
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_cli_streams_prompt_and_continuation(cli_checkpoint, script):
-    """A real run: stdout is the prompt and the greedy continuation, exactly as the twin's generate + the tokenizer
-    give it; a budget past the 64 positions the model was trained on runs, with one warning line on stderr."""
-    path, tok = cli_checkpoint
-    prompt = "Language 🙂 models"
-    result = run_cli("--model", path, "--prompt", prompt, "--max-new-tokens", "70", *ON_CPU[script], script=script)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == greedy_output(MODULES[script], path, tok, prompt, 70)
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "64 positions" in warnings[0], result.stderr
-    assert "tokens/s" in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.parametrize("flags, message", BAD_FLAGS)
+def test_cli_bad_flags_one_line_exit_2(cli_checkpoint, capsys, script, flags, message):
+    status, out, err = main_in_process(MODULES[script].main, ["--model", cli_checkpoint[0], "--prompt", "hi",
+                                                              *flags], capsys)
+    assert out == "" and re.search(message, error_line(status, err))
 
 
-@pytest.mark.parametrize("rope_type, warns", [("dynamic", False), ("linear", True)])
-def test_cli_warns_past_the_trained_context_unless_rope_is_dynamic(cli_checkpoint, tmp_path, capsys, rope_type,
-                                                                   warns):
-    """Dynamic RoPE rescales to any length, so going past max_position_embeddings warns only without it."""
-    copy = shutil.copytree(cli_checkpoint[0], tmp_path / rope_type)
-    config = json.loads((copy / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0}
-    (copy / "config.json").write_text(json.dumps(config))
-    status, _, err = main_in_process(olmo_numpy.main, ["--model", str(copy), "--prompt", "Language",
-                                                       "--max-new-tokens", "70"], capsys)
-    assert status == 0 and err.count("warning:") == warns, err
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_no_prompt_is_an_error(cli_checkpoint, capsys, script):
+    status, out, err = main_in_process(MODULES[script].main, ["--model", cli_checkpoint[0]], capsys)
+    assert out == "" and "--prompt (or --chat) is required" in error_line(status, err)
 
 
-class Chunks:
-    """A stand-in for stdout that keeps each write apart."""
-
-    def __init__(self):
-        self.chunks = []
-
-    def write(self, text):
-        self.chunks.append(text)
-
-    def flush(self):
-        pass
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_errors_in_a_real_process(cli_checkpoint, script):
+    """`--prompt $'\xff\xfe'` as a shell passes it (real argv bytes, not a str), in a fresh process: exit status 2,
+    one line, no traceback. (The other bad flags and files run in this process, above and below: a fresh process
+    costs seconds of torch import.)"""
+    result = run_cli("--model", cli_checkpoint[0], "--prompt", SURROGATES, script=script)
+    assert result.stdout == "" and "--prompt is not valid UTF-8" in error_line(result.returncode, result.stderr)
 
 
-def test_cli_stream_never_splits_a_character(cli_checkpoint):
-    """Feed the streamer one byte per token, so that tokens split multi-byte characters: every chunk it prints
-    is whole text."""
-    _, tok = cli_checkpoint
-    ids = tok.encode("🙂日本語🙂", add_special_tokens=False).ids
-    byte_ids = [tok.token_to_id(c) for c in "".join(tok.id_to_token(i) for i in ids)]  # one byte per token
-    assert len(byte_ids) > len(ids) and None not in byte_ids
-    out = Chunks()
-    stream = cli.Stream(tok, out)
-    for t in byte_ids:
-        stream(t)
-    stream.finish()
-    assert "".join(out.chunks) == "🙂日本語🙂\n"
-    assert all("\ufffd" not in c for c in out.chunks) and len(out.chunks) > 3
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "int8"], "--dtype"),
+    (["--device", "foo"], r"--device foo is not available here \(available: .*cpu\)"),
+    (["--device", "cuda"], r"--device cuda is not available here \(available: cpu\)"),
+    (["--device", "mps"], r"--device mps is not available here \(available: .*cpu\)"),
+    (["--device", "cuda:7"], r"--device cuda:7 is not available here \(available: .*cpu\)"),
+    (["--model", "/no/such/dir"], "not a checkpoint directory"),
+    (["--model", "allenai/OLMo-1B-hf-not-cached"], "cannot fetch allenai/OLMo-1B-hf-not-cached"),
+])
+def test_cli_torch_flags_one_line_exit_2(cli_checkpoint, args, message, tmp_path, monkeypatch, capsys):
+    if (args[-1] == "cuda" and torch.cuda.is_available()) or (args[-1] == "mps" and torch.backends.mps.is_available()):
+        pytest.skip(f"this machine has {args[-1]}")
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the env var is too late
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
+    status, out, err = main_in_process(olmo.main, ["--model", cli_checkpoint[0], "--prompt", "hi", *args], capsys)
+    assert out == "" and re.search(message, error_line(status, err))
 
 
-@settings(max_examples=40)
-@given(ids=st.lists(st.integers(0, 299), max_size=30))
-def test_cli_stream_prints_exactly_the_decoded_text(cli_checkpoint, ids):
-    """Whatever the tokens (special ones, bytes that never form a character), the chunks add up to the
-    tokenizer's decoding of all of them, and only the last chunk may end in U+FFFD (a character cut off)."""
-    _, tok = cli_checkpoint
-    out = Chunks()
-    stream = cli.Stream(tok, out)
-    for t in ids:
-        stream(t)
-    stream.finish()
-    assert "".join(out.chunks) == tok.decode(ids, skip_special_tokens=True) + "\n"
-    assert not any(c.endswith("\ufffd") for c in out.chunks[:-1])
+def test_numpy_cli_has_no_torch_flags(cli_checkpoint, capsys):
+    for flag in ("--device", "--dtype", "--compile", "--revision"):
+        status, out, err = main_in_process(olmo_numpy.main, ["--model", cli_checkpoint[0], "--prompt", "hi", flag,
+                                                             "x"], capsys)
+        assert out == "" and f"unrecognized arguments: {flag}" in error_line(status, err)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_help_shows_every_default(script, capsys):
+    parser = cli.make_parser(MODULES[script].Backend())
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.required or "default" in (action.help or ""), action.option_strings
+    status, out, _ = main_in_process(MODULES[script].main, ["--help"], capsys)
+    assert status == 0 and "(default: 100)" in out.replace("\n", " ")
+    assert ("allenai/OLMo-1B-hf" if script == "olmo.py" else "required") in out
+
+
+def test_cli_revision_goes_to_the_hub(cli_checkpoint, monkeypatch, capsys):
+    """--revision picks an intermediate training checkpoint (a hub revision); without it none is asked for."""
+    asked = []
+    monkeypatch.setattr(olmo, "resolve_checkpoint", lambda path, revision=None: asked.append((path, revision))
+                        or cli_checkpoint[0])
+    for flags in (["--revision", "step1000-tokens4B"], []):
+        status, _, err = main_in_process(olmo.main, ["--model", "allenai/OLMo-1B-hf", "--prompt", "hi",
+                                                     "--max-new-tokens", "1", *flags], capsys)
+        assert status == 0, err
+    hub = [(path, rev) for path, rev in asked if path == "allenai/OLMo-1B-hf"]  # from_pretrained gets the directory
+    assert hub == [("allenai/OLMo-1B-hf", "step1000-tokens4B"), ("allenai/OLMo-1B-hf", None)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation_config.json: the checkpoint's sampling defaults
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -222,6 +260,8 @@ def test_cli_generation_config_defaults_and_flags(cli_checkpoint, tmp_path, monk
 # below are the issue's, written out here independently of cli.py.
 VALID_GENERATION_CONFIG = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "eos_token_id": [0, 7],
                            "pad_token_id": 1, "transformers_version": "5.23.0"}
+
+
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, 299, 300, -1, 0.0, 1.0, 2.5])
     | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=4) | st.sampled_from(["false", "1"]),
@@ -291,72 +331,155 @@ def test_cli_generation_config_nested_too_deep_is_refused_naming_the_file(tmp_pa
         cli.read_generation_config(str(tmp_path), 300)
 
 
-SURROGATES = os.fsdecode(b"\xff\xfe")  # what Python makes of the bytes of `--prompt $'\xff\xfe'`
-BAD_FLAGS = [  # (flags, what the one error line must say): for both CLIs
-    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
-    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
-    (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
-    (["--top-p", "nan"], "--top-p"),
-    (["--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
-    (["--temperature", "nan"], "--temperature"),
-    (["--temperature", "inf"], "--temperature"),
-    (["--top-k", "-1"], "--top-k must be >= 0"),
-    (["--seed", "-1"], "--seed"),
-    (["--seed", str(2**64)], "--seed"),
-    (["--seed", "x"], "--seed"),
-    (["--prompt", SURROGATES], "--prompt is not valid UTF-8"),
-    (["--chat"], "either --prompt TEXT or --chat"),
-    (["--system", "be brief"], "--system is for --chat"),
-]
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer: the prompt's ids
+
+
+# The prompt's ids: as transformers' AutoTokenizer.from_pretrained(dir) gives them, for each way a checkpoint can
+# set them up: tokenizer.json's post-processor (none, one that prepends BOS, byte-level), tokenizer_config.json's
+# tokenizer_class and add_bos_token / add_prefix_space, config.json's model_type and bos_token_id.
+TOKENIZER_TEXTS = ["Language models", "e\u0301t\u00e9 🙂 日本語", " <|endoftext|>x", "", "  two  spaces\n"]
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer_json(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok"))
+    train_tokenizer(path, 300)
+    return json.load(open(os.path.join(path, "tokenizer.json")))
+
+
+@pytest.mark.parametrize("post", ["none", "bos", "byte_level"])
+@pytest.mark.parametrize("tokenizer_class", [None, "GPTNeoXTokenizerFast", "GPT2Tokenizer", "TokenizersBackend",
+                                             "PreTrainedTokenizerFast"])
+@pytest.mark.parametrize("model_type, settings", [("olmo", {}), ("olmo", {"add_bos_token": True}),
+                                                  ("olmo", {"add_prefix_space": True}),
+                                                  ("olmo2", {"add_bos_token": True}), ("olmo3", {})])
+def test_cli_prompt_ids_equal_autotokenizer(trained_tokenizer_json, tmp_path, post, tokenizer_class, model_type,
+                                        settings):
+    d = dict(trained_tokenizer_json)
+    d["post_processor"] = {
+        "none": None,
+        "bos": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}},
+        "byte_level": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    }[post]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    tokenizer_config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>",
+                        **settings, **({"tokenizer_class": tokenizer_class} if tokenizer_class else {})}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 300,
+                                                      "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}))
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = cli.load_tokenizer(str(tmp_path))
+    for text in TOKENIZER_TEXTS:
+        assert ours.encode(text).ids == reference(text)["input_ids"], text
+
+
+def test_cli_prompt_with_bos_reaches_the_model(cli_checkpoint, tmp_path, monkeypatch, capsys):
+    """A tokenizer.json whose post-processor prepends BOS, read as AutoTokenizer reads it (TokenizersBackend): the
+    model gets the BOS; the same file under OLMo 1's GPTNeoXTokenizer gets none."""
+    path, _ = cli_checkpoint
+    seen = []
+    monkeypatch.setattr(olmo_numpy.OlmoForCausalLM, "generate", lambda self, ids, *a, **kw: seen.append(ids[0]))
+    copy = shutil.copytree(path, tmp_path / "copy")
+    tokenizer = tokenizers.Tokenizer.from_file(str(copy / "tokenizer.json"))
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    tokenizer.save(str(copy / "tokenizer.json"))
+    for tokenizer_class in ("TokenizersBackend", "GPTNeoXTokenizer"):
+        (copy / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class}))
+        status, _, err = main_in_process(olmo_numpy.main, ["--model", str(copy), "--prompt", "hi"], capsys)
+        assert status == 0, err
+        assert seen[-1].tolist() == transformers.AutoTokenizer.from_pretrained(str(copy))("hi")["input_ids"]
+    assert seen[0][0] == 0 and seen[0][1:].tolist() == seen[1].tolist()  # BOS, then the same ids
+
+
+def test_cli_unknown_tokenizer_class_is_refused(cli_checkpoint, tmp_path, capsys):
+    copy = shutil.copytree(cli_checkpoint[0], tmp_path / "copy")
+    (copy / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    status, out, err = main_in_process(olmo_numpy.main, ["--model", str(copy), "--prompt", "hi"], capsys)
+    assert out == "" and "tokenizer_class 'LlamaTokenizer' is not supported" in error_line(status, err)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming: each token's text printed as soon as it is whole
+
+
+class Chunks:
+    """A stand-in for stdout that keeps each write apart."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def write(self, text):
+        self.chunks.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_cli_stream_never_splits_a_character(cli_checkpoint):
+    """Feed the streamer one byte per token, so that tokens split multi-byte characters: every chunk it prints
+    is whole text."""
+    _, tok = cli_checkpoint
+    ids = tok.encode("🙂日本語🙂", add_special_tokens=False).ids
+    byte_ids = [tok.token_to_id(c) for c in "".join(tok.id_to_token(i) for i in ids)]  # one byte per token
+    assert len(byte_ids) > len(ids) and None not in byte_ids
+    out = Chunks()
+    stream = cli.Stream(tok, out)
+    for t in byte_ids:
+        stream(t)
+    stream.finish()
+    assert "".join(out.chunks) == "🙂日本語🙂\n"
+    assert all("\ufffd" not in c for c in out.chunks) and len(out.chunks) > 3
+
+
+@settings(max_examples=40)
+@given(ids=st.lists(st.integers(0, 299), max_size=30))
+def test_cli_stream_prints_exactly_the_decoded_text(cli_checkpoint, ids):
+    """Whatever the tokens (special ones, bytes that never form a character), the chunks add up to the
+    tokenizer's decoding of all of them, and only the last chunk may end in U+FFFD (a character cut off)."""
+    _, tok = cli_checkpoint
+    out = Chunks()
+    stream = cli.Stream(tok, out)
+    for t in ids:
+        stream(t)
+    stream.finish()
+    assert "".join(out.chunks) == tok.decode(ids, skip_special_tokens=True) + "\n"
+    assert not any(c.endswith("\ufffd") for c in out.chunks[:-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run: the output, the checkpoint's errors, sampling, memory, signals and pipes
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("flags, message", BAD_FLAGS)
-def test_cli_bad_flags_one_line_exit_2(cli_checkpoint, capsys, script, flags, message):
-    status, out, err = main_in_process(MODULES[script].main, ["--model", cli_checkpoint[0], "--prompt", "hi",
-                                                              *flags], capsys)
-    assert out == "" and re.search(message, error_line(status, err))
+def test_cli_streams_prompt_and_continuation(cli_checkpoint, script):
+    """A real run: stdout is the prompt and the greedy continuation, exactly as the twin's generate + the tokenizer
+    give it; a budget past the 64 positions the model was trained on runs, with one warning line on stderr."""
+    path, tok = cli_checkpoint
+    prompt = "Language 🙂 models"
+    result = run_cli("--model", path, "--prompt", prompt, "--max-new-tokens", "70", *ON_CPU[script], script=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy_output(MODULES[script], path, tok, prompt, 70)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "64 positions" in warnings[0], result.stderr
+    assert "tokens/s" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_cli_no_prompt_is_an_error(cli_checkpoint, capsys, script):
-    status, out, err = main_in_process(MODULES[script].main, ["--model", cli_checkpoint[0]], capsys)
-    assert out == "" and "--prompt (or --chat) is required" in error_line(status, err)
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--dtype", "int8"], "--dtype"),
-    (["--device", "foo"], r"--device foo is not available here \(available: .*cpu\)"),
-    (["--device", "cuda"], r"--device cuda is not available here \(available: cpu\)"),
-    (["--device", "mps"], r"--device mps is not available here \(available: .*cpu\)"),
-    (["--device", "cuda:7"], r"--device cuda:7 is not available here \(available: .*cpu\)"),
-    (["--model", "/no/such/dir"], "not a checkpoint directory"),
-    (["--model", "allenai/OLMo-1B-hf-not-cached"], "cannot fetch allenai/OLMo-1B-hf-not-cached"),
-])
-def test_cli_torch_flags_one_line_exit_2(cli_checkpoint, args, message, tmp_path, monkeypatch, capsys):
-    if (args[-1] == "cuda" and torch.cuda.is_available()) or (args[-1] == "mps" and torch.backends.mps.is_available()):
-        pytest.skip(f"this machine has {args[-1]}")
-    import huggingface_hub
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the env var is too late
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
-    status, out, err = main_in_process(olmo.main, ["--model", cli_checkpoint[0], "--prompt", "hi", *args], capsys)
-    assert out == "" and re.search(message, error_line(status, err))
-
-
-def test_numpy_cli_has_no_torch_flags(cli_checkpoint, capsys):
-    for flag in ("--device", "--dtype", "--compile", "--revision"):
-        status, out, err = main_in_process(olmo_numpy.main, ["--model", cli_checkpoint[0], "--prompt", "hi", flag,
-                                                             "x"], capsys)
-        assert out == "" and f"unrecognized arguments: {flag}" in error_line(status, err)
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_cli_errors_in_a_real_process(cli_checkpoint, script):
-    """`--prompt $'\xff\xfe'` as a shell passes it (real argv bytes, not a str), in a fresh process: exit status 2,
-    one line, no traceback. (The other bad flags and files run in this process, above and below: a fresh process
-    costs seconds of torch import.)"""
-    result = run_cli("--model", cli_checkpoint[0], "--prompt", SURROGATES, script=script)
-    assert result.stdout == "" and "--prompt is not valid UTF-8" in error_line(result.returncode, result.stderr)
+@pytest.mark.parametrize("rope_type, warns", [("dynamic", False), ("linear", True)])
+def test_cli_warns_past_the_trained_context_unless_rope_is_dynamic(cli_checkpoint, tmp_path, capsys, rope_type,
+                                                                   warns):
+    """Dynamic RoPE rescales to any length, so going past max_position_embeddings warns only without it."""
+    copy = shutil.copytree(cli_checkpoint[0], tmp_path / rope_type)
+    config = json.loads((copy / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0}
+    (copy / "config.json").write_text(json.dumps(config))
+    status, _, err = main_in_process(olmo_numpy.main, ["--model", str(copy), "--prompt", "Language",
+                                                       "--max-new-tokens", "70"], capsys)
+    assert status == 0 and err.count("warning:") == warns, err
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -465,107 +588,16 @@ def test_cli_compile_time_is_reported_apart():
     assert cli.stats(0.0, [1.0, 2.0, 3.0, 4.0], compiled=False).endswith("4 tokens in 4.00s, 1.0 tokens/s")
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_cli_help_shows_every_default(script, capsys):
-    parser = cli.make_parser(MODULES[script].Backend())
-    for action in parser._actions:
-        if action.dest != "help":
-            assert action.required or "default" in (action.help or ""), action.option_strings
-    status, out, _ = main_in_process(MODULES[script].main, ["--help"], capsys)
-    assert status == 0 and "(default: 100)" in out.replace("\n", " ")
-    assert ("allenai/OLMo-1B-hf" if script == "olmo.py" else "required") in out
-
-
-def test_cli_revision_goes_to_the_hub(cli_checkpoint, monkeypatch, capsys):
-    """--revision picks an intermediate training checkpoint (a hub revision); without it none is asked for."""
-    asked = []
-    monkeypatch.setattr(olmo, "resolve_checkpoint", lambda path, revision=None: asked.append((path, revision))
-                        or cli_checkpoint[0])
-    for flags in (["--revision", "step1000-tokens4B"], []):
-        status, _, err = main_in_process(olmo.main, ["--model", "allenai/OLMo-1B-hf", "--prompt", "hi",
-                                                     "--max-new-tokens", "1", *flags], capsys)
-        assert status == 0, err
-    hub = [(path, rev) for path, rev in asked if path == "allenai/OLMo-1B-hf"]  # from_pretrained gets the directory
-    assert hub == [("allenai/OLMo-1B-hf", "step1000-tokens4B"), ("allenai/OLMo-1B-hf", None)]
-
-
-# The prompt's ids: as transformers' AutoTokenizer.from_pretrained(dir) gives them, for each way a checkpoint can
-# set them up: tokenizer.json's post-processor (none, one that prepends BOS, byte-level), tokenizer_config.json's
-# tokenizer_class and add_bos_token / add_prefix_space, config.json's model_type and bos_token_id.
-TOKENIZER_TEXTS = ["Language models", "e\u0301t\u00e9 🙂 日本語", " <|endoftext|>x", "", "  two  spaces\n"]
-
-
-@pytest.fixture(scope="module")
-def trained_tokenizer_json(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tok"))
-    train_tokenizer(path, 300)
-    return json.load(open(os.path.join(path, "tokenizer.json")))
-
-
-@pytest.mark.parametrize("post", ["none", "bos", "byte_level"])
-@pytest.mark.parametrize("tokenizer_class", [None, "GPTNeoXTokenizerFast", "GPT2Tokenizer", "TokenizersBackend",
-                                             "PreTrainedTokenizerFast"])
-@pytest.mark.parametrize("model_type, settings", [("olmo", {}), ("olmo", {"add_bos_token": True}),
-                                                  ("olmo", {"add_prefix_space": True}),
-                                                  ("olmo2", {"add_bos_token": True}), ("olmo3", {})])
-def test_cli_prompt_ids_equal_autotokenizer(trained_tokenizer_json, tmp_path, post, tokenizer_class, model_type,
-                                        settings):
-    d = dict(trained_tokenizer_json)
-    d["post_processor"] = {
-        "none": None,
-        "bos": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
-                                                         {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}},
-        "byte_level": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-    }[post]
-    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
-    tokenizer_config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>",
-                        **settings, **({"tokenizer_class": tokenizer_class} if tokenizer_class else {})}
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 300,
-                                                      "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}))
-    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    ours = cli.load_tokenizer(str(tmp_path))
-    for text in TOKENIZER_TEXTS:
-        assert ours.encode(text).ids == reference(text)["input_ids"], text
-
-
-def test_cli_prompt_with_bos_reaches_the_model(cli_checkpoint, tmp_path, monkeypatch, capsys):
-    """A tokenizer.json whose post-processor prepends BOS, read as AutoTokenizer reads it (TokenizersBackend): the
-    model gets the BOS; the same file under OLMo 1's GPTNeoXTokenizer gets none."""
-    path, _ = cli_checkpoint
-    seen = []
-    monkeypatch.setattr(olmo_numpy.OlmoForCausalLM, "generate", lambda self, ids, *a, **kw: seen.append(ids[0]))
-    copy = shutil.copytree(path, tmp_path / "copy")
-    tokenizer = tokenizers.Tokenizer.from_file(str(copy / "tokenizer.json"))
-    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    tokenizer.save(str(copy / "tokenizer.json"))
-    for tokenizer_class in ("TokenizersBackend", "GPTNeoXTokenizer"):
-        (copy / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class}))
-        status, _, err = main_in_process(olmo_numpy.main, ["--model", str(copy), "--prompt", "hi"], capsys)
-        assert status == 0, err
-        assert seen[-1].tolist() == transformers.AutoTokenizer.from_pretrained(str(copy))("hi")["input_ids"]
-    assert seen[0][0] == 0 and seen[0][1:].tolist() == seen[1].tolist()  # BOS, then the same ids
-
-
-def test_cli_unknown_tokenizer_class_is_refused(cli_checkpoint, tmp_path, capsys):
-    copy = shutil.copytree(cli_checkpoint[0], tmp_path / "copy")
-    (copy / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
-    status, out, err = main_in_process(olmo_numpy.main, ["--model", str(copy), "--prompt", "hi"], capsys)
-    assert out == "" and "tokenizer_class 'LlamaTokenizer' is not supported" in error_line(status, err)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # --chat: the template rendered as transformers renders it, and conversations through both CLIs
 #
 # The references: transformers' AutoTokenizer.apply_chat_template over the same tokenizer files, and its
 # OlmoForCausalLM.generate (greedy) on the prompts that renders. Replies are compared as exact text. A greedy token
 # can only differ where the reference's top two logits are closer than the two implementations' logits can
-# disagree: float32 over these 2-layer models with O(1) logits, within the tolerances derived above (1e-5 to 2e-5).
-# Each of the two logits can be off by that much, so a gap above 2 x 2e-5 decides the token; chat_reference checks
-# that every reference step's top-2 gap is above 1e-4, so an equal reply is the only passing outcome.
+# disagree: float32 over these 2-layer models with O(1) logits, within the tolerances conftest.py derives (1e-5
+# to 2e-5). Each of the two logits can be off by that much, so a gap above 2 x 2e-5 decides the token;
+# chat_reference checks that every reference step's top-2 gap is above 1e-4, so an equal reply is the only passing
+# outcome.
 
 
 # OLMo 1 Instruct's template (Tulu style). The newline after each {{ ... }} stays, while a line holding only a
@@ -576,6 +608,8 @@ TULU_TEMPLATE = (
     "{% elif message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content'] }}\n"
     "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n"
     "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+
 # OLMo 2 Instruct's shape: a BOS string, whitespace control with {%- -%}, the last reply without a newline.
 OLMO2_TEMPLATE = (
     "{{ bos_token }}{%- for message in messages -%}\n"
@@ -585,6 +619,8 @@ OLMO2_TEMPLATE = (
     "  {%- else -%}{{ '<|assistant|>\\n' + message['content'] + eos_token }}{%- endif -%}\n"
     "  {%- if loop.last and add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}\n"
     "{%- endfor -%}")
+
+
 # Refuses a system message and roles that don't alternate, as several hub templates do.
 STRICT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
@@ -593,6 +629,8 @@ STRICT_TEMPLATE = (
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
     "<start_of_turn>{{ message['role'] }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
 # tojson (transformers': no HTML escaping, unicode kept, keyword options), namespace, {% continue %}, {% break %},
 # the {% generation %} tag, strftime_now, and indented block tags (lstrip_blocks removes the indent).
 JSON_TEMPLATE = """{% set ns = namespace(shown=0) %}{{ strftime_now('%Y') | length }}
@@ -609,8 +647,12 @@ JSON_TEMPLATE = """{% set ns = namespace(shown=0) %}{{ strftime_now('%Y') | leng
     {% endif %}
 {% endfor %}
 {{ dict(n=ns.shown) | tojson(separators=(',', ':')) }}{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+
+
 PAD = {"__type": "AddedToken", "content": "<|padding|>", "lstrip": False, "rstrip": False, "normalized": False,
        "single_word": False, "special": True}
+
+
 CHAT_CONFIGS = {  # tokenizer_config.json of each: special tokens as strings, nulls and token objects
     "tulu": dict(chat_template=TULU_TEMPLATE, tokenizer_class="GPTNeoXTokenizer", bos_token=None,
                  eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=PAD),
@@ -619,6 +661,8 @@ CHAT_CONFIGS = {  # tokenizer_config.json of each: special tokens as strings, nu
     "strict": dict(chat_template=STRICT_TEMPLATE, eos_token="<|endoftext|>"),
     "json": dict(chat_template=JSON_TEMPLATE, eos_token={**PAD, "content": "<|endoftext|>"}),
 }
+
+
 CHAT_PIECES = ["", " ", "\n", "\n\n", "\t", "Hi", " there", "Language models", "🙂", "👍🏽", "日本語", "e\u0301",
                "<|user|>", "<|endoftext|>", "{{ eos_token }}", "\"quoted\" & <b>", "\\"]
 
@@ -926,10 +970,10 @@ def copy_with_template(path, dest, template):
     return str(dest)
 
 
-@pytest.mark.parametrize("module", [olmo, olmo_numpy], ids=["olmo", "olmo_numpy"])
-def test_chat_without_a_template_one_line_exit_2(chat_checkpoint, tmp_path, module, monkeypatch, capsys):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_chat_without_a_template_one_line_exit_2(chat_checkpoint, tmp_path, script, monkeypatch, capsys):
     path = copy_with_template(chat_checkpoint[0], tmp_path / "plain", None)
-    status, out, err = chat_in_process(module, path, ["hi"], monkeypatch, capsys)
+    status, out, err = chat_in_process(MODULES[script], path, ["hi"], monkeypatch, capsys)
     assert (status, out) == (2, "")
     assert err.splitlines()[-1] == f"error: {path} has no chat template (use --prompt for plain text)"
 
@@ -947,13 +991,13 @@ SANDBOX_ESCAPES = [  # (template, what the one error line says)
 ]
 
 
-@pytest.mark.parametrize("module", [olmo, olmo_numpy], ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("template, message", SANDBOX_ESCAPES)
-def test_chat_template_sandbox_escapes_fail_in_one_line(chat_checkpoint, tmp_path, module, template, message,
+def test_chat_template_sandbox_escapes_fail_in_one_line(chat_checkpoint, tmp_path, script, template, message,
                                                         monkeypatch, capsys):
     path = copy_with_template(chat_checkpoint[0], tmp_path / "evil", template)
     monkeypatch.chdir(tmp_path)
-    status, out, err = chat_in_process(module, path, ["hi"], monkeypatch, capsys)
+    status, out, err = chat_in_process(MODULES[script], path, ["hi"], monkeypatch, capsys)
     assert (status, out) == (2, "") and not os.path.exists(tmp_path / "pwned")
     assert err.count("\n") == 2 and err.startswith("loaded ")  # the "loaded" line, then the error
     assert err.splitlines()[1].startswith(f"error: {path}/tokenizer_config.json: the chat template ")
