@@ -42,8 +42,9 @@ import torch.nn.functional as F
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few that OLMo 2
-    and 3 add. OlmoConfig.from_json reads and checks a config.json (see "Reading config.json", after Loading)."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few that
+    OLMo 2 and 3 add. OlmoConfig.from_json reads and checks a config.json (in "Reading config.json", near
+    the end)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -87,7 +88,6 @@ class OlmoConfig:
             pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
             layer_types = pattern if self.layer_types is None else self.layer_types
         self.layer_types = layer_types
-        check_layer_types(self)
         self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
     @property
@@ -96,13 +96,15 @@ class OlmoConfig:
 
     @property
     def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see OlmoDecoderLayer)."""
+        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see
+        OlmoDecoderLayer)."""
         return self.model_type != "olmo"
 
     @property
     def dynamic_rope(self):
         """Whether RoPE's frequencies change with the sequence's length (dynamic NTK scaling, past
-        max_position_embeddings): then cached keys, rotated at an earlier length, can't be reused as if fresh."""
+        max_position_embeddings): then cached keys, rotated at an earlier length, can't be reused as
+        if fresh."""
         return any(rope["rope_type"] == "dynamic" for rope in self.rope_parameters.values())
 
     @classmethod
@@ -121,7 +123,8 @@ class OlmoConfig:
 
 class OlmoLayerNorm(nn.Module):
     """LayerNorm with no learnable weight or bias (OLMo 1's choice, for training stability and speed).
-    Computed in float32 even for bf16 activations, like transformers, so the statistics don't lose precision."""
+    Computed in float32 even for bf16 activations, like transformers, so the statistics keep their
+    precision."""
 
     def __init__(self, hidden_size):
         super().__init__()
@@ -132,8 +135,9 @@ class OlmoLayerNorm(nn.Module):
 
 
 class OlmoRMSNorm(nn.Module):
-    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias). In float32; the weight multiplies
-    the float32 result before the cast back, exactly as transformers' Olmo2RMSNorm (the order matters in bf16)."""
+    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias). In float32; the weight
+    multiplies the float32 result before the cast back, exactly as transformers' Olmo2RMSNorm (the order
+    matters in bf16)."""
 
     def __init__(self, hidden_size, eps):
         super().__init__()
@@ -158,14 +162,12 @@ class OlmoRMSNorm(nn.Module):
 class OlmoRotaryEmbedding(nn.Module):
     def __init__(self, config, kind="full_attention"):
         super().__init__()
-        self.config = config
         self.dim = config.head_dim
+        self.max_pos = config.max_position_embeddings
         rope = config.rope_parameters[kind]  # kind: the layer type these settings are for
-        self.rope_type = rope["rope_type"]
-        self.theta = rope["rope_theta"]
-        self.factor = rope.get("factor", 1.0)
-        # Computed on the CPU even when the model is built on the meta device: a few numbers that no checkpoint
-        # holds.
+        self.rope_type, self.theta, self.factor = rope["rope_type"], rope["rope_theta"], rope.get("factor", 1.0)
+        # Computed on the CPU even when the model is built on the meta device: a few numbers that no
+        # checkpoint holds.
         exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim
         inv_freq = 1.0 / self.theta ** exponents  # (D/2,)
         self.attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
@@ -178,27 +180,25 @@ class OlmoRotaryEmbedding(nn.Module):
 
     def forward(self, position_ids):
         """position_ids (B, T) -> cos, sin (B, T, D), float32."""
-        inv_freq = self.inv_freq
-        if self.rope_type == "dynamic":
-            inv_freq = self.dynamic_inv_freq(position_ids)
+        inv_freq = self.dynamic_inv_freq(position_ids) if self.rope_type == "dynamic" else self.inv_freq
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # both halves of a pair turn by the same angle
         return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
 
     def dynamic_inv_freq(self, position_ids):
-        """Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so long-wavelength
-        dimensions interpolate while short ones keep their resolution. Like transformers, "the sequence" is the
-        largest position in this call; up to max_position_embeddings this is the unscaled base.
+        """Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so
+        long-wavelength dimensions interpolate while short ones keep their resolution. Like transformers,
+        "the sequence" is the largest position in this call; up to max_position_embeddings this is the
+        unscaled base.
 
         So while decoding past it, each step rotates with new frequencies, but the cached keys keep the ones
         they were rotated with: transformers behaves exactly so, and cached decoding then differs from a full
         forward (the tests check both). Tensor ops only (no .item()), so the decode step compiles into one
         graph."""
-        max_pos = self.config.max_position_embeddings
         seq_len = position_ids.max() + 1
-        stretch = self.factor * seq_len.float() / max_pos - (self.factor - 1)
+        stretch = self.factor * seq_len.float() / self.max_pos - (self.factor - 1)
         base = self.theta * stretch ** (self.dim / (self.dim - 2))
-        return torch.where(seq_len > max_pos, 1.0 / base ** self.exponents, self.inv_freq)
+        return torch.where(seq_len > self.max_pos, 1.0 / base ** self.exponents, self.inv_freq)
 
 
 def yarn(wavelengths, s, dim, theta):
@@ -222,8 +222,7 @@ def yarn(wavelengths, s, dim, theta):
     if s["truncate"]:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
-    if high == low:  # the ramp below divides by high - low
-        high = high + 0.001
+    high = high + 0.001 if high == low else high  # the ramp below divides by high - low
     ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp  # 1: keep the frequency, 0: divide it by factor
     inv_freq = 1.0 / (factor * wavelengths) * (1 - extrapolation) + 1.0 / wavelengths * extrapolation
@@ -267,9 +266,9 @@ def causal_mask(query_slots, key_valid, window=None):
 class KVCache(nn.Module):
     """Keys and values of every slot so far, (B, KV, S, D), written in place (see grow_cache)."""
 
-    def __init__(self, batch_size, length, num_kv_heads, head_dim, dtype, device):
+    def __init__(self, batch_size, length, config, dtype, device):
         super().__init__()
-        shape = (batch_size, num_kv_heads, length, head_dim)
+        shape = (batch_size, config.num_key_value_heads, length, config.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -287,20 +286,19 @@ class OlmoAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
         if config.norm_after:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
             self.q_norm = OlmoRMSNorm(self.num_heads * self.head_dim, config.rms_norm_eps)
             self.k_norm = OlmoRMSNorm(self.num_kv_heads * self.head_dim, config.rms_norm_eps)
         self.kv_cache = None  # set by OlmoForCausalLM.grow_cache
 
     def forward(self, x, cos, sin, mask, slots=None):
-        """x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may attend; or None: plain causal
-        over S = T keys. slots (T,): the cache slots to write k and v to, then attend over the cache's first S;
-        None: no cache, attend only within x (S = T)."""
+        """x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may attend; or None: plain
+        causal over S = T keys. slots (T,): the cache slots to write k and v to, then attend over the
+        cache's first S; None: no cache, attend only within x (S = T)."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.config.norm_after:  # OLMo 2: QK-norm
@@ -315,11 +313,11 @@ class OlmoAttention(nn.Module):
         if slots is not None:  # S: the mask's width, a power of two that the cache holds (see setup_cache)
             S = T if mask is None else mask.shape[-1]
             k, v = (t[:, :, :S] for t in self.kv_cache.update(slots, k, v))  # (B, KV, S, D)
-        # One fused kernel for softmax(q k^T / sqrt(D) + mask) v (without a mask: the causal kernel, which skips
-        # the masked half). enable_gqa lets each group of query heads share a key/value head without copies.
-        dropout = self.config.attention_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
+        # One fused kernel for softmax(q k^T / sqrt(D) + mask) v (without a mask: the causal kernel, which
+        # skips the masked half). enable_gqa lets each group of query heads share a key/value head, no copies.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.config.attention_dropout if self.training else 0.0,
+            is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -351,8 +349,8 @@ class OlmoMLP(nn.Module):
 
 
 class OlmoDecoderLayer(nn.Module):
-    """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its output,
-    before the residual add, so the residual stream itself is never rescaled (their stability fix):
+    """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its
+    output, before the residual add, so the residual stream itself is never rescaled (their stability fix):
 
         OLMo 1                                        OLMo 2 and 3
         x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
@@ -389,7 +387,7 @@ class OlmoModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        # _weight: left uninitialised (the checkpoint or _init_weights fills it); nn.Embedding's own init is slow
+        # _weight: uninitialised (the checkpoint or _init_weights fills it); nn.Embedding's own init is slow
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
@@ -397,17 +395,17 @@ class OlmoModel(nn.Module):
         if config.norm_after:  # OLMo 2: an RMSNorm with weights
             self.norm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
         # A RoPE and a mask per layer type: "full_attention" sees every earlier key; OLMo 3 adds
-        # "sliding_attention", which sees only the last sliding_window keys and which RoPE scaling leaves alone
+        # "sliding_attention", which sees only the last sliding_window keys, and which RoPE scaling leaves
+        # alone
         self.rotary_emb = nn.ModuleDict({kind: OlmoRotaryEmbedding(config, kind) for kind in config.rope_parameters})
         self.windows = {"full_attention": None, "sliding_attention": config.sliding_window}
 
     def forward(self, input_ids, position_ids, key_valid, slots=None):
-        """input_ids, position_ids (B, T) -> hidden states (B, T, hidden). key_valid (B, S) bool: which key slots
-        hold real tokens (False at left padding). slots (T,): the KV cache slots these tokens are written to and
-        attend from; None: no cache, the tokens attend among themselves (S = T)."""
-        query_slots = slots
-        if slots is None:  # no cache: the tokens are slots 0..T-1
-            query_slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+        """input_ids, position_ids (B, T) -> hidden states (B, T, hidden). key_valid (B, S) bool: which key
+        slots hold real tokens (False at left padding). slots (T,): the KV cache slots these tokens are
+        written to and attend from; None: no cache, the tokens attend among themselves (S = T)."""
+        # no cache: the tokens are slots 0..T-1
+        query_slots = torch.arange(input_ids.shape[1], device=input_ids.device) if slots is None else slots
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         # RoPE tables and masks once per layer type, shared by every layer of that type
         rope = {kind: emb(position_ids) for kind, emb in self.rotary_emb.items()}
@@ -424,7 +422,8 @@ def positions_from_mask(attention_mask):
 
 
 def check_ids(input_ids, vocab_size):
-    """Token ids outside the vocabulary would index past the embedding (or, in NumPy, wrap around): refuse them."""
+    """Token ids outside the vocabulary would index past the embedding (in NumPy, wrap around): refuse
+    them."""
     bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
     if len(bad):
         raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
@@ -469,13 +468,13 @@ class OlmoForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # Generation
     #
-    # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the cache;
-    # then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th token
-    # of the (left-padded) batch row; its RoPE position is s minus the row's padding.
+    # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the
+    # cache; then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the
+    # s-th token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
 
     def grow_cache(self, batch_size, needed):
-        """Make every layer's cache hold at least `needed` slots, keeping what it holds, in powers of two (at
-        least 256): a large max_new_tokens costs nothing until its tokens are produced."""
+        """Make every layer's cache hold `needed` slots (a power of two, see setup_cache), keeping what it
+        holds."""
         weight = self.lm_head.weight  # the cache takes the model's dtype and device
         cache = self.model.layers[0].self_attn.kv_cache
         k = None if cache is None else cache.k_cache  # (B, KV, length, D)
@@ -484,29 +483,26 @@ class OlmoForCausalLM(nn.Module):
         if needed <= length:
             return
         self.cached_ids = self.cached_ids if same else []
-        new_length = max(256, 1 << (needed - 1).bit_length())
-        kv_heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
         try:
             for layer in self.model.layers:
                 old = layer.self_attn.kv_cache
                 layer.self_attn.kv_cache = None  # free before allocating
-                new = KVCache(batch_size, new_length, kv_heads, head_dim, weight.dtype, weight.device)
+                new = KVCache(batch_size, needed, self.config, weight.dtype, weight.device)
                 if length:
-                    new.k_cache[:, :, :length] = old.k_cache
-                    new.v_cache[:, :, :length] = old.v_cache
+                    new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
                 layer.self_attn.kv_cache = new
         except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as a RuntimeError
-            self.cached_ids = []
             for layer in self.model.layers:
                 layer.self_attn.kv_cache = None
-            raise MemoryError(f"out of memory growing the KV cache to {new_length} tokens") from e
-        self.slots = torch.arange(new_length, device=weight.device)
+            raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+        self.slots = torch.arange(needed, device=weight.device)
 
     def setup_cache(self, attention_mask, length):
-        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots hold
-        real tokens (not the prompt's padding). Steps attend over S = `length` rounded up to a power of two: a
-        static shape per doubling (as torch.compile and CUDA graphs need), at most twice what is filled, at any
-        capacity."""
+        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
+        hold real tokens (not the prompt's padding). The cache grows to, and steps attend over, S = `length`
+        rounded up to a power of two (at least 256): a static shape per doubling (as torch.compile and CUDA
+        graphs need), at most twice what is filled; a large max_new_tokens costs nothing until its tokens
+        are produced."""
         width = max(256, 1 << (length - 1).bit_length())
         self.grow_cache(attention_mask.shape[0], width)
         self.key_valid = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]), value=True)
@@ -526,24 +522,26 @@ class OlmoForCausalLM(nn.Module):
         return self.lm_head(hidden[:, -1])
 
     def reuse_prefix(self, input_ids, attention_mask):
-        """A chat's next turn sends the whole conversation again. Returns (start, keep_up_to): the cache's slots
-        before `start` already hold input_ids' keys and values, so prefill starts there; this call's tokens are
-        recorded in self.cached_ids while they are fewer than keep_up_to (0: none).
+        """A chat's next turn sends the whole conversation again: prefill only what is new.
 
-        What it keeps: for a one-row batch, the longest prefix shared with the tokens the cache holds (the last
-        call's prompt and reply), but not the last prompt token, whose logits prefill must produce. A slot's
-        keys and values depend only on the tokens up to it, so this gives exactly what starting afresh gives.
+        Returns (start, keep_up_to): the cache's slots before `start` already hold input_ids' keys and
+        values, so prefill starts there; generate records this call's tokens in self.cached_ids while they
+        are fewer than keep_up_to (0: none).
 
-        When it can't: a batch of several rows, or with padding (a row's slots then depend on the other rows'
-        lengths); and with dynamic RoPE past the trained length, whose frequencies change with each call's
-        length: it keeps only calls and tokens within max_position_embeddings."""
+        What it keeps: for a one-row batch, the longest prefix shared with the tokens the cache holds (the
+        last call's prompt and reply), but not the last prompt token, whose logits prefill must produce. A
+        slot's keys and values depend only on the tokens up to it, so this gives exactly what starting
+        afresh gives.
+
+        When it can't: a batch of several rows, or with padding (a row's slots then depend on the other
+        rows' lengths); and dynamic RoPE past the trained length, whose frequencies change with each call's
+        length: there it keeps only calls and tokens within max_position_embeddings."""
         B, T = input_ids.shape
         keep_up_to = self.config.max_position_embeddings if self.config.dynamic_rope else math.inf
         if B > 1 or not attention_mask.all() or T > keep_up_to:
             self.cached_ids = []
             return 0, 0
-        ids = input_ids[0].tolist()
-        start = 0
+        start, ids = 0, input_ids[0].tolist()
         while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
             start += 1
         self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
@@ -560,9 +558,8 @@ class OlmoForCausalLM(nn.Module):
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if eos_token_id is None:
-            eos_token_id = []
-        eos = torch.tensor(eos_token_id, dtype=torch.long, device=input_ids.device).reshape(-1)  # int or list
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
+                           device=input_ids.device).reshape(-1)  # an int or a list of ints
         pad = self.config.pad_token_id
         if pad is None:  # as transformers: the first EOS id, else 0
             pad = int(eos[0]) if len(eos) else 0
@@ -585,14 +582,13 @@ class OlmoForCausalLM(nn.Module):
                 finished |= torch.isin(token, eos)
                 if finished.all():
                     break
-            if i + 1 == max_new_tokens:
-                break
-            if T + i + 1 > self.key_valid.shape[1]:
-                self.setup_cache(attention_mask, T + i + 1)
-            # the slot as a view of self.slots: a new tensor per step would be a host-to-device copy (a GPU stall)
-            logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
-            if T + i < keep_up_to:  # slot T + i now holds this token
-                self.cached_ids.append(int(token[0]))
+            if i + 1 < max_new_tokens:
+                if T + i + 1 > self.key_valid.shape[1]:
+                    self.setup_cache(attention_mask, T + i + 1)
+                # the slot as a view of self.slots: a new tensor per step would be a host-to-device copy
+                logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
+                if T + i < keep_up_to:  # slot T + i now holds this token
+                    self.cached_ids.append(int(token[0]))
         return torch.cat(tokens, dim=1)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -623,7 +619,7 @@ class OlmoForCausalLM(nn.Module):
                 state_dict[name] = column_major(path, name, tensor, dtype)
             else:
                 state_dict[name] = tensor.to(device=device, dtype=dtype)  # a no-op if they already match
-        model.load_state_dict(state_dict, strict=False, assign=True)  # strictness checked above, clearer errors
+        model.load_state_dict(state_dict, strict=False, assign=True)  # checked above, with clearer errors
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.model.rotary_emb.to(device or "cpu")  # its buffers aren't in the checkpoint: built on the CPU
@@ -640,8 +636,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to inf
-    # (inf - inf = NaN); below 1e-30, 1/t no longer fits float32, and the distribution is one-hot anyway.
+    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to
+    # inf (inf - inf = NaN); below 1e-30, 1/t no longer fits float32, and the distribution is one-hot anyway.
     logits = logits.float()
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, 1e-30)
     if top_k and top_k < logits.shape[-1]:
@@ -653,27 +649,12 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, -math.inf)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
-
-
-def check_state_dict(state_dict, expected):
-    """Names, shapes and kinds must match exactly: a wrong checkpoint must fail loudly, naming the tensor."""
-    for name, shape in expected.items():
-        if name not in state_dict:
-            raise ValueError(f"checkpoint is missing tensor {name}")
-        if state_dict[name].shape != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
-        if not state_dict[name].is_floating_point():  # casting integers to floats would silently run garbage
-            raise ValueError(f"tensor {name} has dtype {state_dict[name].dtype}; weights must be floating point")
-    for name in state_dict:
-        if name not in expected:
-            raise ValueError(f"checkpoint has unexpected tensor {name}")
 
 
 def resolve_checkpoint(path, revision=None):
@@ -691,28 +672,13 @@ def resolve_checkpoint(path, revision=None):
         weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
     except Exception:  # offline (HF_HUB_OFFLINE): whatever the cache holds; other errors come back below
         weights = ["*.safetensors", "*.bin"]
-    patterns = ["*.json", "tokenizer*", "*.jinja", *weights]
+    patterns = ["*.json", "tokenizer*", "*.jinja", *weights]  # config, tokenizer, chat template, weights
     try:
         return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo or revision, no network: one line, not a traceback
         at_revision = f" at revision {revision!r}" if revision else ""
         raise ValueError(f"cannot fetch {path}{at_revision} from the hub ({type(e).__name__}); check the name "
                          "and revision, or pass a local directory") from None
-
-
-def column_major(path, name, tensor, dtype):
-    """The CPU BLAS multiplies one token by the (vocab, hidden) head faster when the matrix is stored column by
-    column (15-30% on an Intel Xeon, 1.5x and more on an AMD EPYC; same shape, same values). The copy reads
-    the head through a mapping of its own that closes right after, so the original's pages leave memory: one
-    copy."""
-    from safetensors import safe_open
-    for file in weight_files(path):
-        if file.endswith(".safetensors"):
-            with safe_open(os.path.join(path, file), "pt") as f:
-                if name in f.keys():
-                    tensor = f.get_tensor(name)
-                    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
-    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
 
 
 def load_state_dict(path):
@@ -724,7 +690,8 @@ def load_state_dict(path):
 
 
 def weight_files(path):
-    """The checkpoint's weight files: model.safetensors, pytorch_model.bin, or the shards their index lists."""
+    """The checkpoint's weight files: model.safetensors, pytorch_model.bin, or the shards their index
+    lists."""
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if os.path.exists(os.path.join(path, index)):
@@ -739,31 +706,6 @@ def weight_files(path):
     raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")
 
 
-def load_file(file):
-    try:
-        if file.endswith(".safetensors"):
-            from safetensors.torch import load_file as load_safetensors
-            return load_safetensors(file)  # memory-mapped by safetensors
-        # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run arbitrary code
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"cannot read {file}: it holds Python objects besides tensors, which are not loaded "
-                         "(unpickling them could run code)") from None
-    except Exception as e:
-        message = str(e).strip()
-        first_line = message.splitlines()[0] if message else repr(e)
-        raise ValueError(f"cannot read {file}: {first_line}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading config.json
-#
-# OlmoConfig.from_json reads the file as it comes: transformers 4.x writes a top-level rope_theta and
-# rope_scaling (with "type" or "rope_type"), transformers 5 writes rope_parameters, for OLMo 3 nested per
-# layer type. Every field is checked, its JSON type and its range, so a config we can't interpret fails with
-# one line naming file, field and value, instead of building a different model.
-
-
 def read_json_object(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -775,15 +717,68 @@ def read_json_object(path):
     return d
 
 
+def load_file(file):
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file as load_safetensors
+            return load_safetensors(file)  # memory-mapped by safetensors
+        # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run arbitrary code
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"cannot read {file}: it holds Python objects besides tensors, which are not loaded "
+                         "(unpickling them could run code)") from None
+    except Exception as e:
+        message = str(e).strip() or repr(e)  # its first line; the exception's type if it has no text
+        raise ValueError(f"cannot read {file}: {message.splitlines()[0]}") from None
+
+
+def check_state_dict(state_dict, expected):
+    """Names, shapes and kinds must match exactly: a wrong checkpoint must fail loudly, naming the tensor."""
+    for name, shape in expected.items():
+        if name not in state_dict:
+            raise ValueError(f"checkpoint is missing tensor {name}")
+        if state_dict[name].shape != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
+        if not state_dict[name].is_floating_point():  # casting integers to floats would silently run garbage
+            raise ValueError(f"tensor {name} has dtype {state_dict[name].dtype}; weights must be floating point")
+    for name in state_dict:
+        if name not in expected:
+            raise ValueError(f"checkpoint has unexpected tensor {name}")
+
+
+def column_major(path, name, tensor, dtype):
+    """The CPU BLAS multiplies one token by the (vocab, hidden) head faster when the matrix is stored
+    column by column (15-30% on an Intel Xeon, 1.5x and more on an AMD EPYC; same shape, same values). The
+    copy reads the head through a mapping of its own that closes right after, so the original's pages
+    leave memory: one copy."""
+    from safetensors import safe_open
+    for file in weight_files(path):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(path, file), "pt") as f:
+                if name in f.keys():
+                    tensor = f.get_tensor(name)
+                    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
+    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading config.json
+#
+# OlmoConfig.from_json reads the file as it comes: transformers 4.x writes a top-level rope_theta and
+# rope_scaling (with "type" or "rope_type"), transformers 5 writes rope_parameters, for OLMo 3 nested per
+# layer type. Every field is checked, its JSON type and its range, so a config we can't interpret fails with
+# one line naming file, field and value, instead of building a different model.
+
+
 def config_from_dict(cls, d, source):
-    """OlmoConfig.from_dict: every known field must have its JSON type (no "false" for false, no 128.0 for 128);
-    unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the source."""
+    """OlmoConfig.from_dict: every known field must have its JSON type (no "false" for false, no 128.0
+    for 128); unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the
+    source."""
     try:
         d = dict(d)
         if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
             d["dtype"] = d.get("torch_dtype")
-        theta = d.pop("rope_theta", None)
-        scaling = d.pop("rope_scaling", None)
+        theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
         if d.get("rope_parameters") is None:  # transformers 4.x
             if not isinstance(scaling, (dict, type(None))):
                 raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
@@ -799,7 +794,8 @@ def config_from_dict(cls, d, source):
 
 
 def fits(value, annotation):
-    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is neither."""
+    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is
+    neither."""
     if isinstance(annotation, types.UnionType):
         return any(fits(value, a) for a in annotation.__args__)
     if typing.get_origin(annotation) is list:
@@ -830,9 +826,8 @@ def check_fields(c):
     require(c, c.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         ids = getattr(c, name)  # None, an id or a list of ids
-        if isinstance(ids, int):
-            ids = [ids]
-        require(c, all(0 <= i < c.vocab_size for i in ids or []), name, f"null or in [0, {c.vocab_size})")
+        ids = [ids] if isinstance(ids, int) else ids or []
+        require(c, all(0 <= i < c.vocab_size for i in ids), name, f"null or in [0, {c.vocab_size})")
     require(c, 0 <= c.attention_dropout < 1, "attention_dropout", "in [0, 1)")
     require(c, math.isfinite(c.initializer_range) and c.initializer_range >= 0, "initializer_range", ">= 0")
     require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
@@ -841,17 +836,13 @@ def check_fields(c):
     require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
 
 
-def check_layer_types(c):
-    """OLMo 3: the layer types (as config.json lists them, or the default) and the sliding window."""
+def rope_per_layer_type(c, default_theta):
+    """Checks OLMo 3's layer_types and sliding_window; then rope_parameters, flat or per layer type -> {layer
+    type: its settings checked, every default filled}, for the layer types the model has."""
     require(c, len(c.layer_types) == c.num_hidden_layers and
             set(c.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
             f"{c.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
     require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
-
-
-def rope_per_layer_type(c, default_theta):
-    """rope_parameters, flat or per layer type -> {layer type: its settings checked, every default filled}, for
-    the layer types the model has."""
     rope = c.rope_parameters or {}
     require(c, isinstance(rope, dict), "rope_parameters", "an object")
     if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
@@ -864,22 +855,14 @@ def positive(v):
     return type(v) in (int, float) and 0 < v < math.inf
 
 
-def optional(test):
-    return lambda v: v is None or test(v)
-
-
-# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
-# refused. YaRN's defaults are transformers'; the keys defaulting to None are computed from the others.
+# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all
+# else is refused. YaRN's defaults are transformers'; those that are None (unset) it computes from the others.
 FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
 ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
-    **FACTOR,
-    "original_max_position_embeddings": (None, optional(lambda v: type(v) is int and v >= 1), "an integer >= 1"),
-    "attention_factor": (None, optional(positive), "a number > 0"),
-    "beta_fast": (32.0, positive, "a number > 0"),
-    "beta_slow": (1.0, positive, "a number > 0"),
-    "mscale": (None, optional(positive), "a number > 0"),
-    "mscale_all_dim": (None, optional(positive), "a number > 0"),
-    "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
+    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
+    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
+    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
 
 
 def check_rope(rope, default_theta, max_position_embeddings, kind):
@@ -896,10 +879,8 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
         raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
     out = {"rope_type": rope_type}
     for key, (default, ok, what) in takes.items():
-        value = rope.get(key)  # null is the same as absent
-        if value is None:
-            value = default
-        if not ok(value):
+        value = default if rope.get(key) is None else rope[key]  # null is the same as absent
+        if (value is not None or key == "factor") and not ok(value):  # YaRN computes its unset (None) keys
             raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
         out[key] = value
     if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
@@ -916,9 +897,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def available_devices():
     """The devices torch can run on here, the default first: cuda (and each cuda:N), then mps, then cpu."""
-    cuda = []
-    if torch.cuda.is_available():
-        cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     mps = ["mps"] if torch.backends.mps.is_available() else []
     return cuda + mps + ["cpu"]
 
@@ -941,16 +920,15 @@ class Backend:
         device = args.device or available[0]
         if device not in available:
             raise ValueError(f"--device {device} is not available here (available: {', '.join(available)})")
-        dtype = args.dtype
-        if dtype is None and device != "cpu":  # a bf16 7B stays 14 GB on a laptop
-            dtype = "bfloat16"
+        default_dtype = None if device == "cpu" else "bfloat16"  # None: the checkpoint's; a bf16 7B is 14 GB
         if args.seed is not None:
             torch.manual_seed(args.seed)
         path = resolve_checkpoint(args.model, args.revision)
-        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES.get(dtype))
+        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES.get(args.dtype or default_dtype))
         self.name = f"PyTorch on {device}, {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
-        if args.compile:  # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps;
-            # rounding after every op as eager does keeps bf16's tokens (fused kernels would round once)
+        if args.compile:
+            # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps; rounding
+            # after every op as eager does keeps bf16's tokens (fused kernels would round once)
             options = {"triton.cudagraphs": device.startswith("cuda"), "emulate_precision_casts": True}
             model.decode_one_token = torch.compile(model.decode_one_token, fullgraph=True, options=options)
         return model, path
