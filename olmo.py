@@ -42,9 +42,8 @@ import torch.nn.functional as F
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few that
-    OLMo 2 and 3 add. OlmoConfig.from_json reads and checks a config.json (in "Reading config.json", near
-    the end)."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2
+    and 3 add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -74,8 +73,8 @@ class OlmoConfig:
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
 
     def __post_init__(self):
-        """Fill the defaults that depend on other fields. Each check runs before a fill that relies on it; the
-        checks are defined with the reading of config.json (in "Reading config.json")."""
+        """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
+        of the fields it relies on."""
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         check_fields(self)
@@ -96,15 +95,13 @@ class OlmoConfig:
 
     @property
     def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see
-        OlmoDecoderLayer)."""
+        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer."""
         return self.model_type != "olmo"
 
     @property
     def dynamic_rope(self):
-        """Whether RoPE's frequencies change with the sequence's length (dynamic NTK scaling, past
-        max_position_embeddings): then cached keys, rotated at an earlier length, can't be reused as
-        if fresh."""
+        """Whether RoPE's frequencies change with the sequence's length (dynamic NTK scaling past
+        max_position_embeddings): then keys cached at one length can't be reused at another."""
         return any(rope["rope_type"] == "dynamic" for rope in self.rope_parameters.values())
 
     @classmethod
@@ -310,7 +307,7 @@ class OlmoAttention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
-        if slots is not None:  # S: the mask's width, a power of two that the cache holds (see setup_cache)
+        if slots is not None:  # into the cache, then attend over its first S slots (the mask's width)
             S = T if mask is None else mask.shape[-1]
             k, v = (t[:, :, :S] for t in self.kv_cache.update(slots, k, v))  # (B, KV, S, D)
         # One fused kernel for softmax(q k^T / sqrt(D) + mask) v (without a mask: the causal kernel, which
@@ -394,9 +391,8 @@ class OlmoModel(nn.Module):
         self.norm = OlmoLayerNorm(config.hidden_size)
         if config.norm_after:  # OLMo 2: an RMSNorm with weights
             self.norm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
-        # A RoPE and a mask per layer type: "full_attention" sees every earlier key; OLMo 3 adds
-        # "sliding_attention", which sees only the last sliding_window keys, and which RoPE scaling leaves
-        # alone
+        # Per layer type, a RoPE and a mask window: "full_attention" sees every earlier key; OLMo 3 adds
+        # "sliding_attention", which sees the last sliding_window keys (and RoPE scaling leaves alone)
         self.rotary_emb = nn.ModuleDict({kind: OlmoRotaryEmbedding(config, kind) for kind in config.rope_parameters})
         self.windows = {"full_attention": None, "sliding_attention": config.sliding_window}
 
@@ -404,7 +400,7 @@ class OlmoModel(nn.Module):
         """input_ids, position_ids (B, T) -> hidden states (B, T, hidden). key_valid (B, S) bool: which key
         slots hold real tokens (False at left padding). slots (T,): the KV cache slots these tokens are
         written to and attend from; None: no cache, the tokens attend among themselves (S = T)."""
-        # no cache: the tokens are slots 0..T-1
+        # without a cache, the tokens are slots 0..T-1
         query_slots = torch.arange(input_ids.shape[1], device=input_ids.device) if slots is None else slots
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         # RoPE tables and masks once per layer type, shared by every layer of that type
@@ -427,7 +423,6 @@ def check_ids(input_ids, vocab_size):
     bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
     if len(bad):
         raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
-
 
 
 class OlmoForCausalLM(nn.Module):
@@ -650,7 +645,6 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, -math.inf)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
