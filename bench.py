@@ -511,7 +511,9 @@ def derive(results, chosen, args, step_bytes, total_bytes, bandwidth):
 def bench(args):
     device = args.device or olmo.available_devices()[0]  # olmo.py's default: cuda, then mps, then cpu
     dtypes = args.dtype or ["float32" if device == "cpu" else "bfloat16"]
-    long_prompts = args.long_prompt if args.long_prompt is not None else [2048] if device.startswith("cuda") else []
+    long_prompts = args.long_prompt
+    if long_prompts is None:  # by default, one long prompt on a GPU and none on the CPU
+        long_prompts = [2048] if device.startswith("cuda") else []
     long_prompts = [n for n in long_prompts if n]
     with tempfile.TemporaryDirectory(prefix="olmo-bench-") as tmp:
         if args.model:
