@@ -548,7 +548,8 @@ class OlmoForCausalLM(nn.Module):
         """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding).
         Returns (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has
         produced an EOS (rows that finish early are filled with pad_token_id after it, as in transformers).
-        temperature=0 is greedy; callback(tokens (B,)) is called with each step's tokens (for streaming)."""
+        temperature=0 is greedy; callback(tokens (B,)) is called with each step's tokens (for streaming).
+        A one-row call after another prefills only what is new (a chat's next turn: see reuse_prefix)."""
         check_ids(input_ids, self.config.vocab_size)
         B, T = input_ids.shape
         if attention_mask is None:
@@ -565,7 +566,7 @@ class OlmoForCausalLM(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         if max_new_tokens > 0:
             logits = self.prefill(input_ids, attention_mask, start)
-            if T <= keep_up_to:
+            if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -824,8 +825,10 @@ def check_fields(c):
         require(c, all(0 <= i < c.vocab_size for i in ids), name, f"null or in [0, {c.vocab_size})")
     require(c, 0 <= c.attention_dropout < 1, "attention_dropout", "in [0, 1)")
     require(c, math.isfinite(c.initializer_range) and c.initializer_range >= 0, "initializer_range", ">= 0")
+    # OLMo 2: the epsilon of its RMSNorms
     require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
     require(c, c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0, "clip_qkv", "None or > 0")
+    # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead)
     require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
     require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
 
@@ -836,6 +839,7 @@ def rope_per_layer_type(c, default_theta):
     require(c, len(c.layer_types) == c.num_hidden_layers and
             set(c.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
             f"{c.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+    # OLMo 3: a window holds at least the query itself
     require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
     rope = c.rope_parameters or {}
     require(c, isinstance(rope, dict), "rope_parameters", "an object")
