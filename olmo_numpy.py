@@ -158,126 +158,6 @@ class OlmoConfig:
         return cls.from_dict(d, path)
 
 
-def fits(value, annotation):
-    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is neither."""
-    if isinstance(annotation, types.UnionType):
-        return any(fits(value, a) for a in annotation.__args__)
-    if typing.get_origin(annotation) is list:
-        return type(value) is list and all(fits(v, typing.get_args(annotation)[0]) for v in value)
-    if annotation is float:
-        return type(value) in (int, float)
-    return type(value) is annotation  # int, bool, str, dict, NoneType
-
-
-def positive(v):
-    return type(v) in (int, float) and 0 < v < math.inf
-
-
-# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
-# refused. YaRN's defaults are transformers'.
-FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
-ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
-    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
-    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
-    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
-    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
-
-
-def check_rope(rope, default_theta, max_position_embeddings, kind):
-    """One layer type's RoPE settings ("type" or "rope_type", "rope_theta", "factor", YaRN's keys) -> the same
-    with "rope_type", "rope_theta" and every default filled in."""
-    where = f"rope_parameters[{kind!r}]"
-    if not isinstance(rope, dict):
-        raise ValueError(f"{where} must be an object, got {rope!r}")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"{where} rope_type must be one of {', '.join(ROPE_TYPES)}, got {rope_type!r}")
-    takes = {"rope_theta": (default_theta, positive, "a finite number > 0"), **ROPE_TYPES[rope_type]}
-    for key in rope.keys() - takes.keys() - {"rope_type", "type"}:
-        raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
-    out = {"rope_type": rope_type}
-    for key, (default, ok, what) in takes.items():
-        value = out[key] = default if rope.get(key) is None else rope[key]
-        if not ok(value) if value is not None else key == "factor":
-            raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
-    if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
-        out["original_max_position_embeddings"] = max_position_embeddings
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Weights: the tensors olmo.py's modules hold, by their transformers names, and the one operation on them
-
-
-def weight_shapes(config):
-    """Every tensor the model needs, by transformers' name -> shape: what olmo.py's module tree declares.
-    A linear layer's weight is (out_features, in_features), as checkpoints store it; it is applied as x @ W.T."""
-    C, I, D = config.hidden_size, config.intermediate_size, config.head_dim
-    H, KV = config.num_attention_heads, config.num_key_value_heads
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, C)}
-    for i in range(config.num_hidden_layers):
-        layer, attn, mlp = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        for proj, out_features, in_features in (("q_proj", H * D, C), ("k_proj", KV * D, C),
-                                                ("v_proj", KV * D, C), ("o_proj", C, H * D)):
-            shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
-            if config.attention_bias:
-                shapes[f"{attn}.{proj}.bias"] = (out_features,)
-        shapes[f"{mlp}.gate_proj.weight"] = shapes[f"{mlp}.up_proj.weight"] = (I, C)
-        shapes[f"{mlp}.down_proj.weight"] = (C, I)
-        if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
-            shapes[f"{attn}.q_norm.weight"], shapes[f"{attn}.k_norm.weight"] = (H * D,), (KV * D,)
-            shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
-            shapes[f"{layer}.post_feedforward_layernorm.weight"] = (C,)
-    if config.norm_after:
-        shapes["model.norm.weight"] = (C,)
-    shapes["lm_head.weight"] = (config.vocab_size, C)
-    return shapes
-
-
-def linear(x, weights, name):
-    """x (..., in) -> (..., out): x W^T + b, with W (out, in) as stored. The .T is a view: nothing is copied."""
-    y = x @ weights[f"{name}.weight"].T
-    bias = weights.get(f"{name}.bias")
-    return y if bias is None else y + bias
-
-
-# The MLP gate's activations, by the names config.json uses (transformers' ACT2FN).
-
-
-def silu(x):
-    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -88; x / inf = -0 is the right limit
-        return x / (1.0 + np.exp(-x))
-
-
-def erf(x):
-    """The error function, which NumPy lacks (math.erf is one Python call per element): Abramowitz & Stegun
-    7.1.26, absolute error below 1.5e-7, evaluated in float64 so that only the final rounding to float32 (half an
-    ulp, <= 3e-8) adds to it. The bound is absolute, and gelu = 0.5 * x * (1 + erf(x / sqrt 2)) turns it into an
-    absolute error of up to |x| / 2 * 1.5e-7, not a relative one: where gelu nears 0 (x < -4, |gelu| < 1e-4) the
-    relative error grows without bound (4% at x = -5), harmless next to the O(1) activations around it."""
-    a1, a2, a3, a4, a5, p = 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429, 0.3275911
-    z = np.abs(x).astype(np.float64)
-    t = 1.0 / (1.0 + p * z)
-    y = 1.0 - ((((a5 * t + a4) * t + a3) * t + a2) * t + a1) * t * np.exp(-z * z)
-    return (np.sign(x) * y).astype(x.dtype)
-
-
-def gelu(x):
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
-
-
-def gelu_tanh(x):
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
-ACT2FN = {
-    "silu": silu,
-    "swish": silu,
-    "gelu": gelu,
-    "gelu_new": gelu_tanh,
-    "gelu_pytorch_tanh": gelu_tanh,
-    "relu": lambda x: np.maximum(x, 0.0),
-}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Norm
@@ -303,6 +183,29 @@ def rms_norm(x, weight, eps):
 # Scaling stretches a model past the context it was trained on: linear divides every frequency, dynamic NTK raises
 # the base once a sequence is longer, YaRN (OLMo 3) interpolates only the slow frequencies. Everything is float32,
 # as in olmo.py, so the angles round the same way.
+
+
+def rotary_emb(config, rope, position_ids):
+    """position_ids (B, T) -> cos, sin (B, T, head_dim), float32, for one layer type's RoPE settings `rope`."""
+    dim, theta, factor = config.head_dim, np.float32(rope["rope_theta"]), np.float32(rope.get("factor", 1.0))
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    inv_freq = 1.0 / theta ** exponents  # (dim/2,)
+    attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
+    max_pos = config.max_position_embeddings
+    if rope["rope_type"] == "linear":  # "position interpolation": every position divided by factor
+        inv_freq = inv_freq / factor
+    elif rope["rope_type"] == "yarn":
+        inv_freq, attention_factor = yarn(theta ** exponents, rope, dim, rope["rope_theta"])
+    elif rope["rope_type"] == "dynamic" and position_ids.max() + 1 > max_pos:
+        # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so long-wavelength
+        # dimensions interpolate while short ones keep their resolution. As in transformers and olmo.py, "the
+        # sequence" is the largest position in this call, and cached keys keep the frequencies they got.
+        seq_len = np.float32(position_ids.max() + 1)
+        base = theta * (factor * seq_len / np.float32(max_pos) - (factor - 1)) ** np.float32(dim / (dim - 2))
+        inv_freq = 1.0 / base ** exponents
+    freqs = position_ids[..., None].astype(np.float32) * inv_freq.astype(np.float32)  # (B, T, dim/2)
+    emb = np.concatenate((freqs, freqs), axis=-1)  # both halves of a pair turn by the same angle
+    return np.cos(emb) * np.float32(attention_factor), np.sin(emb) * np.float32(attention_factor)
 
 
 def yarn(wavelengths, s, dim, theta):
@@ -332,29 +235,6 @@ def yarn(wavelengths, s, dim, theta):
             attention_factor)
 
 
-def rotary_emb(config, rope, position_ids):
-    """position_ids (B, T) -> cos, sin (B, T, head_dim), float32, for one layer type's RoPE settings `rope`."""
-    dim, theta, factor = config.head_dim, np.float32(rope["rope_theta"]), np.float32(rope.get("factor", 1.0))
-    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
-    inv_freq = 1.0 / theta ** exponents  # (dim/2,)
-    attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
-    max_pos = config.max_position_embeddings
-    if rope["rope_type"] == "linear":  # "position interpolation": every position divided by factor
-        inv_freq = inv_freq / factor
-    elif rope["rope_type"] == "yarn":
-        inv_freq, attention_factor = yarn(theta ** exponents, rope, dim, rope["rope_theta"])
-    elif rope["rope_type"] == "dynamic" and position_ids.max() + 1 > max_pos:
-        # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so long-wavelength
-        # dimensions interpolate while short ones keep their resolution. As in transformers and olmo.py, "the
-        # sequence" is the largest position in this call, and cached keys keep the frequencies they got.
-        seq_len = np.float32(position_ids.max() + 1)
-        base = theta * (factor * seq_len / np.float32(max_pos) - (factor - 1)) ** np.float32(dim / (dim - 2))
-        inv_freq = 1.0 / base ** exponents
-    freqs = position_ids[..., None].astype(np.float32) * inv_freq.astype(np.float32)  # (B, T, dim/2)
-    emb = np.concatenate((freqs, freqs), axis=-1)  # both halves of a pair turn by the same angle
-    return np.cos(emb) * np.float32(attention_factor), np.sin(emb) * np.float32(attention_factor)
-
-
 def rotate_half(x):
     x1, x2 = np.split(x, 2, axis=-1)
     return np.concatenate((-x2, x1), axis=-1)
@@ -368,6 +248,13 @@ def apply_rotary_pos_emb(x, cos, sin):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Attention
+
+
+def linear(x, weights, name):
+    """x (..., in) -> (..., out): x W^T + b, with W (out, in) as stored. The .T is a view: nothing is copied."""
+    y = x @ weights[f"{name}.weight"].T
+    bias = weights.get(f"{name}.bias")
+    return y if bias is None else y + bias
 
 
 def causal_mask(query_slots, key_valid, window=None):
@@ -439,6 +326,45 @@ def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # MLP
+
+
+# The MLP gate's activations, by the names config.json uses (transformers' ACT2FN).
+
+
+def silu(x):
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -88; x / inf = -0 is the right limit
+        return x / (1.0 + np.exp(-x))
+
+
+def erf(x):
+    """The error function, which NumPy lacks (math.erf is one Python call per element): Abramowitz & Stegun
+    7.1.26, absolute error below 1.5e-7, evaluated in float64 so that only the final rounding to float32 (half an
+    ulp, <= 3e-8) adds to it. The bound is absolute, and gelu = 0.5 * x * (1 + erf(x / sqrt 2)) turns it into an
+    absolute error of up to |x| / 2 * 1.5e-7, not a relative one: where gelu nears 0 (x < -4, |gelu| < 1e-4) the
+    relative error grows without bound (4% at x = -5), harmless next to the O(1) activations around it."""
+    a1, a2, a3, a4, a5, p = 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429, 0.3275911
+    z = np.abs(x).astype(np.float64)
+    t = 1.0 / (1.0 + p * z)
+    y = 1.0 - ((((a5 * t + a4) * t + a3) * t + a2) * t + a1) * t * np.exp(-z * z)
+    return (np.sign(x) * y).astype(x.dtype)
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+ACT2FN = {
+    "silu": silu,
+    "swish": silu,
+    "gelu": gelu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "relu": lambda x: np.maximum(x, 0.0),
+}
 
 
 def mlp(weights, name, config, x):
@@ -648,6 +574,31 @@ class OlmoForCausalLM:
         return cls(config, weights)
 
 
+def weight_shapes(config):
+    """Every tensor the model needs, by transformers' name -> shape: what olmo.py's module tree declares.
+    A linear layer's weight is (out_features, in_features), as checkpoints store it; it is applied as x @ W.T."""
+    C, I, D = config.hidden_size, config.intermediate_size, config.head_dim
+    H, KV = config.num_attention_heads, config.num_key_value_heads
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, C)}
+    for i in range(config.num_hidden_layers):
+        layer, attn, mlp = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        for proj, out_features, in_features in (("q_proj", H * D, C), ("k_proj", KV * D, C),
+                                                ("v_proj", KV * D, C), ("o_proj", C, H * D)):
+            shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
+            if config.attention_bias:
+                shapes[f"{attn}.{proj}.bias"] = (out_features,)
+        shapes[f"{mlp}.gate_proj.weight"] = shapes[f"{mlp}.up_proj.weight"] = (I, C)
+        shapes[f"{mlp}.down_proj.weight"] = (C, I)
+        if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
+            shapes[f"{attn}.q_norm.weight"], shapes[f"{attn}.k_norm.weight"] = (H * D,), (KV * D,)
+            shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
+            shapes[f"{layer}.post_feedforward_layernorm.weight"] = (C,)
+    if config.norm_after:
+        shapes["model.norm.weight"] = (C,)
+    shapes["lm_head.weight"] = (config.vocab_size, C)
+    return shapes
+
+
 def check_state_dict(state_dict, expected):
     """Names and shapes must match exactly (dtypes: see load_safetensors): a wrong checkpoint fails, naming it."""
     for name, shape in expected.items():
@@ -791,6 +742,57 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
     probs = softmax(logits)
     rng = rng if rng is not None else np.random.default_rng()
     return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading config.json
+
+
+def fits(value, annotation):
+    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is neither."""
+    if isinstance(annotation, types.UnionType):
+        return any(fits(value, a) for a in annotation.__args__)
+    if typing.get_origin(annotation) is list:
+        return type(value) is list and all(fits(v, typing.get_args(annotation)[0]) for v in value)
+    if annotation is float:
+        return type(value) in (int, float)
+    return type(value) is annotation  # int, bool, str, dict, NoneType
+
+
+def positive(v):
+    return type(v) in (int, float) and 0 < v < math.inf
+
+
+# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
+# refused. YaRN's defaults are transformers'.
+FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
+ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
+    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
+    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
+    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
+
+
+def check_rope(rope, default_theta, max_position_embeddings, kind):
+    """One layer type's RoPE settings ("type" or "rope_type", "rope_theta", "factor", YaRN's keys) -> the same
+    with "rope_type", "rope_theta" and every default filled in."""
+    where = f"rope_parameters[{kind!r}]"
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where} must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{where} rope_type must be one of {', '.join(ROPE_TYPES)}, got {rope_type!r}")
+    takes = {"rope_theta": (default_theta, positive, "a finite number > 0"), **ROPE_TYPES[rope_type]}
+    for key in rope.keys() - takes.keys() - {"rope_type", "type"}:
+        raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
+    out = {"rope_type": rope_type}
+    for key, (default, ok, what) in takes.items():
+        value = out[key] = default if rope.get(key) is None else rope[key]
+        if not ok(value) if value is not None else key == "factor":
+            raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
+    if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
+        out["original_max_position_embeddings"] = max_position_embeddings
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
