@@ -31,7 +31,9 @@ import numpy as np
 # free). For tiny models, or cores busy with other work, one thread is faster: set OPENBLAS_NUM_THREADS=1.
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config (the same dataclass and checks as olmo.py's, repeated on purpose: this file imports nothing from it)
+# Config
+#
+# The same dataclass as olmo.py's, repeated on purpose: this file imports nothing from it.
 
 
 @dataclass
@@ -66,52 +68,20 @@ class OlmoConfig:
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
 
     def __post_init__(self):
-        def require(ok, name, what):
-            if not ok:
-                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
-
-        require(self.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
-                "'hf_olmo' or trainer checkpoints run convert.py first)")
-        if self.num_key_value_heads is None:
+        """Fill the defaults that depend on other fields, checking each field before it is used (the checks are in
+        "Reading config.json", after Loading)."""
+        if self.num_key_value_heads is None:  # one key-value head per query head (MHA)
             self.num_key_value_heads = self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            require(1 <= getattr(self, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
-        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                f"divisible by num_attention_heads {self.num_attention_heads}")
-        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
-                f"divisible by num_key_value_heads {self.num_key_value_heads}")
-        require(self.head_dim % 2 == 0, "hidden_size", f"num_attention_heads times an even head size (RoPE "
-                f"rotates pairs), not head size {self.head_dim}")
-        require(self.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            ids = getattr(self, name)
-            ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
-            require(all(0 <= i < self.vocab_size for i in ids), name, f"null or in [0, {self.vocab_size})")
-        require(0 <= self.attention_dropout < 1, "attention_dropout", "in [0, 1)")
-        require(math.isfinite(self.initializer_range) and self.initializer_range >= 0, "initializer_range", ">= 0")
-        require(math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
-        require(self.clip_qkv is None or math.isfinite(self.clip_qkv) and self.clip_qkv > 0, "clip_qkv", "None or > 0")
-        require(self.clip_qkv is None or self.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
-        require(self.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
+        check_fields(self)
         # OLMo 3: three sliding-window layers, then one full-attention layer, unless config.json lists them
         olmo3 = self.model_type == "olmo3"
-        if olmo3 and self.sliding_window is None:
+        if olmo3 and self.sliding_window is None:  # OLMo 3
             self.sliding_window = 4096
         if self.layer_types is None or not olmo3:  # earlier generations have full attention everywhere
             self.layer_types = ["sliding_attention" if olmo3 and i % 4 != 3 else "full_attention"
                                 for i in range(self.num_hidden_layers)]
-        require(len(self.layer_types) == self.num_hidden_layers and
-                set(self.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
-                f"{self.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
-        require(not olmo3 or 1 <= self.sliding_window, "sliding_window", ">= 1")
-        rope = self.rope_parameters or {}
-        require(isinstance(rope, dict), "rope_parameters", "an object")
-        if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full layers' settings
-            rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
-        theta = 500000.0 if olmo3 else 10000.0
-        self.rope_parameters = {kind: check_rope(rope.get(kind) or {}, theta, self.max_position_embeddings, kind)
-                                for kind in sorted(set(self.layer_types))}
+        check_layer_types(self)
+        self.rope_parameters = rope_per_layer_type(self)
 
     @property
     def head_dim(self):
@@ -156,7 +126,6 @@ class OlmoConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{path} does not hold a JSON object")
         return cls.from_dict(d, path)
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -746,6 +715,70 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading config.json
+#
+# A config.json comes in two styles (transformers 4.x's and 5's) and from many hands: from_dict reads either and
+# checks every field's JSON type, the functions below check ranges and relations and fill the RoPE settings. Each
+# error names the field and its value; nothing a user could have mistyped is guessed.
+
+
+def require(config, ok, name, what):
+    """Unless ok: a ValueError naming the field, what it must be, and what it is."""
+    if not ok:
+        raise ValueError(f"{name} must be {what}, got {getattr(config, name)!r}")
+
+
+def check_fields(config):
+    """The ranges and relations of OlmoConfig's fields (their JSON types: see from_dict)."""
+    require(config, config.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' "
+            "(for 'hf_olmo' or trainer checkpoints run convert.py first)")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings"):
+        require(config, 1 <= getattr(config, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
+    require(config, config.hidden_size % config.num_attention_heads == 0, "hidden_size",
+            f"divisible by num_attention_heads {config.num_attention_heads}")
+    require(config, config.num_attention_heads % config.num_key_value_heads == 0, "num_attention_heads",
+            f"divisible by num_key_value_heads {config.num_key_value_heads}")
+    require(config, config.head_dim % 2 == 0, "hidden_size", "num_attention_heads times an even head size (RoPE "
+            f"rotates pairs), not head size {config.head_dim}")
+    require(config, config.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        ids = getattr(config, name)  # None, an id, or (eos_token_id) a list of ids
+        if isinstance(ids, int):
+            ids = [ids]
+        in_vocabulary = all(0 <= i < config.vocab_size for i in ids or [])
+        require(config, in_vocabulary, name, f"null or in [0, {config.vocab_size})")
+    require(config, 0 <= config.attention_dropout < 1, "attention_dropout", "in [0, 1)")
+    require(config, math.isfinite(config.initializer_range) and config.initializer_range >= 0, "initializer_range",
+            ">= 0")
+    require(config, math.isfinite(config.rms_norm_eps) and config.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
+    clip = config.clip_qkv
+    require(config, clip is None or (math.isfinite(clip) and clip > 0), "clip_qkv", "None or > 0")
+    require(config, clip is None or config.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
+    require(config, config.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
+
+
+def check_layer_types(config):
+    """OLMo 3: one attention kind per layer, and a window of at least one key."""
+    kinds = {"full_attention", "sliding_attention"}
+    layer_types = config.layer_types
+    require(config, len(layer_types) == config.num_hidden_layers and set(layer_types) <= kinds, "layer_types",
+            f"{config.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+    require(config, config.model_type != "olmo3" or 1 <= config.sliding_window, "sliding_window", ">= 1")
+
+
+def rope_per_layer_type(config):
+    """config.rope_parameters, flat (the full-attention layers' settings: every config but OLMo 3's in
+    transformers 5) or nested per layer type -> {layer type: its settings, checked and completed by check_rope}
+    for each layer type the model has. The base defaults to 10000 (OLMo 3: 500000)."""
+    rope = config.rope_parameters or {}
+    require(config, isinstance(rope, dict), "rope_parameters", "an object")
+    if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full layers' settings
+        rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
+    theta = 10000.0
+    if config.model_type == "olmo3":  # OLMo 3: a larger base
+        theta = 500000.0
+    kinds = sorted(set(config.layer_types))
+    return {kind: check_rope(rope.get(kind) or {}, theta, config.max_position_embeddings, kind) for kind in kinds}
 
 
 def fits(value, annotation):
@@ -766,11 +799,17 @@ def positive(v):
 # What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
 # refused. YaRN's defaults are transformers'.
 FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
-ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
-    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
-    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
-    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
-    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
+YARN = {  # OLMo 3: YaRN's keys
+    **FACTOR,
+    "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "attention_factor": (None, positive, "a number > 0"),
+    "beta_fast": (32.0, positive, "a number > 0"),
+    "beta_slow": (1.0, positive, "a number > 0"),
+    "mscale": (None, positive, "a number > 0"),
+    "mscale_all_dim": (None, positive, "a number > 0"),
+    "truncate": (True, lambda v: type(v) is bool, "a boolean"),
+}
+ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": YARN}
 
 
 def check_rope(rope, default_theta, max_position_embeddings, kind):
@@ -787,9 +826,11 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
         raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
     out = {"rope_type": rope_type}
     for key, (default, ok, what) in takes.items():
-        value = out[key] = default if rope.get(key) is None else rope[key]
-        if not ok(value) if value is not None else key == "factor":
+        value = default if rope.get(key) is None else rope[key]
+        missing = value is None and key == "factor"  # the one key with no default (YaRN derives its other Nones)
+        if missing or (value is not None and not ok(value)):
             raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
+        out[key] = value
     if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
         out["original_max_position_embeddings"] = max_position_embeddings
     return out
