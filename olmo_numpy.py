@@ -1,16 +1,17 @@
 """OLMo (1, 2 and 3) in one readable NumPy file: olmo.py's twin, with every matrix product written out.
 
-Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP and the
-KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the .safetensors
-reader is a few lines of header parsing over a memory map. It tells olmo.py's story in olmo.py's order, with the
-same names where the concept is the same (OLMo 2 and 3 again under "OLMo 2:" and "OLMo 3:" comments), so the two
-read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the tests check both). It needs
-only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32; float16 and bfloat16 checkpoints are
-widened to float32 when they load. Local checkpoint directories only (hub ids would need huggingface_hub).
+Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP
+and the KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the
+.safetensors reader is a few lines of header parsing over a memory map. It tells olmo.py's story in olmo.py's
+order, with the same names where the concept is the same (OLMo 2 and 3 again under "OLMo 2:" and "OLMo 3:"
+comments), so the two read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the
+tests check both). It needs only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32;
+float16 and bfloat16 checkpoints are widened to float32 when they load. Local checkpoint directories only (hub
+ids would need huggingface_hub).
 
-Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads, D head_dim.
-A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is what RoPE rotates
-by: the slot minus the row's left padding.
+Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
+D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
+what RoPE rotates by: the slot minus the row's left padding.
 
     python olmo_numpy.py --model path/to/OLMo-1B-hf --prompt "Language models are"
 """
@@ -26,9 +27,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-# Threads: NumPy's BLAS keeps its default, a thread per core, on purpose: a real model's decode step streams every
-# weight from memory, which one core alone doesn't do at full speed (160m: 30 vs 45 ms per token with a second core
-# free). For tiny models, or cores busy with other work, one thread is faster: set OPENBLAS_NUM_THREADS=1.
+# Threads: NumPy's BLAS keeps its default, a thread per core, on purpose: a real model's decode step streams
+# every weight from memory, which one core alone doesn't do at full speed (160m: 30 vs 45 ms per token with a
+# second core free). For tiny models, or cores busy with other work, one thread is faster:
+# set OPENBLAS_NUM_THREADS=1.
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -38,7 +40,8 @@ import numpy as np
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig, with its defaults (the OLMo-7B shape), plus the few OLMo 2 and 3 add."""
+    """Every field of transformers' OlmoConfig, with its defaults (the OLMo-7B shape), plus the few fields
+    OLMo 2 and 3 add."""
 
     model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -46,7 +49,7 @@ class OlmoConfig:
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
     num_hidden_layers: int = 32  # number of decoder blocks
     num_attention_heads: int = 32  # query heads; head_dim = hidden_size // num_attention_heads
-    num_key_value_heads: int | None = None  # key/value heads: None = num_attention_heads (MHA), 1 = MQA, else GQA
+    num_key_value_heads: int | None = None  # None: num_attention_heads (MHA); 1: MQA; else GQA
     hidden_act: str = "silu"  # the MLP gate's activation (SwiGLU with silu)
     max_position_embeddings: int = 2048  # context length trained on; dynamic RoPE scales beyond it
     initializer_range: float = 0.02  # std of the normal init of fresh weights (unused here: we only load)
@@ -56,8 +59,9 @@ class OlmoConfig:
     eos_token_id: int | list[int] | None = 50279  # generation stops at this token ("<|endoftext|>")
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (OLMo-1B) or not (OLMo-7B)
     # RoPE per layer type, as transformers 5 holds it: {"full_attention": {"rope_type": "default" | "linear" |
-    # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict (or
-    # 4.x's rope_theta and rope_scaling) means the full-attention layers; the base defaults to 10000 (OLMo 3: 5e5)
+    # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict
+    # (or 4.x's rope_theta and rope_scaling) means the full-attention layers. The base defaults to 10000
+    # (OLMo 3: 5e5).
     rope_parameters: dict | None = None
     attention_bias: bool = False  # biases on q/k/v/o projections
     attention_dropout: float = 0.0  # dropout on attention probabilities, in training only (none here)
@@ -68,8 +72,8 @@ class OlmoConfig:
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
 
     def __post_init__(self):
-        """Fill the defaults that depend on other fields, checking each field before it is used (the checks are in
-        "Reading config.json", after Loading)."""
+        """Fill the defaults that depend on other fields, checking each field before it is used (the checks
+        are in "Reading config.json", after Loading)."""
         if self.num_key_value_heads is None:  # one key-value head per query head (MHA)
             self.num_key_value_heads = self.num_attention_heads
         check_fields(self)
@@ -89,15 +93,16 @@ class OlmoConfig:
 
     @property
     def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see decoder_layer)."""
+        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer
+        (see decoder_layer)."""
         return self.model_type != "olmo"
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
         """Read a config.json as transformers 4.x writes it (top-level rope_theta, rope_scaling with "type" or
-        "rope_type") or as transformers 5 does (rope_parameters, for OLMo 3 nested per layer type). Every known
-        field must have its JSON type (no "false" for false, no 128.0 for 128); unknown keys (architectures,
-        transformers_version, ...) are irrelevant. Errors name the source."""
+        "rope_type") or as transformers 5 does (rope_parameters, for OLMo 3 nested per layer type). Every
+        known field must have its JSON type (no "false" for false, no 128.0 for 128); unknown keys
+        (architectures, transformers_version, ...) are irrelevant. Errors name the source."""
         try:
             d = dict(d)
             if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
@@ -140,7 +145,8 @@ def layer_norm(x, eps=1e-5):
 
 
 def rms_norm(x, weight, eps):
-    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias), multiplied in transformers' order."""
+    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias), multiplied in the order
+    transformers uses."""
     return weight * (x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps)))
 
 
@@ -148,14 +154,15 @@ def rms_norm(x, weight, eps):
 # Rotary position embedding (RoPE), rotate-half layout
 #
 # Each head vector is split in two halves (x1, x2); frequency i rotates the pair (x1[i], x2[i]) by the angle
-# position * inv_freq[i]. Rotating q and k by their positions makes q.k depend only on the distance between them.
-# Scaling stretches a model past the context it was trained on: linear divides every frequency, dynamic NTK raises
-# the base once a sequence is longer, YaRN (OLMo 3) interpolates only the slow frequencies. Everything is float32,
-# as in olmo.py, so the angles round the same way.
+# position * inv_freq[i]. Rotating q and k by their positions makes q.k depend only on the distance between
+# them. Scaling stretches a model past the context it was trained on: linear divides every frequency, dynamic
+# NTK raises the base once a sequence is longer, YaRN (OLMo 3) interpolates only the slow frequencies.
+# Everything is float32, as in olmo.py, so the angles round the same way.
 
 
 def rotary_emb(config, rope, position_ids):
-    """position_ids (B, T) -> cos, sin (B, T, head_dim), float32, for one layer type's RoPE settings `rope`."""
+    """position_ids (B, T) -> cos, sin (B, T, head_dim), float32, for one layer type's RoPE settings,
+    `rope` (see check_rope)."""
     dim, theta, factor = config.head_dim, np.float32(rope["rope_theta"]), np.float32(rope.get("factor", 1.0))
     exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
     inv_freq = 1.0 / theta ** exponents  # (dim/2,)
@@ -166,9 +173,10 @@ def rotary_emb(config, rope, position_ids):
     elif rope["rope_type"] == "yarn":
         inv_freq, attention_factor = yarn(theta ** exponents, rope, dim, rope["rope_theta"])
     elif rope["rope_type"] == "dynamic" and position_ids.max() + 1 > max_pos:
-        # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so long-wavelength
-        # dimensions interpolate while short ones keep their resolution. As in transformers and olmo.py, "the
-        # sequence" is the largest position in this call, and cached keys keep the frequencies they got.
+        # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so
+        # long-wavelength dimensions interpolate while short ones keep their resolution. As in transformers
+        # and olmo.py, "the sequence" is the largest position in this call, and cached keys keep the
+        # frequencies they got.
         seq_len = np.float32(position_ids.max() + 1)
         base = theta * (factor * seq_len / np.float32(max_pos) - (factor - 1)) ** np.float32(dim / (dim - 2))
         inv_freq = 1.0 / base ** exponents
@@ -178,9 +186,10 @@ def rotary_emb(config, rope, position_ids):
 
 
 def yarn(wavelengths, s, dim, theta):
-    """OLMo 3: YaRN (Peng et al., 2023). Frequencies that turn more than beta_fast times over the original context
-    keep their value (extrapolate), those turning fewer than beta_slow times are divided by factor (interpolate),
-    with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. Arithmetic as in transformers."""
+    """OLMo 3: YaRN (Peng et al., 2023). Frequencies that turn more than beta_fast times over the original
+    context keep their value (extrapolate), those turning fewer than beta_slow times are divided by factor
+    (interpolate), with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. The arithmetic
+    is transformers'."""
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
@@ -220,18 +229,19 @@ def apply_rotary_pos_emb(x, cos, sin):
 
 
 def linear(x, weights, name):
-    """x (..., in) -> (..., out): x W^T + b, with W (out, in) as stored. The .T is a view: nothing is copied."""
+    """x (..., in) -> (..., out): x W^T + b, with W (out, in) as checkpoints store it. The .T is a view:
+    nothing is copied."""
     y = x @ weights[f"{name}.weight"].T
     bias = weights.get(f"{name}.bias")
     return y if bias is None else y + bias
 
 
 def causal_mask(query_slots, key_valid, window=None):
-    """The one masking rule, for the full forward, prefill and decode alike. query_slots (T,) the queries' cache
-    slots; key_valid (B, S) bool, False at padding -> (B, 1, T, S) bool, True = may attend: key j is visible to the
-    query in slot i if j <= i, j holds a real token, and (OLMo 3's sliding layers) i - j < window. Every query also
-    sees itself, so a padding query has one finite score instead of a softmax over nothing (NaN); its output is
-    never used, since real tokens never attend to padding."""
+    """The one masking rule, for the full forward, prefill and decode alike. query_slots (T,) the queries'
+    cache slots; key_valid (B, S) bool, False at padding -> (B, 1, T, S) bool, True = may attend: key j is
+    visible to the query in slot i if j <= i, j holds a real token, and (OLMo 3's sliding layers)
+    i - j < window. Every query also sees itself, so a padding query has one finite score instead of a softmax
+    over nothing (NaN); its output is never used, since real tokens never attend to padding."""
     i, j = query_slots[:, None], np.arange(key_valid.shape[1])
     visible = j <= i  # (T, S)
     if window is not None:
@@ -248,25 +258,29 @@ QUERY_BLOCK = 256  # queries per block in attend: one block for decoding and for
 
 
 def attend(q, k, v, mask):
-    """softmax(q k^T / sqrt(D) + mask) v: q (B, KV, group, T, D), k and v (B, KV, 1, S, D) broadcast over the group
-    (GQA without copies), mask (B, 1, T, S) -> (B, KV, group, T, D). In blocks of queries, because all the scores at
-    once, (B, KV, group, T, S) floats, take 1.7 GB for a 6000-token prompt of a 12-head model. The queries are the
-    last T of the S slots, so a block's keys can end at its last query's slot: later ones are masked anyway."""
+    """softmax(q k^T / sqrt(D) + mask) v: q (B, KV, group, T, D), k and v (B, KV, 1, S, D) broadcast over the
+    group (GQA without copies), mask (B, 1, T, S) -> (B, KV, group, T, D). In blocks of queries, because all
+    the scores at once, (B, KV, group, T, S) floats, take 1.7 GB for a 6000-token prompt of a 12-head model.
+    The queries are the last T of the S slots, so a block's keys can end at its last query's slot: later ones
+    are masked anyway."""
     T, S = q.shape[3], k.shape[3]
+    scale = np.float32(math.sqrt(q.shape[-1]))
     y = np.empty_like(q)
     for start in range(0, T, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, T)
         keys = S - T + stop  # the keys up to this block's last query
-        scores = q[:, :, :, start:stop] @ k[:, :, :, :keys].swapaxes(-1, -2) / np.float32(math.sqrt(q.shape[-1]))
+        scores = q[:, :, :, start:stop] @ k[:, :, :, :keys].swapaxes(-1, -2) / scale
         scores = np.where(mask[:, :, None, start:stop, :keys], scores, -np.inf)  # (B, KV, group, block, keys)
         y[:, :, :, start:stop] = softmax(scores) @ v[:, :, :, :keys]
     return y
 
 
-def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
-    """x (B, T, hidden); mask (B, 1, T, S) bool, True = may attend. cache = (k_cache, v_cache), each
-    (B, KV, length, D): x's keys and values are written at slots (T,), and attention runs over the cache's first
-    S slots (the filled ones: S is the mask's width). Without a cache, S = T."""
+def attention(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
+    """Layer i's self-attention. x (B, T, hidden); mask (B, 1, T, S) bool, True = may attend.
+    cache = (k_cache, v_cache), each (B, KV, length, D): x's keys and values are written at slots (T,), and
+    attention runs over the cache's first S slots (the filled ones: S is the mask's width). Without a cache,
+    S = T."""
+    name = f"model.layers.{i}.self_attn"
     B, T, _ = x.shape
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = linear(x, weights, f"{name}.q_proj")  # (B, T, H*D)
@@ -287,7 +301,8 @@ def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
         k_cache[:, :, slots], v_cache[:, :, slots] = k, v  # written in place
         k, v = k_cache[:, :, :mask.shape[-1]], v_cache[:, :, :mask.shape[-1]]  # (B, KV, S, D), views
     # Grouped-query attention: each group of H/KV query heads shares one key/value head. Reshaping q to
-    # (B, KV, group, T, D) lets the matmul broadcast k and v over the group, instead of copying them H/KV times.
+    # (B, KV, group, T, D) lets the matmul broadcast k and v over the group, instead of copying them H/KV
+    # times.
     y = attend(q.reshape(B, KV, H // KV, T, D), k[:, :, None], v[:, :, None], mask)  # (B, KV, group, T, D)
     y = y.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, H * D)
     return linear(y, weights, f"{name}.o_proj")  # (B, T, hidden)
@@ -307,10 +322,11 @@ def silu(x):
 
 def erf(x):
     """The error function, which NumPy lacks (math.erf is one Python call per element): Abramowitz & Stegun
-    7.1.26, absolute error below 1.5e-7, evaluated in float64 so that only the final rounding to float32 (half an
-    ulp, <= 3e-8) adds to it. The bound is absolute, and gelu = 0.5 * x * (1 + erf(x / sqrt 2)) turns it into an
-    absolute error of up to |x| / 2 * 1.5e-7, not a relative one: where gelu nears 0 (x < -4, |gelu| < 1e-4) the
-    relative error grows without bound (4% at x = -5), harmless next to the O(1) activations around it."""
+    7.1.26, absolute error below 1.5e-7, evaluated in float64 so that only the final rounding to float32 (half
+    an ulp, <= 3e-8) adds to it. The bound is absolute, and gelu = 0.5 * x * (1 + erf(x / sqrt 2)) turns it
+    into an absolute error of up to |x| / 2 * 1.5e-7, not a relative one: where gelu nears 0
+    (x < -4, |gelu| < 1e-4) the relative error grows without bound (4% at x = -5), harmless next to the O(1)
+    activations around it."""
     a1, a2, a3, a4, a5, p = 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429, 0.3275911
     z = np.abs(x).astype(np.float64)
     t = 1.0 / (1.0 + p * z)
@@ -336,12 +352,13 @@ ACT2FN = {
 }
 
 
-def mlp(weights, name, config, x):
-    """Gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x)). x (B, T, hidden) -> (B, T, intermediate) ->
-    (B, T, hidden)."""
+def mlp(weights, i, config, x):
+    """Layer i's gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x))."""
+    name = f"model.layers.{i}.mlp"
     act = ACT2FN[config.hidden_act]
-    return linear(act(linear(x, weights, f"{name}.gate_proj")) * linear(x, weights, f"{name}.up_proj"),
-                  weights, f"{name}.down_proj")
+    gate = act(linear(x, weights, f"{name}.gate_proj"))  # (B, T, hidden) -> (B, T, intermediate)
+    up = linear(x, weights, f"{name}.up_proj")
+    return linear(gate * up, weights, f"{name}.down_proj")  # (B, T, hidden)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,21 +366,21 @@ def mlp(weights, name, config, x):
 
 
 def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
-    """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its output,
-    before the residual add, so the residual stream itself is never rescaled (their stability fix):
+    """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its
+    output, before the residual add, so the residual stream itself is never rescaled (their stability fix):
 
         OLMo 1                                        OLMo 2 and 3
         x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
         x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
     """
-    layer, eps = f"model.layers.{i}", config.rms_norm_eps
-    attn, ffn = f"{layer}.self_attn", f"{layer}.mlp"
-    if config.norm_after:
-        x = x + rms_norm(attention(weights, attn, config, x, cos, sin, mask, cache, slots),
-                         weights[f"{layer}.post_attention_layernorm.weight"], eps)
-        return x + rms_norm(mlp(weights, ffn, config, x), weights[f"{layer}.post_feedforward_layernorm.weight"], eps)
-    x = x + attention(weights, attn, config, layer_norm(x), cos, sin, mask, cache, slots)
-    return x + mlp(weights, ffn, config, layer_norm(x))
+    layer = f"model.layers.{i}"
+    if config.norm_after:  # OLMo 2: each sublayer's output is normalised, then added
+        x_attn = attention(weights, i, config, x, cos, sin, mask, cache, slots)
+        x = x + rms_norm(x_attn, weights[f"{layer}.post_attention_layernorm.weight"], config.rms_norm_eps)
+        x_ffn = mlp(weights, i, config, x)
+        return x + rms_norm(x_ffn, weights[f"{layer}.post_feedforward_layernorm.weight"], config.rms_norm_eps)
+    x = x + attention(weights, i, config, layer_norm(x), cos, sin, mask, cache, slots)
+    return x + mlp(weights, i, config, layer_norm(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,26 +392,29 @@ def olmo_model(weights, config, input_ids, position_ids, query_slots, key_valid,
     tokens' slots; key_valid (B, S) which slots hold real tokens; caches: one (k_cache, v_cache) per layer to
     write at query_slots and attend over, or None to attend only within input_ids."""
     x = weights["model.embed_tokens.weight"][input_ids]  # (B, T, hidden): a row lookup
-    # RoPE tables and masks once per layer type, shared by every layer of that type. OLMo 3: each layer type has
-    # its own RoPE (scaling stretches the full-attention layers; sliding ones see only nearby keys, plain RoPE).
+    # RoPE tables and masks once per layer type, shared by every layer of that type. OLMo 3: each layer type
+    # has its own RoPE (scaling stretches the full-attention layers; the sliding ones see only nearby keys and
+    # keep plain RoPE).
     rope = {kind: rotary_emb(config, r, position_ids) for kind, r in config.rope_parameters.items()}
-    masks = {kind: causal_mask(query_slots, key_valid, config.sliding_window
-                               if kind == "sliding_attention" else None) for kind in rope}
+    windows = {"full_attention": None, "sliding_attention": config.sliding_window}  # OLMo 3: sliding layers
+    masks = {kind: causal_mask(query_slots, key_valid, windows[kind]) for kind in rope}
     for i, kind in enumerate(config.layer_types):
         cache = None if caches is None else caches[i]
         x = decoder_layer(weights, i, config, x, *rope[kind], masks[kind], cache, query_slots)
-    return rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps) if config.norm_after else layer_norm(x)
+    if config.norm_after:  # OLMo 2: the final norm is an RMSNorm with a weight
+        return rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps)
+    return layer_norm(x)
 
 
 def positions_from_mask(attention_mask):
-    """attention_mask (B, T) of 1/0 -> RoPE positions (B, T): left padding doesn't count, so a padded row gets the
-    positions it would have alone (what transformers' generate computes too)."""
+    """attention_mask (B, T) of 1/0 -> RoPE positions (B, T): left padding doesn't count, so a padded row gets
+    the positions it would have alone (what transformers' generate computes too)."""
     return np.maximum(np.cumsum(attention_mask.astype(np.int64), axis=-1) - 1, 0)
 
 
 def check_ids(input_ids, vocab_size):
-    """Token ids outside the vocabulary would wrap around (-1 is the last row of the embedding) or index past it:
-    refuse them, and anything that isn't an integer."""
+    """Token ids outside the vocabulary would wrap around (-1 is the last row of the embedding) or index past
+    it: refuse them, and anything that isn't an integer."""
     if not np.issubdtype(input_ids.dtype, np.integer):
         raise ValueError(f"token ids must be integers, got an array of {input_ids.dtype}")
     bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
@@ -403,7 +423,8 @@ def check_ids(input_ids, vocab_size):
 
 
 class OlmoForCausalLM:
-    """The config and the weight dict (transformers' names -> float32 arrays); the functions above do the rest."""
+    """The config and the weight dict (transformers' names -> float32 arrays); the functions above do all
+    the rest."""
 
     def __init__(self, config, weights):
         self.config, self.weights = config, weights
@@ -411,8 +432,8 @@ class OlmoForCausalLM:
         self.cached_ids = []  # the tokens whose keys and values the cache holds, for a one-row batch (see generate)
 
     def __call__(self, input_ids, attention_mask=None):
-        """The full forward, no cache: input_ids (B, T) ints, attention_mask (B, T) 1 = token, 0 = left padding.
-        Returns float32 logits (B, T, vocab). Logits at padding positions are meaningless."""
+        """The full forward, no cache: input_ids (B, T) ints, attention_mask (B, T) 1 = token, 0 = left
+        padding. Returns float32 logits (B, T, vocab). Logits at padding positions are meaningless."""
         input_ids = np.asarray(input_ids)
         check_ids(input_ids, self.config.vocab_size)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
@@ -424,15 +445,15 @@ class OlmoForCausalLM:
     # ------------------------------------------------------------------------------------------------------------
     # KV cache and generation
     #
-    # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the cache; then
-    # decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th token of the
-    # (left-padded) batch row; its RoPE position is s minus the row's padding.
+    # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the cache;
+    # then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th
+    # token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
 
     def grow_cache(self, batch_size, needed):
-        """Make every layer's cache hold at least `needed` slots, keeping what it holds. The length grows in powers
-        of two (at least 256), as olmo.py's, so a large max_new_tokens costs nothing until the tokens are produced.
-        Unlike olmo.py, each step attends over the filled slots only (prefill and decode_one_token cut key_valid
-        there): NumPy has no compiler that needs a static shape."""
+        """Make every layer's cache hold at least `needed` slots, keeping what it holds. The length grows in
+        powers of two (at least 256), as olmo.py's, so a large max_new_tokens costs nothing until the tokens
+        are produced. Unlike olmo.py, each step attends over the filled slots only (prefill and
+        decode_one_token cut key_valid there): NumPy has no compiler that needs a static shape."""
         same = self.caches is not None and self.caches[0][0].shape[0] == batch_size
         length = self.caches[0][0].shape[2] if same else 0  # a new batch size keeps nothing
         if needed <= length:
@@ -454,15 +475,16 @@ class OlmoForCausalLM:
         self.slots = np.arange(new_length)
 
     def setup_cache(self, attention_mask, length):
-        """Make the cache hold `length` slots for the batch of attention_mask (B, T), and note which slots hold real
-        tokens: key_valid (B, S), False at the prompt's padding (the slots after the prompt get generated tokens)."""
+        """Make the cache hold `length` slots for the batch of attention_mask (B, T), and note which slots
+        hold real tokens: key_valid (B, S), False at the prompt's padding (the slots after the prompt get
+        generated tokens)."""
         self.grow_cache(attention_mask.shape[0], length)
         self.key_valid = np.pad(attention_mask.astype(bool), ((0, 0), (0, len(self.slots) - attention_mask.shape[1])),
                                 constant_values=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
-        """input_ids, attention_mask (B, T); the cache already holds slots < start -> logits of the last position
-        (B, vocab)."""
+        """input_ids, attention_mask (B, T); the cache already holds slots < start -> logits of the last
+        position (B, vocab)."""
         T, positions = input_ids.shape[1], positions_from_mask(attention_mask)
         hidden = olmo_model(self.weights, self.config, input_ids[:, start:], positions[:, start:], self.slots[start:T],
                             self.key_valid[:, :T], self.caches)
@@ -476,11 +498,11 @@ class OlmoForCausalLM:
 
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
                  attention_mask=None, rng=None, callback=None):
-        """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding).
-        Returns (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has produced
-        an EOS (rows that finish early are filled with pad_token_id after it, as in transformers).
-        temperature=0 is greedy; rng a np.random.Generator for sampling; callback(tokens (B,)) is called with
-        each step's tokens (for streaming)."""
+        """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding). Returns
+        (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has produced an
+        EOS (rows that finish early are filled with pad_token_id after it, as in transformers). temperature=0
+        is greedy; rng a np.random.Generator for sampling; callback(tokens (B,)) is called with each step's
+        tokens (for streaming)."""
         input_ids = np.asarray(input_ids)
         check_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.astype(np.int64)
@@ -488,9 +510,10 @@ class OlmoForCausalLM:
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
         eos = np.array([] if eos_token_id is None else eos_token_id, dtype=np.int64).reshape(-1)  # int or list
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
-        # A one-row batch keeps the cached keys and values of the longest prefix it shares with the last call (a
-        # chat's history) and prefills only the rest: exactly what starting afresh gives, since a slot's keys depend
-        # only on the tokens up to it. Not with dynamic RoPE past the trained length (frequencies per call length).
+        # A one-row batch keeps the cached keys and values of the longest prefix it shares with the last call
+        # (a chat's history) and prefills only the rest: exactly what starting afresh gives, since a slot's
+        # keys depend only on the tokens up to it. Not with dynamic RoPE past the trained length (frequencies
+        # per call length).
         dynamic = any(rope["rope_type"] == "dynamic" for rope in self.config.rope_parameters.values())
         limit = self.config.max_position_embeddings if dynamic else math.inf
         keep = B == 1 and bool(attention_mask.all())
@@ -528,8 +551,8 @@ class OlmoForCausalLM:
 
     @classmethod
     def from_pretrained(cls, path):
-        """Load a checkpoint directory as the hub ships it: config.json + model.safetensors, single or sharded.
-        F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32."""
+        """Load a checkpoint directory as the hub ships it: config.json + model.safetensors, single or
+        sharded. F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32."""
         path = resolve_checkpoint(path)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         weights = load_state_dict(path)
@@ -545,7 +568,8 @@ class OlmoForCausalLM:
 
 def weight_shapes(config):
     """Every tensor the model needs, by transformers' name -> shape: what olmo.py's module tree declares.
-    A linear layer's weight is (out_features, in_features), as checkpoints store it; it is applied as x @ W.T."""
+    A linear layer's weight is (out_features, in_features), as checkpoints store it; linear applies it as
+    x @ W.T."""
     C, I, D = config.hidden_size, config.intermediate_size, config.head_dim
     H, KV = config.num_attention_heads, config.num_key_value_heads
     shapes = {"model.embed_tokens.weight": (config.vocab_size, C)}
@@ -569,22 +593,26 @@ def weight_shapes(config):
 
 
 def check_state_dict(state_dict, expected):
-    """Names and shapes must match exactly (dtypes: see load_safetensors): a wrong checkpoint fails, naming it."""
+    """Names and shapes must match exactly (dtypes: see load_safetensors): a wrong checkpoint fails, and
+    the error names the tensor."""
     for name, shape in expected.items():
         if name not in state_dict:
             raise ValueError(f"checkpoint is missing tensor {name}")
-        if state_dict[name].shape != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
+        found = tuple(state_dict[name].shape)
+        if found != shape:
+            raise ValueError(f"tensor {name} has shape {found}, expected {tuple(shape)}")
     for name in state_dict:
         if name not in expected:
             raise ValueError(f"checkpoint has unexpected tensor {name}")
 
 
 def resolve_checkpoint(path):
-    """Local directories only: fetching from the hub would need huggingface_hub, and this file needs only NumPy."""
+    """Local directories only: fetching from the hub would need huggingface_hub, and this file needs
+    nothing but NumPy."""
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):  # not shaped like "org/name"
+    hub_id = path.count("/") == 1 and not path.startswith((".", "/"))  # shaped like "org/name"
+    if os.path.exists(path) or not hub_id:
         raise ValueError(f"{path} is not a checkpoint directory")
     raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
                      f"`huggingface-cli download {path} --local-dir DIR`)")
@@ -614,18 +642,20 @@ def load_state_dict(path):
     return state_dict
 
 
-# A .safetensors file is: 8 bytes, the little-endian length N of a JSON header; the header, mapping each tensor's
-# name to {"dtype", "shape", "data_offsets": [begin, end)} (offsets count from the first byte after the header),
-# plus an optional "__metadata__" object; then the tensors' raw little-endian bytes, back to back, to the end of
-# file. F64 is refused rather than narrowed behind the user's back (convert.py writes float32).
-DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # BF16: raw bits, see below
+# A .safetensors file is: 8 bytes, the little-endian length N of a JSON header; the header, mapping each
+# tensor's name to {"dtype", "shape", "data_offsets": [begin, end)} (offsets count from the first byte after
+# the header), plus an optional "__metadata__" object; then the tensors' raw little-endian bytes, back to
+# back, to the end of file. F64 is refused rather than narrowed behind the user's back (convert.py writes
+# float32).
+# The dtypes read, by their safetensors code (BF16 as raw bits: see load_safetensors).
+SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 MAX_HEADER = 100_000_000  # the safetensors library's own limit: a larger N means a corrupt file
 
 
 def load_safetensors(file):
     """file -> {name: float32 array}. The file is memory-mapped: F32 tensors are views of its pages (read on
-    demand, never copied); F16 and BF16 ones are widened to float32 copies. Anything inconsistent in the header
-    raises a ValueError naming the file (and the tensor), never returns a wrong array."""
+    demand, never copied); F16 and BF16 ones are widened to float32 copies. Anything inconsistent in the
+    header raises a ValueError naming the file (and the tensor), never returns a wrong array."""
 
     def fail(message):
         raise ValueError(f"cannot read {file}: {message}")
@@ -656,27 +686,32 @@ def load_safetensors(file):
         except (TypeError, KeyError, ValueError):
             well_formed = False
         if not well_formed:
-            fail(f"tensor {name} has a malformed header entry (it needs a dtype name, and a shape and data_offsets "
-                 "of integers >= 0)")
-        if dtype not in DTYPES:
-            fail(f"tensor {name} has dtype {dtype!r}; only {', '.join(DTYPES)} are supported")
+            fail(f"tensor {name} has a malformed header entry (it needs a dtype name, and a shape and "
+                 "data_offsets of integers >= 0)")
+        if dtype not in SAFETENSORS_DTYPES:
+            fail(f"tensor {name} has dtype {dtype!r}; only {', '.join(SAFETENSORS_DTYPES)} are supported")
         entries.append((begin, stop, name, dtype, tuple(shape)))
-    data_start, data_size = 8 + n, len(buffer) - 8 - n
-    tensors, end = {}, 0
+    data_start = 8 + n
+    data_size = len(buffer) - data_start
+    tensors = {}
+    end = 0  # where the next tensor must begin
     for begin, stop, name, dtype, shape in sorted(entries):
         # The tensors must tile the data exactly, in offset order: no gap, no overlap, nothing left over.
         if begin != end or stop > data_size:
             fail(f"tensor {name} has data_offsets [{begin}, {stop}), expected to start at {end} and end by "
                  f"{data_size}")
-        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        stored = SAFETENSORS_DTYPES[dtype]
+        count = math.prod(shape)
+        nbytes = count * stored.itemsize
         if stop - begin != nbytes:
             fail(f"tensor {name} has {stop - begin} bytes, but shape {list(shape)} of {dtype} needs {nbytes}")
-        array = np.frombuffer(buffer, DTYPES[dtype], math.prod(shape), data_start + begin).reshape(shape)
+        array = np.frombuffer(buffer, stored, count, data_start + begin).reshape(shape)
         if dtype == "F16":
             array = array.astype(np.float32)
         elif dtype == "BF16":  # bfloat16 is the top half of a float32: shift its 16 bits into the high half
             array = (array.astype(np.uint32) << 16).view(np.float32)
-        tensors[name], end = array, stop
+        tensors[name] = array
+        end = stop
     if end != data_size:
         fail(f"{data_size - end} bytes after the last tensor: the header does not describe the data")
     return tensors
@@ -687,13 +722,13 @@ def load_safetensors(file):
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
-    """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep the
-    top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose probability
-    reaches top_p."""
+    """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep
+    the top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose
+    probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(axis=-1)
-    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to inf
-    # (inf - inf = NaN); below 1e-30 the distribution is one-hot anyway (as in olmo.py).
+    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to
+    # inf (inf - inf = NaN); below 1e-30 the distribution is one-hot anyway (as in olmo.py).
     logits = logits.astype(np.float64)
     logits = (logits - logits.max(axis=-1, keepdims=True)) / max(temperature, 1e-30)
     if top_k and top_k < logits.shape[-1]:
@@ -716,9 +751,9 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Reading config.json
 #
-# A config.json comes in two styles (transformers 4.x's and 5's) and from many hands: from_dict reads either and
-# checks every field's JSON type, the functions below check ranges and relations and fill the RoPE settings. Each
-# error names the field and its value; nothing a user could have mistyped is guessed.
+# A config.json comes in two styles (transformers 4.x's and 5's) and from many hands: from_dict reads either
+# and checks every field's JSON type, the functions below check ranges and relations and fill the RoPE
+# settings. Each error names the field and its value; nothing a user could have mistyped is guessed.
 
 
 def require(config, ok, name, what):
@@ -768,8 +803,8 @@ def check_layer_types(config):
 
 def rope_per_layer_type(config):
     """config.rope_parameters, flat (the full-attention layers' settings: every config but OLMo 3's in
-    transformers 5) or nested per layer type -> {layer type: its settings, checked and completed by check_rope}
-    for each layer type the model has. The base defaults to 10000 (OLMo 3: 500000)."""
+    transformers 5) or nested per layer type -> {layer type: its settings, checked and completed by
+    check_rope} for each layer type the model has. The base defaults to 10000 (OLMo 3: 500000)."""
     rope = config.rope_parameters or {}
     require(config, isinstance(rope, dict), "rope_parameters", "an object")
     if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full layers' settings
@@ -782,7 +817,8 @@ def rope_per_layer_type(config):
 
 
 def fits(value, annotation):
-    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is neither."""
+    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is
+    neither of them."""
     if isinstance(annotation, types.UnionType):
         return any(fits(value, a) for a in annotation.__args__)
     if typing.get_origin(annotation) is list:
@@ -796,8 +832,8 @@ def positive(v):
     return type(v) in (int, float) and 0 < v < math.inf
 
 
-# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
-# refused. YaRN's defaults are transformers'.
+# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else
+# is refused. YaRN's defaults are transformers'.
 FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
 YARN = {  # OLMo 3: YaRN's keys
     **FACTOR,
