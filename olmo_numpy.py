@@ -40,16 +40,16 @@ import numpy as np
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig, with its defaults (the OLMo-7B shape), plus the few fields
-    OLMo 2 and 3 add."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few that OLMo 2
+    and 3 add. OlmoConfig.from_json reads and checks a config.json (see "Reading config.json", after Loading)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
     num_hidden_layers: int = 32  # number of decoder blocks
-    num_attention_heads: int = 32  # query heads; head_dim = hidden_size // num_attention_heads
-    num_key_value_heads: int | None = None  # None: num_attention_heads (MHA); 1: MQA; else GQA
+    num_attention_heads: int = 32  # H, query heads; head_dim D = hidden_size // H
+    num_key_value_heads: int | None = None  # KV, key/value heads: None = H (MHA), 1 = MQA, else GQA
     hidden_act: str = "silu"  # the MLP gate's activation (SwiGLU with silu)
     max_position_embeddings: int = 2048  # context length trained on; dynamic RoPE scales beyond it
     initializer_range: float = 0.02  # std of the normal init of fresh weights (unused here: we only load)
@@ -60,32 +60,33 @@ class OlmoConfig:
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (OLMo-1B) or not (OLMo-7B)
     # RoPE per layer type, as transformers 5 holds it: {"full_attention": {"rope_type": "default" | "linear" |
     # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict
-    # (or 4.x's rope_theta and rope_scaling) means the full-attention layers. The base defaults to 10000
-    # (OLMo 3: 5e5).
+    # (or 4.x's rope_theta and rope_scaling) means the full-attention layers. The base defaults to 10000.
     rope_parameters: dict | None = None
     attention_bias: bool = False  # biases on q/k/v/o projections
     attention_dropout: float = 0.0  # dropout on attention probabilities, in training only (none here)
-    clip_qkv: float | None = None  # OLMo 1: clamp q, k and v to [-clip_qkv, clip_qkv] (OLMo-7B-0424 uses 8.0)
+    clip_qkv: float | None = None  # OLMo 1 only: clamp q, k and v to [-clip_qkv, clip_qkv] (7B-0424: 8.0)
     rms_norm_eps: float = 1e-5  # OLMo 2: the epsilon of its RMSNorms
     sliding_window: int | None = None  # OLMo 3: a query sees this many keys (itself included); None: 4096
     layer_types: list[str] | None = None  # OLMo 3: per layer "full_attention" or "sliding_attention"
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
 
     def __post_init__(self):
-        """Fill the defaults that depend on other fields, checking each field before it is used (the checks
-        are in "Reading config.json", after Loading)."""
-        if self.num_key_value_heads is None:  # one key-value head per query head (MHA)
+        """Fill the defaults that depend on other fields. Each check runs before a fill that relies on it; the
+        checks are defined with the reading of config.json (in "Reading config.json")."""
+        if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         check_fields(self)
-        # OLMo 3: three sliding-window layers, then one full-attention layer, unless config.json lists them
-        olmo3 = self.model_type == "olmo3"
-        if olmo3 and self.sliding_window is None:  # OLMo 3
-            self.sliding_window = 4096
-        if self.layer_types is None or not olmo3:  # earlier generations have full attention everywhere
-            self.layer_types = ["sliding_attention" if olmo3 and i % 4 != 3 else "full_attention"
-                                for i in range(self.num_hidden_layers)]
+        rope_theta = 10000.0  # RoPE's base, where config.json gives none
+        layer_types = ["full_attention"] * self.num_hidden_layers  # every layer attends to all earlier tokens
+        if self.model_type == "olmo3":  # OLMo 3: 3 sliding-window layers in 4, unless config.json lists them
+            rope_theta = 500000.0
+            if self.sliding_window is None:
+                self.sliding_window = 4096
+            pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
+            layer_types = pattern if self.layer_types is None else self.layer_types
+        self.layer_types = layer_types
         check_layer_types(self)
-        self.rope_parameters = rope_per_layer_type(self)
+        self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
     @property
     def head_dim(self):
@@ -93,44 +94,23 @@ class OlmoConfig:
 
     @property
     def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer
-        (see decoder_layer)."""
+        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see decoder_layer)."""
         return self.model_type != "olmo"
+
+    @property
+    def dynamic_rope(self):
+        """Whether RoPE's frequencies change with the sequence's length (dynamic NTK scaling, past
+        max_position_embeddings): then cached keys, rotated at an earlier length, can't be reused as if fresh."""
+        return any(rope["rope_type"] == "dynamic" for rope in self.rope_parameters.values())
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
-        """Read a config.json as transformers 4.x writes it (top-level rope_theta, rope_scaling with "type" or
-        "rope_type") or as transformers 5 does (rope_parameters, for OLMo 3 nested per layer type). Every
-        known field must have its JSON type (no "false" for false, no 128.0 for 128); unknown keys
-        (architectures, transformers_version, ...) are irrelevant. Errors name the source."""
-        try:
-            d = dict(d)
-            if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
-                d["dtype"] = d.get("torch_dtype")
-            theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
-            if d.get("rope_parameters") is None:  # transformers 4.x
-                if not isinstance(scaling, (dict, type(None))):
-                    raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
-                d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
-            known = {f.name: f.type for f in fields(cls)}
-            for key, value in d.items():
-                if key in known and not fits(value, known[key]):
-                    kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
-                    raise ValueError(f"{key} must be {kind}, got {value!r}")
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        """A config.json's object -> OlmoConfig, every field checked; errors name `source`."""
+        return config_from_dict(cls, d, source)
 
     @classmethod
     def from_json(cls, path):
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, ValueError, RecursionError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        return cls.from_dict(d, path)
+        return cls.from_dict(read_json_object(path), path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,14 +143,16 @@ def rms_norm(x, weight, eps):
 def rotary_emb(config, rope, position_ids):
     """position_ids (B, T) -> cos, sin (B, T, head_dim), float32, for one layer type's RoPE settings,
     `rope` (see check_rope)."""
-    dim, theta, factor = config.head_dim, np.float32(rope["rope_theta"]), np.float32(rope.get("factor", 1.0))
+    dim = config.head_dim
+    theta = np.float32(rope["rope_theta"])
+    factor = np.float32(rope.get("factor", 1.0))
     exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
-    inv_freq = 1.0 / theta ** exponents  # (dim/2,)
+    inv_freq = 1.0 / theta ** exponents  # (D/2,)
     attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
     max_pos = config.max_position_embeddings
     if rope["rope_type"] == "linear":  # "position interpolation": every position divided by factor
         inv_freq = inv_freq / factor
-    elif rope["rope_type"] == "yarn":
+    elif rope["rope_type"] == "yarn":  # OLMo 3: YaRN
         inv_freq, attention_factor = yarn(theta ** exponents, rope, dim, rope["rope_theta"])
     elif rope["rope_type"] == "dynamic" and position_ids.max() + 1 > max_pos:
         # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so
@@ -178,9 +160,10 @@ def rotary_emb(config, rope, position_ids):
         # and olmo.py, "the sequence" is the largest position in this call, and cached keys keep the
         # frequencies they got.
         seq_len = np.float32(position_ids.max() + 1)
-        base = theta * (factor * seq_len / np.float32(max_pos) - (factor - 1)) ** np.float32(dim / (dim - 2))
+        stretch = factor * seq_len / np.float32(max_pos) - (factor - 1)
+        base = theta * stretch ** np.float32(dim / (dim - 2))
         inv_freq = 1.0 / base ** exponents
-    freqs = position_ids[..., None].astype(np.float32) * inv_freq.astype(np.float32)  # (B, T, dim/2)
+    freqs = position_ids[..., None].astype(np.float32) * inv_freq.astype(np.float32)  # (B, T, D/2)
     emb = np.concatenate((freqs, freqs), axis=-1)  # both halves of a pair turn by the same angle
     return np.cos(emb) * np.float32(attention_factor), np.sin(emb) * np.float32(attention_factor)
 
@@ -191,26 +174,31 @@ def yarn(wavelengths, s, dim, theta):
     (interpolate), with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. The arithmetic
     is transformers'."""
     def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    factor, original = s["factor"], s["original_max_position_embeddings"]
-    attention_factor = s["attention_factor"]
-    if attention_factor is None:
-        attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"]) \
-            if s["mscale"] and s["mscale_all_dim"] else mscale(factor)
+        if scale <= 1:
+            return 1.0
+        return 0.1 * m * math.log(scale) + 1.0
 
     def correction_dim(rotations):  # the dimension whose frequency turns `rotations` times over the context
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low, high = correction_dim(s["beta_fast"]), correction_dim(s["beta_slow"])
+    factor = s["factor"]
+    original = s["original_max_position_embeddings"]
+    attention_factor = s["attention_factor"]
+    if attention_factor is None and s["mscale"] and s["mscale_all_dim"]:
+        attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+    elif attention_factor is None:
+        attention_factor = mscale(factor)
+    low = correction_dim(s["beta_fast"])
+    high = correction_dim(s["beta_slow"])
     if s["truncate"]:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
-    high = high + 0.001 if high == low else high
+    if high == low:  # the ramp below divides by high - low
+        high = high + 0.001
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp  # 1: keep the frequency, 0: divide it by factor
-    return (1.0 / (factor * wavelengths) * (1 - extrapolation) + 1.0 / wavelengths * extrapolation,
-            attention_factor)
+    inv_freq = 1.0 / (factor * wavelengths) * (1 - extrapolation) + 1.0 / wavelengths * extrapolation
+    return inv_freq, attention_factor
 
 
 def rotate_half(x):
@@ -454,23 +442,29 @@ class OlmoForCausalLM:
         powers of two (at least 256), as olmo.py's, so a large max_new_tokens costs nothing until the tokens
         are produced. Unlike olmo.py, each step attends over the filled slots only (prefill and
         decode_one_token cut key_valid there): NumPy has no compiler that needs a static shape."""
-        same = self.caches is not None and self.caches[0][0].shape[0] == batch_size
-        length = self.caches[0][0].shape[2] if same else 0  # a new batch size keeps nothing
+        k = None if self.caches is None else self.caches[0][0]  # (B, KV, length, D)
+        same = k is not None and k.shape[0] == batch_size
+        length = k.shape[2] if same else 0  # a new batch size keeps nothing
         if needed <= length:
             return
-        self.cached_ids = self.cached_ids if same else []
+        if not same:
+            self.cached_ids = []
         new_length = max(256, 1 << (needed - 1).bit_length())
         shape = (batch_size, self.config.num_key_value_heads, new_length, self.config.head_dim)
-        old, self.caches = self.caches, []
+        old = self.caches
+        self.caches = []
         try:
             for i in range(self.config.num_hidden_layers):
-                k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)  # float32, like the weights
+                k_cache = np.zeros(shape, np.float32)  # float32, like the weights
+                v_cache = np.zeros(shape, np.float32)
                 if length:
-                    k[:, :, :length], v[:, :, :length] = old[i]
+                    k_cache[:, :, :length] = old[i][0]
+                    v_cache[:, :, :length] = old[i][1]
                     old[i] = None  # free each layer's old cache once copied
-                self.caches.append((k, v))
+                self.caches.append((k_cache, v_cache))
         except MemoryError as e:
-            self.cached_ids, self.caches = [], None
+            self.cached_ids = []
+            self.caches = None
             raise MemoryError(f"out of memory growing the KV cache to {new_length} tokens") from e
         self.slots = np.arange(new_length)
 
@@ -619,27 +613,29 @@ def resolve_checkpoint(path):
 
 
 def load_state_dict(path):
-    """Every tensor of the checkpoint: model.safetensors, or the shards model.safetensors.index.json lists."""
-    index = "model.safetensors.index.json"
-    if os.path.exists(os.path.join(path, index)):
-        try:
-            with open(os.path.join(path, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
-            raise ValueError(f"cannot read {index}: {e}") from None
-        if not all(isinstance(f, str) and f and os.path.basename(f) == f for f in files):
-            raise ValueError(f"{index}: weight_map values must be file names in {path}")
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    elif any(os.path.exists(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        raise ValueError(f"{path} has pytorch_model.bin weights, which only torch can read; rewrite them as "
-                         f"safetensors once with `python convert.py {path} DST` and load DST")
-    else:
-        raise ValueError(f"{path} has no model.safetensors")
+    """Every tensor of the checkpoint, memory-mapped (see load_safetensors)."""
     state_dict = {}
-    for name in files:
+    for name in weight_files(path):
         state_dict.update(load_safetensors(os.path.join(path, name)))
     return state_dict
+
+
+def weight_files(path):
+    """The checkpoint's weight files: model.safetensors, or the shards model.safetensors.index.json lists."""
+    index = "model.safetensors.index.json"
+    if os.path.exists(os.path.join(path, index)):
+        weight_map = read_json_object(os.path.join(path, index)).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: weight_map must be an object mapping tensor names to files")
+        if not all(isinstance(f, str) and f and os.path.basename(f) == f for f in weight_map.values()):
+            raise ValueError(f"{index}: weight_map values must be file names in {path}")
+        return sorted(set(weight_map.values()))
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    if any(os.path.exists(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise ValueError(f"{path} has pytorch_model.bin weights, which only torch can read; rewrite them as "
+                         f"safetensors once with `python convert.py {path} DST` and load DST")
+    raise ValueError(f"{path} has no model.safetensors")
 
 
 # A .safetensors file is: 8 bytes, the little-endian length N of a JSON header; the header, mapping each
@@ -751,74 +747,48 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Reading config.json
 #
-# A config.json comes in two styles (transformers 4.x's and 5's) and from many hands: from_dict reads either
-# and checks every field's JSON type, the functions below check ranges and relations and fill the RoPE
-# settings. Each error names the field and its value; nothing a user could have mistyped is guessed.
+# OlmoConfig.from_json reads the file as it comes: transformers 4.x writes a top-level rope_theta and
+# rope_scaling (with "type" or "rope_type"), transformers 5 writes rope_parameters, for OLMo 3 nested per
+# layer type. Every field is checked, its JSON type and its range, so a config we can't interpret fails with
+# one line naming file, field and value, instead of building a different model.
 
 
-def require(config, ok, name, what):
-    """Unless ok: a ValueError naming the field, what it must be, and what it is."""
-    if not ok:
-        raise ValueError(f"{name} must be {what}, got {getattr(config, name)!r}")
+def read_json_object(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return d
 
 
-def check_fields(config):
-    """The ranges and relations of OlmoConfig's fields (their JSON types: see from_dict)."""
-    require(config, config.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' "
-            "(for 'hf_olmo' or trainer checkpoints run convert.py first)")
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings"):
-        require(config, 1 <= getattr(config, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
-    require(config, config.hidden_size % config.num_attention_heads == 0, "hidden_size",
-            f"divisible by num_attention_heads {config.num_attention_heads}")
-    require(config, config.num_attention_heads % config.num_key_value_heads == 0, "num_attention_heads",
-            f"divisible by num_key_value_heads {config.num_key_value_heads}")
-    require(config, config.head_dim % 2 == 0, "hidden_size", "num_attention_heads times an even head size (RoPE "
-            f"rotates pairs), not head size {config.head_dim}")
-    require(config, config.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        ids = getattr(config, name)  # None, an id, or (eos_token_id) a list of ids
-        if isinstance(ids, int):
-            ids = [ids]
-        in_vocabulary = all(0 <= i < config.vocab_size for i in ids or [])
-        require(config, in_vocabulary, name, f"null or in [0, {config.vocab_size})")
-    require(config, 0 <= config.attention_dropout < 1, "attention_dropout", "in [0, 1)")
-    require(config, math.isfinite(config.initializer_range) and config.initializer_range >= 0, "initializer_range",
-            ">= 0")
-    require(config, math.isfinite(config.rms_norm_eps) and config.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
-    clip = config.clip_qkv
-    require(config, clip is None or (math.isfinite(clip) and clip > 0), "clip_qkv", "None or > 0")
-    require(config, clip is None or config.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
-    require(config, config.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
-
-
-def check_layer_types(config):
-    """OLMo 3: one attention kind per layer, and a window of at least one key."""
-    kinds = {"full_attention", "sliding_attention"}
-    layer_types = config.layer_types
-    require(config, len(layer_types) == config.num_hidden_layers and set(layer_types) <= kinds, "layer_types",
-            f"{config.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
-    require(config, config.model_type != "olmo3" or 1 <= config.sliding_window, "sliding_window", ">= 1")
-
-
-def rope_per_layer_type(config):
-    """config.rope_parameters, flat (the full-attention layers' settings: every config but OLMo 3's in
-    transformers 5) or nested per layer type -> {layer type: its settings, checked and completed by
-    check_rope} for each layer type the model has. The base defaults to 10000 (OLMo 3: 500000)."""
-    rope = config.rope_parameters or {}
-    require(config, isinstance(rope, dict), "rope_parameters", "an object")
-    if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full layers' settings
-        rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
-    theta = 10000.0
-    if config.model_type == "olmo3":  # OLMo 3: a larger base
-        theta = 500000.0
-    kinds = sorted(set(config.layer_types))
-    return {kind: check_rope(rope.get(kind) or {}, theta, config.max_position_embeddings, kind) for kind in kinds}
+def config_from_dict(cls, d, source):
+    """OlmoConfig.from_dict: every known field must have its JSON type (no "false" for false, no 128.0 for 128);
+    unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the source."""
+    try:
+        d = dict(d)
+        if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
+            d["dtype"] = d.get("torch_dtype")
+        theta = d.pop("rope_theta", None)
+        scaling = d.pop("rope_scaling", None)
+        if d.get("rope_parameters") is None:  # transformers 4.x
+            if not isinstance(scaling, (dict, type(None))):
+                raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
+            d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
+        known = {f.name: f.type for f in fields(cls)}
+        for key, value in d.items():
+            if key in known and not fits(value, known[key]):
+                kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
+                raise ValueError(f"{key} must be {kind}, got {value!r}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def fits(value, annotation):
-    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is
-    neither of them."""
+    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is neither."""
     if isinstance(annotation, types.UnionType):
         return any(fits(value, a) for a in annotation.__args__)
     if typing.get_origin(annotation) is list:
@@ -828,24 +798,74 @@ def fits(value, annotation):
     return type(value) is annotation  # int, bool, str, dict, NoneType
 
 
+def require(config, ok, name, what):
+    if not ok:
+        raise ValueError(f"{name} must be {what}, got {getattr(config, name)!r}")
+
+
+def check_fields(c):
+    """The ranges of the fields every generation has, and how they fit together (OlmoConfig.__post_init__)."""
+    require(c, c.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
+            "'hf_olmo' or trainer checkpoints run convert.py first)")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings"):
+        require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
+    require(c, c.hidden_size % c.num_attention_heads == 0, "hidden_size",
+            f"divisible by num_attention_heads {c.num_attention_heads}")
+    require(c, c.num_attention_heads % c.num_key_value_heads == 0, "num_attention_heads",
+            f"divisible by num_key_value_heads {c.num_key_value_heads}")
+    require(c, c.head_dim % 2 == 0, "hidden_size", "num_attention_heads times an even head size (RoPE "
+            f"rotates pairs), not head size {c.head_dim}")
+    require(c, c.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        ids = getattr(c, name)  # None, an id or a list of ids
+        if ids is None:
+            ids = []
+        if isinstance(ids, int):
+            ids = [ids]
+        require(c, all(0 <= i < c.vocab_size for i in ids), name, f"null or in [0, {c.vocab_size})")
+    require(c, 0 <= c.attention_dropout < 1, "attention_dropout", "in [0, 1)")
+    require(c, math.isfinite(c.initializer_range) and c.initializer_range >= 0, "initializer_range", ">= 0")
+    require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
+    clip_ok = c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0
+    require(c, clip_ok, "clip_qkv", "None or > 0")
+    require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
+    require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
+
+
+def check_layer_types(c):
+    """OLMo 3: the layer types (as config.json lists them, or the default) and the sliding window."""
+    require(c, len(c.layer_types) == c.num_hidden_layers and
+            set(c.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
+            f"{c.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+    require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
+
+
+def rope_per_layer_type(c, default_theta):
+    """rope_parameters, flat or per layer type -> {layer type: its settings checked, every default filled}, for
+    the layer types the model has."""
+    rope = c.rope_parameters or {}
+    require(c, isinstance(rope, dict), "rope_parameters", "an object")
+    if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
+        rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
+    per_type = {}
+    for kind in sorted(set(c.layer_types)):
+        per_type[kind] = check_rope(rope.get(kind) or {}, default_theta, c.max_position_embeddings, kind)
+    return per_type
+
+
 def positive(v):
     return type(v) in (int, float) and 0 < v < math.inf
 
 
-# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else
-# is refused. YaRN's defaults are transformers'.
+# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
+# refused. YaRN's defaults are transformers'.
 FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
-YARN = {  # OLMo 3: YaRN's keys
-    **FACTOR,
-    "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
-    "attention_factor": (None, positive, "a number > 0"),
-    "beta_fast": (32.0, positive, "a number > 0"),
-    "beta_slow": (1.0, positive, "a number > 0"),
-    "mscale": (None, positive, "a number > 0"),
-    "mscale_all_dim": (None, positive, "a number > 0"),
-    "truncate": (True, lambda v: type(v) is bool, "a boolean"),
-}
-ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": YARN}
+ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
+    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
+    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
+    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
 
 
 def check_rope(rope, default_theta, max_position_embeddings, kind):
@@ -862,11 +882,16 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
         raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
     out = {"rope_type": rope_type}
     for key, (default, ok, what) in takes.items():
-        value = default if rope.get(key) is None else rope[key]
-        missing = value is None and key == "factor"  # the one key with no default (YaRN derives its other Nones)
-        if missing or (value is not None and not ok(value)):
-            raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
+        value = rope.get(key)
+        if value is None:
+            value = default
         out[key] = value
+        if value is None:  # no default: only factor is required; the others stay unset (None)
+            bad = key == "factor"
+        else:
+            bad = not ok(value)
+        if bad:
+            raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
     if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
         out["original_max_position_embeddings"] = max_position_embeddings
     return out
