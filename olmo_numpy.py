@@ -141,8 +141,7 @@ def rms_norm(x, weight, eps):
 
 
 def rotary_emb(config, rope, position_ids):
-    """position_ids (B, T) -> cos, sin (B, T, head_dim), float32, for one layer type's RoPE settings,
-    `rope` (see check_rope)."""
+    """position_ids (B, T) -> cos, sin (B, T, D), float32, for one layer type's RoPE settings `rope`."""
     dim = config.head_dim
     theta = np.float32(rope["rope_theta"])
     factor = np.float32(rope.get("factor", 1.0))
@@ -171,25 +170,21 @@ def rotary_emb(config, rope, position_ids):
 def yarn(wavelengths, s, dim, theta):
     """OLMo 3: YaRN (Peng et al., 2023). Frequencies that turn more than beta_fast times over the original
     context keep their value (extrapolate), those turning fewer than beta_slow times are divided by factor
-    (interpolate), with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. The arithmetic
-    is transformers'."""
+    (interpolate), with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. Arithmetic as in
+    transformers. wavelengths (D/2,): theta ** (2i / D); s: the layer type's rope settings."""
     def mscale(scale, m=1.0):
-        if scale <= 1:
-            return 1.0
-        return 0.1 * m * math.log(scale) + 1.0
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
     def correction_dim(rotations):  # the dimension whose frequency turns `rotations` times over the context
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    factor = s["factor"]
-    original = s["original_max_position_embeddings"]
+    factor, original = s["factor"], s["original_max_position_embeddings"]
     attention_factor = s["attention_factor"]
     if attention_factor is None and s["mscale"] and s["mscale_all_dim"]:
         attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
     elif attention_factor is None:
         attention_factor = mscale(factor)
-    low = correction_dim(s["beta_fast"])
-    high = correction_dim(s["beta_slow"])
+    low, high = correction_dim(s["beta_fast"]), correction_dim(s["beta_slow"])
     if s["truncate"]:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
@@ -207,7 +202,7 @@ def rotate_half(x):
 
 
 def apply_rotary_pos_emb(x, cos, sin):
-    """x (B, heads, T, head_dim), cos/sin (B, T, head_dim)."""
+    """x (B, H or KV, T, D), cos/sin (B, T, D)."""
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     return x * cos + rotate_half(x) * sin
 
@@ -225,14 +220,17 @@ def linear(x, weights, name):
 
 
 def causal_mask(query_slots, key_valid, window=None):
-    """The one masking rule, for the full forward, prefill and decode alike. query_slots (T,) the queries'
-    cache slots; key_valid (B, S) bool, False at padding -> (B, 1, T, S) bool, True = may attend: key j is
-    visible to the query in slot i if j <= i, j holds a real token, and (OLMo 3's sliding layers)
-    i - j < window. Every query also sees itself, so a padding query has one finite score instead of a softmax
-    over nothing (NaN); its output is never used, since real tokens never attend to padding."""
-    i, j = query_slots[:, None], np.arange(key_valid.shape[1])
+    """The one masking rule, for the full forward, prefill and decode alike: key j is visible to the query in
+    slot i if j <= i, j holds a real token, and (OLMo 3's sliding layers) i - j < window.
+
+    query_slots (T,): the queries' cache slots; key_valid (B, S) bool, False at padding. Returns (B, 1, T, S)
+    bool, True = may attend (always a mask: unlike olmo.py, there is no fused causal kernel to hand it to).
+    Every query also sees itself, so a padding query has one finite score instead of a softmax over nothing
+    (NaN); its output is never used, since real tokens never attend to padding."""
+    i = query_slots[:, None]  # (T, 1)
+    j = np.arange(key_valid.shape[1])  # (S,)
     visible = j <= i  # (T, S)
-    if window is not None:
+    if window is not None:  # OLMo 3: a sliding-window layer sees only the last `window` keys
         visible = visible & (i - j < window)
     return (visible & key_valid[:, None, None, :]) | (i == j)
 
@@ -298,9 +296,8 @@ def attention(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # MLP
-
-
-# The MLP gate's activations, by the names config.json uses (transformers' ACT2FN).
+#
+# The MLP gate's activations, by the names config.json uses (transformers' ACT2FN), then the MLP.
 
 
 def silu(x):
@@ -330,14 +327,8 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-ACT2FN = {
-    "silu": silu,
-    "swish": silu,
-    "gelu": gelu,
-    "gelu_new": gelu_tanh,
-    "gelu_pytorch_tanh": gelu_tanh,
-    "relu": lambda x: np.maximum(x, 0.0),
-}
+ACT2FN = {"silu": silu, "swish": silu, "gelu": gelu, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh,
+          "relu": lambda x: np.maximum(x, 0.0)}
 
 
 def mlp(weights, i, config, x):
@@ -375,20 +366,24 @@ def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, slots=None)
 # Model
 
 
-def olmo_model(weights, config, input_ids, position_ids, query_slots, key_valid, caches=None):
-    """Token ids -> final hidden states (B, T, hidden). input_ids, position_ids (B, T); query_slots (T,) the
-    tokens' slots; key_valid (B, S) which slots hold real tokens; caches: one (k_cache, v_cache) per layer to
-    write at query_slots and attend over, or None to attend only within input_ids."""
+def olmo_model(weights, config, input_ids, position_ids, key_valid, slots=None, caches=None):
+    """input_ids, position_ids (B, T) -> hidden states (B, T, hidden). key_valid (B, S) bool: which key slots
+    hold real tokens (False at left padding). slots (T,): the KV cache slots these tokens are written to and
+    attend from, in caches (one (k_cache, v_cache) per layer); None: no cache, the tokens attend among
+    themselves (S = T)."""
+    query_slots = slots
+    if slots is None:  # no cache: the tokens are slots 0..T-1
+        query_slots = np.arange(input_ids.shape[1])
     x = weights["model.embed_tokens.weight"][input_ids]  # (B, T, hidden): a row lookup
-    # RoPE tables and masks once per layer type, shared by every layer of that type. OLMo 3: each layer type
-    # has its own RoPE (scaling stretches the full-attention layers; the sliding ones see only nearby keys and
-    # keep plain RoPE).
+    # RoPE tables and masks once per layer type, shared by every layer of that type. A RoPE and a mask per
+    # layer type: "full_attention" sees every earlier key; OLMo 3 adds "sliding_attention", which sees only the
+    # last sliding_window keys and which RoPE scaling leaves alone.
     rope = {kind: rotary_emb(config, r, position_ids) for kind, r in config.rope_parameters.items()}
-    windows = {"full_attention": None, "sliding_attention": config.sliding_window}  # OLMo 3: sliding layers
+    windows = {"full_attention": None, "sliding_attention": config.sliding_window}
     masks = {kind: causal_mask(query_slots, key_valid, windows[kind]) for kind in rope}
     for i, kind in enumerate(config.layer_types):
         cache = None if caches is None else caches[i]
-        x = decoder_layer(weights, i, config, x, *rope[kind], masks[kind], cache, query_slots)
+        x = decoder_layer(weights, i, config, x, *rope[kind], masks[kind], cache, slots)
     if config.norm_after:  # OLMo 2: the final norm is an RMSNorm with a weight
         return rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps)
     return layer_norm(x)
@@ -417,7 +412,7 @@ class OlmoForCausalLM:
     def __init__(self, config, weights):
         self.config, self.weights = config, weights
         self.caches = None  # one (k_cache, v_cache) per layer, set by grow_cache
-        self.cached_ids = []  # the tokens whose keys and values the cache holds, for a one-row batch (see generate)
+        self.cached_ids = []  # the tokens whose keys and values the cache holds (see reuse_prefix)
 
     def __call__(self, input_ids, attention_mask=None):
         """The full forward, no cache: input_ids (B, T) ints, attention_mask (B, T) 1 = token, 0 = left
@@ -425,13 +420,12 @@ class OlmoForCausalLM:
         input_ids = np.asarray(input_ids)
         check_ids(input_ids, self.config.vocab_size)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        slots = np.arange(input_ids.shape[1])
-        hidden = olmo_model(self.weights, self.config, input_ids, positions_from_mask(attention_mask), slots,
-                            attention_mask.astype(bool))
+        key_valid = attention_mask.astype(bool)
+        hidden = olmo_model(self.weights, self.config, input_ids, positions_from_mask(attention_mask), key_valid)
         return linear(hidden, self.weights, "lm_head")  # (B, T, vocab)
 
     # ------------------------------------------------------------------------------------------------------------
-    # KV cache and generation
+    # Generation
     #
     # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the cache;
     # then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th
@@ -473,22 +467,48 @@ class OlmoForCausalLM:
         hold real tokens: key_valid (B, S), False at the prompt's padding (the slots after the prompt get
         generated tokens)."""
         self.grow_cache(attention_mask.shape[0], length)
-        self.key_valid = np.pad(attention_mask.astype(bool), ((0, 0), (0, len(self.slots) - attention_mask.shape[1])),
-                                constant_values=True)
+        after_prompt = len(self.slots) - attention_mask.shape[1]
+        self.key_valid = np.pad(attention_mask.astype(bool), ((0, 0), (0, after_prompt)), constant_values=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
-        """input_ids, attention_mask (B, T); the cache already holds slots < start -> logits of the last
-        position (B, vocab)."""
-        T, positions = input_ids.shape[1], positions_from_mask(attention_mask)
-        hidden = olmo_model(self.weights, self.config, input_ids[:, start:], positions[:, start:], self.slots[start:T],
-                            self.key_valid[:, :T], self.caches)
+        """input_ids, attention_mask (B, T), cache slots < start already filled -> the last position's logits
+        (B, vocab)."""
+        T = input_ids.shape[1]
+        positions = positions_from_mask(attention_mask)[:, start:]
+        # keys past T are later than every query here: attend over the first T slots only
+        hidden = olmo_model(self.weights, self.config, input_ids[:, start:], positions, self.key_valid[:, :T],
+                            self.slots[start:T], self.caches)
         return linear(hidden[:, -1], self.weights, "lm_head")  # the vocab projection only where we sample
 
     def decode_one_token(self, token, slot, position_ids):
         """token, position_ids (B, 1); slot (1,) the cache slot -> logits (B, vocab)."""
-        hidden = olmo_model(self.weights, self.config, token, position_ids, slot, self.key_valid[:, :slot[0] + 1],
-                            self.caches)
+        key_valid = self.key_valid[:, :slot[0] + 1]  # the filled slots only (see grow_cache)
+        hidden = olmo_model(self.weights, self.config, token, position_ids, key_valid, slot, self.caches)
         return linear(hidden[:, -1], self.weights, "lm_head")
+
+    def reuse_prefix(self, input_ids, attention_mask):
+        """A chat's next turn sends the whole conversation again. Returns (start, keep_up_to): the cache's slots
+        before `start` already hold input_ids' keys and values, so prefill starts there; this call's tokens are
+        recorded in self.cached_ids while they are fewer than keep_up_to (0: none).
+
+        What it keeps: for a one-row batch, the longest prefix shared with the tokens the cache holds (the last
+        call's prompt and reply), but not the last prompt token, whose logits prefill must produce. A slot's
+        keys and values depend only on the tokens up to it, so this gives exactly what starting afresh gives.
+
+        When it can't: a batch of several rows, or with padding (a row's slots then depend on the other rows'
+        lengths); and with dynamic RoPE past the trained length, whose frequencies change with each call's
+        length: it keeps only calls and tokens within max_position_embeddings."""
+        B, T = input_ids.shape
+        keep_up_to = self.config.max_position_embeddings if self.config.dynamic_rope else math.inf
+        if B > 1 or not attention_mask.all() or T > keep_up_to:
+            self.cached_ids = []
+            return 0, 0
+        ids = input_ids[0].tolist()
+        start = 0
+        while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
+            start += 1
+        self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
+        return start, keep_up_to
 
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
                  attention_mask=None, rng=None, callback=None):
@@ -502,26 +522,21 @@ class OlmoForCausalLM:
         input_ids = input_ids.astype(np.int64)
         B, T = input_ids.shape
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        eos = np.array([] if eos_token_id is None else eos_token_id, dtype=np.int64).reshape(-1)  # int or list
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
-        # A one-row batch keeps the cached keys and values of the longest prefix it shares with the last call
-        # (a chat's history) and prefills only the rest: exactly what starting afresh gives, since a slot's
-        # keys depend only on the tokens up to it. Not with dynamic RoPE past the trained length (frequencies
-        # per call length).
-        dynamic = any(rope["rope_type"] == "dynamic" for rope in self.config.rope_parameters.values())
-        limit = self.config.max_position_embeddings if dynamic else math.inf
-        keep = B == 1 and bool(attention_mask.all())
+        if eos_token_id is None:
+            eos_token_id = []
+        eos = np.array(eos_token_id, dtype=np.int64).reshape(-1)  # an int or a list of ints
+        pad = self.config.pad_token_id
+        if pad is None:  # as transformers: the first EOS id, else 0
+            pad = int(eos[0]) if len(eos) else 0
         self.setup_cache(attention_mask, T + 1)
-        start, ids = 0, input_ids[0].tolist()
-        while keep and T <= limit and start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
-            start += 1
-        self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
+        start, keep_up_to = self.reuse_prefix(input_ids, attention_mask)
         next_position = attention_mask.sum(-1, keepdims=True)  # (B, 1): RoPE position of the first new token
         tokens = [input_ids]
         finished = np.zeros(B, dtype=bool)
         if max_new_tokens > 0:
             logits = self.prefill(input_ids, attention_mask, start)
-            self.cached_ids = ids if keep and T <= limit else []
+            if T <= keep_up_to:
+                self.cached_ids = input_ids[0].tolist()
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, rng)  # (B,)
             token = np.where(finished, pad, token)
@@ -532,16 +547,17 @@ class OlmoForCausalLM:
                 finished |= np.isin(token, eos)
                 if finished.all():
                     break
-            if i + 1 < max_new_tokens:
-                if T + i + 1 > len(self.slots):
-                    self.setup_cache(attention_mask, T + i + 1)
-                logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
-                if keep and T + i + 1 <= limit and len(self.cached_ids) == T + i:
-                    self.cached_ids.append(int(token[0]))
+            if i + 1 == max_new_tokens:
+                break
+            if T + i + 1 > self.key_valid.shape[1]:
+                self.setup_cache(attention_mask, T + i + 1)
+            logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
+            if T + i < keep_up_to:  # slot T + i now holds this token
+                self.cached_ids.append(int(token[0]))
         return np.concatenate(tokens, axis=1)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Loading
+    # Loading (the readers are in the Loading section below the class)
 
     @classmethod
     def from_pretrained(cls, path):
@@ -558,6 +574,41 @@ class OlmoForCausalLM:
         if config.tie_word_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # the same array, not a copy
         return cls(config, weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: sampling, beside its caller OlmoForCausalLM.generate above
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
+    """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep
+    the top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose
+    probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to
+    # inf (inf - inf = NaN); below 1e-30 the distribution is one-hot anyway (as in olmo.py).
+    logits = logits.astype(np.float64)
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / max(temperature, 1e-30)
+    if top_k and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, [-top_k]]  # the k-th largest, (B, 1)
+        logits = np.where(logits < kth, -np.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        probs = softmax(logits)
+        order = np.argsort(-probs, axis=-1, kind="stable")  # most likely first
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
+        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to vocabulary order
+        logits = np.where(drop, -np.inf, logits)
+    probs = softmax(logits)
+    rng = rng if rng is not None else np.random.default_rng()
+    return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
 
 
 def weight_shapes(config):
@@ -605,8 +656,7 @@ def resolve_checkpoint(path):
     nothing but NumPy."""
     if os.path.isdir(path):
         return path
-    hub_id = path.count("/") == 1 and not path.startswith((".", "/"))  # shaped like "org/name"
-    if os.path.exists(path) or not hub_id:
+    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):  # not "org/name"
         raise ValueError(f"{path} is not a checkpoint directory")
     raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
                      f"`huggingface-cli download {path} --local-dir DIR`)")
@@ -714,37 +764,6 @@ def load_safetensors(file):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling
-
-
-def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
-    """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep
-    the top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose
-    probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(axis=-1)
-    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to
-    # inf (inf - inf = NaN); below 1e-30 the distribution is one-hot anyway (as in olmo.py).
-    logits = logits.astype(np.float64)
-    logits = (logits - logits.max(axis=-1, keepdims=True)) / max(temperature, 1e-30)
-    if top_k and top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, [-top_k]]  # the k-th largest, (B, 1)
-        logits = np.where(logits < kth, -np.inf, logits)
-    if top_p is not None and top_p < 1.0:
-        probs = softmax(logits)
-        order = np.argsort(-probs, axis=-1, kind="stable")  # most likely first
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
-        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
-        drop = np.empty_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to vocabulary order
-        logits = np.where(drop, -np.inf, logits)
-    probs = softmax(logits)
-    rng = rng if rng is not None else np.random.default_rng()
-    return np.array([rng.choice(len(p), p=p) for p in probs])
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Reading config.json
 #
 # OlmoConfig.from_json reads the file as it comes: transformers 4.x writes a top-level rope_theta and
@@ -819,16 +838,13 @@ def check_fields(c):
     require(c, c.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         ids = getattr(c, name)  # None, an id or a list of ids
-        if ids is None:
-            ids = []
         if isinstance(ids, int):
             ids = [ids]
-        require(c, all(0 <= i < c.vocab_size for i in ids), name, f"null or in [0, {c.vocab_size})")
+        require(c, all(0 <= i < c.vocab_size for i in ids or []), name, f"null or in [0, {c.vocab_size})")
     require(c, 0 <= c.attention_dropout < 1, "attention_dropout", "in [0, 1)")
     require(c, math.isfinite(c.initializer_range) and c.initializer_range >= 0, "initializer_range", ">= 0")
     require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
-    clip_ok = c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0
-    require(c, clip_ok, "clip_qkv", "None or > 0")
+    require(c, c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0, "clip_qkv", "None or > 0")
     require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
     require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
 
@@ -848,24 +864,30 @@ def rope_per_layer_type(c, default_theta):
     require(c, isinstance(rope, dict), "rope_parameters", "an object")
     if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
         rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
-    per_type = {}
-    for kind in sorted(set(c.layer_types)):
-        per_type[kind] = check_rope(rope.get(kind) or {}, default_theta, c.max_position_embeddings, kind)
-    return per_type
+    return {kind: check_rope(rope.get(kind) or {}, default_theta, c.max_position_embeddings, kind)
+            for kind in sorted(set(c.layer_types))}
 
 
 def positive(v):
     return type(v) in (int, float) and 0 < v < math.inf
 
 
+def optional(test):
+    return lambda v: v is None or test(v)
+
+
 # What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
-# refused. YaRN's defaults are transformers'.
+# refused. YaRN's defaults are transformers'; the keys defaulting to None are computed from the others.
 FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
 ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
-    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
-    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
-    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
-    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
+    **FACTOR,
+    "original_max_position_embeddings": (None, optional(lambda v: type(v) is int and v >= 1), "an integer >= 1"),
+    "attention_factor": (None, optional(positive), "a number > 0"),
+    "beta_fast": (32.0, positive, "a number > 0"),
+    "beta_slow": (1.0, positive, "a number > 0"),
+    "mscale": (None, optional(positive), "a number > 0"),
+    "mscale_all_dim": (None, optional(positive), "a number > 0"),
+    "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
 
 
 def check_rope(rope, default_theta, max_position_embeddings, kind):
@@ -882,16 +904,12 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
         raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
     out = {"rope_type": rope_type}
     for key, (default, ok, what) in takes.items():
-        value = rope.get(key)
+        value = rope.get(key)  # null is the same as absent
         if value is None:
             value = default
-        out[key] = value
-        if value is None:  # no default: only factor is required; the others stay unset (None)
-            bad = key == "factor"
-        else:
-            bad = not ok(value)
-        if bad:
+        if not ok(value):
             raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
+        out[key] = value
     if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
         out["original_max_position_embeddings"] = max_position_embeddings
     return out
