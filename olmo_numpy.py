@@ -148,18 +148,17 @@ def rotary_emb(config, rope, position_ids):
     exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
     inv_freq = 1.0 / theta ** exponents  # (D/2,)
     attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
-    max_pos = config.max_position_embeddings
     if rope["rope_type"] == "linear":  # "position interpolation": every position divided by factor
         inv_freq = inv_freq / factor
     elif rope["rope_type"] == "yarn":  # OLMo 3: YaRN
         inv_freq, attention_factor = yarn(theta ** exponents, rope, dim, rope["rope_theta"])
-    elif rope["rope_type"] == "dynamic" and position_ids.max() + 1 > max_pos:
+    elif rope["rope_type"] == "dynamic" and position_ids.max() + 1 > config.max_position_embeddings:
         # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so
         # long-wavelength dimensions interpolate while short ones keep their resolution. As in transformers
         # and olmo.py, "the sequence" is the largest position in this call, and cached keys keep the
         # frequencies they got.
         seq_len = np.float32(position_ids.max() + 1)
-        stretch = factor * seq_len / np.float32(max_pos) - (factor - 1)
+        stretch = factor * seq_len / np.float32(config.max_position_embeddings) - (factor - 1)
         base = theta * stretch ** np.float32(dim / (dim - 2))
         inv_freq = 1.0 / base ** exponents
     freqs = position_ids[..., None].astype(np.float32) * inv_freq.astype(np.float32)  # (B, T, D/2)
@@ -375,9 +374,9 @@ def olmo_model(weights, config, input_ids, position_ids, key_valid, slots=None, 
     if slots is None:  # no cache: the tokens are slots 0..T-1
         query_slots = np.arange(input_ids.shape[1])
     x = weights["model.embed_tokens.weight"][input_ids]  # (B, T, hidden): a row lookup
-    # RoPE tables and masks once per layer type, shared by every layer of that type. A RoPE and a mask per
-    # layer type: "full_attention" sees every earlier key; OLMo 3 adds "sliding_attention", which sees only the
-    # last sliding_window keys and which RoPE scaling leaves alone.
+    # RoPE tables and masks once per layer type, shared by every layer of that type: "full_attention" sees
+    # every earlier key; OLMo 3 adds "sliding_attention", which sees only the last sliding_window keys and
+    # which RoPE scaling leaves alone.
     rope = {kind: rotary_emb(config, r, position_ids) for kind, r in config.rope_parameters.items()}
     windows = {"full_attention": None, "sliding_attention": config.sliding_window}
     masks = {kind: causal_mask(query_slots, key_valid, windows[kind]) for kind in rope}
@@ -420,8 +419,8 @@ class OlmoForCausalLM:
         input_ids = np.asarray(input_ids)
         check_ids(input_ids, self.config.vocab_size)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        key_valid = attention_mask.astype(bool)
-        hidden = olmo_model(self.weights, self.config, input_ids, positions_from_mask(attention_mask), key_valid)
+        positions = positions_from_mask(attention_mask)
+        hidden = olmo_model(self.weights, self.config, input_ids, positions, attention_mask.astype(bool))
         return linear(hidden, self.weights, "lm_head")  # (B, T, vocab)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -467,8 +466,8 @@ class OlmoForCausalLM:
         hold real tokens: key_valid (B, S), False at the prompt's padding (the slots after the prompt get
         generated tokens)."""
         self.grow_cache(attention_mask.shape[0], length)
-        after_prompt = len(self.slots) - attention_mask.shape[1]
-        self.key_valid = np.pad(attention_mask.astype(bool), ((0, 0), (0, after_prompt)), constant_values=True)
+        padding = ((0, 0), (0, len(self.slots) - attention_mask.shape[1]))  # (before, after) per axis
+        self.key_valid = np.pad(attention_mask.astype(bool), padding, constant_values=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
         """input_ids, attention_mask (B, T), cache slots < start already filled -> the last position's logits
@@ -628,10 +627,11 @@ def weight_shapes(config):
         shapes[f"{mlp}.gate_proj.weight"] = shapes[f"{mlp}.up_proj.weight"] = (I, C)
         shapes[f"{mlp}.down_proj.weight"] = (C, I)
         if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
-            shapes[f"{attn}.q_norm.weight"], shapes[f"{attn}.k_norm.weight"] = (H * D,), (KV * D,)
+            shapes[f"{attn}.q_norm.weight"] = (H * D,)
+            shapes[f"{attn}.k_norm.weight"] = (KV * D,)
             shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
             shapes[f"{layer}.post_feedforward_layernorm.weight"] = (C,)
-    if config.norm_after:
+    if config.norm_after:  # OLMo 2: the final RMSNorm's weight
         shapes["model.norm.weight"] = (C,)
     shapes["lm_head.weight"] = (config.vocab_size, C)
     return shapes
@@ -643,9 +643,8 @@ def check_state_dict(state_dict, expected):
     for name, shape in expected.items():
         if name not in state_dict:
             raise ValueError(f"checkpoint is missing tensor {name}")
-        found = tuple(state_dict[name].shape)
-        if found != shape:
-            raise ValueError(f"tensor {name} has shape {found}, expected {tuple(shape)}")
+        if state_dict[name].shape != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
     for name in state_dict:
         if name not in expected:
             raise ValueError(f"checkpoint has unexpected tensor {name}")
@@ -682,7 +681,8 @@ def weight_files(path):
         return sorted(set(weight_map.values()))
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return ["model.safetensors"]
-    if any(os.path.exists(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    torch_files = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+    if any(os.path.exists(os.path.join(path, f)) for f in torch_files):
         raise ValueError(f"{path} has pytorch_model.bin weights, which only torch can read; rewrite them as "
                          f"safetensors once with `python convert.py {path} DST` and load DST")
     raise ValueError(f"{path} has no model.safetensors")
