@@ -378,7 +378,7 @@ def olmo_model(weights, config, input_ids, position_ids, key_valid, slots=None, 
     # every earlier key; OLMo 3 adds "sliding_attention", which sees only the last sliding_window keys and
     # which RoPE scaling leaves alone.
     rope = {kind: rotary_emb(config, r, position_ids) for kind, r in config.rope_parameters.items()}
-    windows = {"full_attention": None, "sliding_attention": config.sliding_window}
+    windows = {"full_attention": None, "sliding_attention": config.sliding_window}  # OLMo 3: the window
     masks = {kind: causal_mask(query_slots, key_valid, windows[kind]) for kind in rope}
     for i, kind in enumerate(config.layer_types):
         cache = None if caches is None else caches[i]
