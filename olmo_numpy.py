@@ -40,8 +40,9 @@ import numpy as np
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few that OLMo 2
-    and 3 add. OlmoConfig.from_json reads and checks a config.json (see "Reading config.json", after Loading)."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few that
+    OLMo 2 and 3 add. OlmoConfig.from_json reads and checks a config.json (in "Reading config.json", near
+    the end)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -85,7 +86,6 @@ class OlmoConfig:
             pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
             layer_types = pattern if self.layer_types is None else self.layer_types
         self.layer_types = layer_types
-        check_layer_types(self)
         self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
     @property
@@ -94,13 +94,15 @@ class OlmoConfig:
 
     @property
     def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see decoder_layer)."""
+        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see
+        decoder_layer)."""
         return self.model_type != "olmo"
 
     @property
     def dynamic_rope(self):
         """Whether RoPE's frequencies change with the sequence's length (dynamic NTK scaling, past
-        max_position_embeddings): then cached keys, rotated at an earlier length, can't be reused as if fresh."""
+        max_position_embeddings): then cached keys, rotated at an earlier length, can't be reused as
+        if fresh."""
         return any(rope["rope_type"] == "dynamic" for rope in self.rope_parameters.values())
 
     @classmethod
@@ -187,8 +189,7 @@ def yarn(wavelengths, s, dim, theta):
     if s["truncate"]:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
-    if high == low:  # the ramp below divides by high - low
-        high = high + 0.001
+    high = high + 0.001 if high == low else high  # the ramp below divides by high - low
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp  # 1: keep the frequency, 0: divide it by factor
     inv_freq = 1.0 / (factor * wavelengths) * (1 - extrapolation) + 1.0 / wavelengths * extrapolation
@@ -431,19 +432,15 @@ class OlmoForCausalLM:
     # token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
 
     def grow_cache(self, batch_size, needed):
-        """Make every layer's cache hold at least `needed` slots, keeping what it holds. The length grows in
-        powers of two (at least 256), as olmo.py's, so a large max_new_tokens costs nothing until the tokens
-        are produced. Unlike olmo.py, each step attends over the filled slots only (prefill and
-        decode_one_token cut key_valid there): NumPy has no compiler that needs a static shape."""
+        """Make every layer's cache hold `needed` slots (a power of two, see setup_cache), keeping what it
+        holds."""
         k = None if self.caches is None else self.caches[0][0]  # (B, KV, length, D)
         same = k is not None and k.shape[0] == batch_size
         length = k.shape[2] if same else 0  # a new batch size keeps nothing
         if needed <= length:
             return
-        if not same:
-            self.cached_ids = []
-        new_length = max(256, 1 << (needed - 1).bit_length())
-        shape = (batch_size, self.config.num_key_value_heads, new_length, self.config.head_dim)
+        self.cached_ids = self.cached_ids if same else []
+        shape = (batch_size, self.config.num_key_value_heads, needed, self.config.head_dim)
         old = self.caches
         self.caches = []
         try:
@@ -451,22 +448,23 @@ class OlmoForCausalLM:
                 k_cache = np.zeros(shape, np.float32)  # float32, like the weights
                 v_cache = np.zeros(shape, np.float32)
                 if length:
-                    k_cache[:, :, :length] = old[i][0]
-                    v_cache[:, :, :length] = old[i][1]
+                    k_cache[:, :, :length], v_cache[:, :, :length] = old[i]
                     old[i] = None  # free each layer's old cache once copied
                 self.caches.append((k_cache, v_cache))
         except MemoryError as e:
-            self.cached_ids = []
             self.caches = None
-            raise MemoryError(f"out of memory growing the KV cache to {new_length} tokens") from e
-        self.slots = np.arange(new_length)
+            raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+        self.slots = np.arange(needed)
 
     def setup_cache(self, attention_mask, length):
-        """Make the cache hold `length` slots for the batch of attention_mask (B, T), and note which slots
-        hold real tokens: key_valid (B, S), False at the prompt's padding (the slots after the prompt get
-        generated tokens)."""
-        self.grow_cache(attention_mask.shape[0], length)
-        padding = ((0, 0), (0, len(self.slots) - attention_mask.shape[1]))  # (before, after) per axis
+        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
+        hold real tokens (not the prompt's padding). The cache grows to `length` rounded up to a power of two
+        (at least 256): a large max_new_tokens costs nothing until its tokens are produced. Unlike olmo.py,
+        each step attends over the filled slots only (prefill and decode_one_token cut key_valid there): NumPy
+        has no compiler that needs a static shape."""
+        width = max(256, 1 << (length - 1).bit_length())
+        self.grow_cache(attention_mask.shape[0], width)
+        padding = ((0, 0), (0, width - attention_mask.shape[1]))  # (before, after) per axis
         self.key_valid = np.pad(attention_mask.astype(bool), padding, constant_values=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
@@ -610,46 +608,6 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
 # Loading
 
 
-def weight_shapes(config):
-    """Every tensor the model needs, by transformers' name -> shape: what olmo.py's module tree declares.
-    A linear layer's weight is (out_features, in_features), as checkpoints store it; linear applies it as
-    x @ W.T."""
-    C, I, D = config.hidden_size, config.intermediate_size, config.head_dim
-    H, KV = config.num_attention_heads, config.num_key_value_heads
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, C)}
-    for i in range(config.num_hidden_layers):
-        layer, attn, mlp = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        for proj, out_features, in_features in (("q_proj", H * D, C), ("k_proj", KV * D, C),
-                                                ("v_proj", KV * D, C), ("o_proj", C, H * D)):
-            shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
-            if config.attention_bias:
-                shapes[f"{attn}.{proj}.bias"] = (out_features,)
-        shapes[f"{mlp}.gate_proj.weight"] = shapes[f"{mlp}.up_proj.weight"] = (I, C)
-        shapes[f"{mlp}.down_proj.weight"] = (C, I)
-        if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
-            shapes[f"{attn}.q_norm.weight"] = (H * D,)
-            shapes[f"{attn}.k_norm.weight"] = (KV * D,)
-            shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
-            shapes[f"{layer}.post_feedforward_layernorm.weight"] = (C,)
-    if config.norm_after:  # OLMo 2: the final RMSNorm's weight
-        shapes["model.norm.weight"] = (C,)
-    shapes["lm_head.weight"] = (config.vocab_size, C)
-    return shapes
-
-
-def check_state_dict(state_dict, expected):
-    """Names and shapes must match exactly (dtypes: see load_safetensors): a wrong checkpoint fails, and
-    the error names the tensor."""
-    for name, shape in expected.items():
-        if name not in state_dict:
-            raise ValueError(f"checkpoint is missing tensor {name}")
-        if state_dict[name].shape != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
-    for name in state_dict:
-        if name not in expected:
-            raise ValueError(f"checkpoint has unexpected tensor {name}")
-
-
 def resolve_checkpoint(path):
     """Local directories only: fetching from the hub would need huggingface_hub, and this file needs
     nothing but NumPy."""
@@ -686,6 +644,17 @@ def weight_files(path):
         raise ValueError(f"{path} has pytorch_model.bin weights, which only torch can read; rewrite them as "
                          f"safetensors once with `python convert.py {path} DST` and load DST")
     raise ValueError(f"{path} has no model.safetensors")
+
+
+def read_json_object(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return d
 
 
 # A .safetensors file is: 8 bytes, the little-endian length N of a JSON header; the header, mapping each
@@ -763,6 +732,46 @@ def load_safetensors(file):
     return tensors
 
 
+def weight_shapes(config):
+    """Every tensor the model needs, by transformers' name -> shape: what olmo.py's module tree declares.
+    A linear layer's weight is (out_features, in_features), as checkpoints store it; linear applies it as
+    x @ W.T."""
+    C, I, D = config.hidden_size, config.intermediate_size, config.head_dim
+    H, KV = config.num_attention_heads, config.num_key_value_heads
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, C)}
+    for i in range(config.num_hidden_layers):
+        layer, attn, mlp = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        for proj, out_features, in_features in (("q_proj", H * D, C), ("k_proj", KV * D, C),
+                                                ("v_proj", KV * D, C), ("o_proj", C, H * D)):
+            shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
+            if config.attention_bias:
+                shapes[f"{attn}.{proj}.bias"] = (out_features,)
+        shapes[f"{mlp}.gate_proj.weight"] = shapes[f"{mlp}.up_proj.weight"] = (I, C)
+        shapes[f"{mlp}.down_proj.weight"] = (C, I)
+        if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
+            shapes[f"{attn}.q_norm.weight"] = (H * D,)
+            shapes[f"{attn}.k_norm.weight"] = (KV * D,)
+            shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
+            shapes[f"{layer}.post_feedforward_layernorm.weight"] = (C,)
+    if config.norm_after:  # OLMo 2: the final RMSNorm's weight
+        shapes["model.norm.weight"] = (C,)
+    shapes["lm_head.weight"] = (config.vocab_size, C)
+    return shapes
+
+
+def check_state_dict(state_dict, expected):
+    """Names and shapes must match exactly (dtypes: see load_safetensors): a wrong checkpoint fails, and
+    the error names the tensor."""
+    for name, shape in expected.items():
+        if name not in state_dict:
+            raise ValueError(f"checkpoint is missing tensor {name}")
+        if state_dict[name].shape != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
+    for name in state_dict:
+        if name not in expected:
+            raise ValueError(f"checkpoint has unexpected tensor {name}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading config.json
 #
@@ -772,26 +781,15 @@ def load_safetensors(file):
 # one line naming file, field and value, instead of building a different model.
 
 
-def read_json_object(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
-        raise ValueError(f"cannot read {path}: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return d
-
-
 def config_from_dict(cls, d, source):
-    """OlmoConfig.from_dict: every known field must have its JSON type (no "false" for false, no 128.0 for 128);
-    unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the source."""
+    """OlmoConfig.from_dict: every known field must have its JSON type (no "false" for false, no 128.0
+    for 128); unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the
+    source."""
     try:
         d = dict(d)
         if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
             d["dtype"] = d.get("torch_dtype")
-        theta = d.pop("rope_theta", None)
-        scaling = d.pop("rope_scaling", None)
+        theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
         if d.get("rope_parameters") is None:  # transformers 4.x
             if not isinstance(scaling, (dict, type(None))):
                 raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
@@ -807,7 +805,8 @@ def config_from_dict(cls, d, source):
 
 
 def fits(value, annotation):
-    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is neither."""
+    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is
+    neither."""
     if isinstance(annotation, types.UnionType):
         return any(fits(value, a) for a in annotation.__args__)
     if typing.get_origin(annotation) is list:
@@ -838,9 +837,8 @@ def check_fields(c):
     require(c, c.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         ids = getattr(c, name)  # None, an id or a list of ids
-        if isinstance(ids, int):
-            ids = [ids]
-        require(c, all(0 <= i < c.vocab_size for i in ids or []), name, f"null or in [0, {c.vocab_size})")
+        ids = [ids] if isinstance(ids, int) else ids or []
+        require(c, all(0 <= i < c.vocab_size for i in ids), name, f"null or in [0, {c.vocab_size})")
     require(c, 0 <= c.attention_dropout < 1, "attention_dropout", "in [0, 1)")
     require(c, math.isfinite(c.initializer_range) and c.initializer_range >= 0, "initializer_range", ">= 0")
     require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
@@ -849,17 +847,13 @@ def check_fields(c):
     require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
 
 
-def check_layer_types(c):
-    """OLMo 3: the layer types (as config.json lists them, or the default) and the sliding window."""
+def rope_per_layer_type(c, default_theta):
+    """Checks OLMo 3's layer_types and sliding_window; then rope_parameters, flat or per layer type -> {layer
+    type: its settings checked, every default filled}, for the layer types the model has."""
     require(c, len(c.layer_types) == c.num_hidden_layers and
             set(c.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
             f"{c.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
     require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
-
-
-def rope_per_layer_type(c, default_theta):
-    """rope_parameters, flat or per layer type -> {layer type: its settings checked, every default filled}, for
-    the layer types the model has."""
     rope = c.rope_parameters or {}
     require(c, isinstance(rope, dict), "rope_parameters", "an object")
     if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
@@ -872,22 +866,14 @@ def positive(v):
     return type(v) in (int, float) and 0 < v < math.inf
 
 
-def optional(test):
-    return lambda v: v is None or test(v)
-
-
-# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
-# refused. YaRN's defaults are transformers'; the keys defaulting to None are computed from the others.
+# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all
+# else is refused. YaRN's defaults are transformers'; those that are None (unset) it computes from the others.
 FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
 ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
-    **FACTOR,
-    "original_max_position_embeddings": (None, optional(lambda v: type(v) is int and v >= 1), "an integer >= 1"),
-    "attention_factor": (None, optional(positive), "a number > 0"),
-    "beta_fast": (32.0, positive, "a number > 0"),
-    "beta_slow": (1.0, positive, "a number > 0"),
-    "mscale": (None, optional(positive), "a number > 0"),
-    "mscale_all_dim": (None, optional(positive), "a number > 0"),
-    "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
+    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
+    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
+    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
 
 
 def check_rope(rope, default_theta, max_position_embeddings, kind):
@@ -904,10 +890,8 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
         raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
     out = {"rope_type": rope_type}
     for key, (default, ok, what) in takes.items():
-        value = rope.get(key)  # null is the same as absent
-        if value is None:
-            value = default
-        if not ok(value):
+        value = default if rope.get(key) is None else rope[key]  # null is the same as absent
+        if (value is not None or key == "factor") and not ok(value):  # YaRN computes its unset (None) keys
             raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
         out[key] = value
     if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
