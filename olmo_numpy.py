@@ -262,10 +262,10 @@ def attend(q, k, v, mask):
 
 
 def attention(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
-    """Layer i's self-attention. x (B, T, hidden); mask (B, 1, T, S) bool, True = may attend.
-    cache = (k_cache, v_cache), each (B, KV, length, D): x's keys and values are written at slots (T,), and
-    attention runs over the cache's first S slots (the filled ones: S is the mask's width). Without a cache,
-    S = T."""
+    """Layer i's self-attention: x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may
+    attend. cache (k_cache, v_cache), each (B, KV, length, D), and slots (T,): the cache slots to write k and
+    v to, then attend over the cache's first S (the filled ones: S is the mask's width); None: no cache,
+    attend only within x (S = T)."""
     name = f"model.layers.{i}.self_attn"
     B, T, _ = x.shape
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
