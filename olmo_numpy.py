@@ -40,9 +40,8 @@ import numpy as np
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few that
-    OLMo 2 and 3 add. OlmoConfig.from_json reads and checks a config.json (in "Reading config.json", near
-    the end)."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2
+    and 3 add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -72,8 +71,8 @@ class OlmoConfig:
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
 
     def __post_init__(self):
-        """Fill the defaults that depend on other fields. Each check runs before a fill that relies on it; the
-        checks are defined with the reading of config.json (in "Reading config.json")."""
+        """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
+        of the fields it relies on."""
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         check_fields(self)
@@ -94,15 +93,13 @@ class OlmoConfig:
 
     @property
     def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see
-        decoder_layer)."""
+        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer."""
         return self.model_type != "olmo"
 
     @property
     def dynamic_rope(self):
-        """Whether RoPE's frequencies change with the sequence's length (dynamic NTK scaling, past
-        max_position_embeddings): then cached keys, rotated at an earlier length, can't be reused as
-        if fresh."""
+        """Whether RoPE's frequencies change with the sequence's length (dynamic NTK scaling past
+        max_position_embeddings): then keys cached at one length can't be reused at another."""
         return any(rope["rope_type"] == "dynamic" for rope in self.rope_parameters.values())
 
     @classmethod
@@ -371,13 +368,12 @@ def olmo_model(weights, config, input_ids, position_ids, key_valid, slots=None, 
     hold real tokens (False at left padding). slots (T,): the KV cache slots these tokens are written to and
     attend from, in caches (one (k_cache, v_cache) per layer); None: no cache, the tokens attend among
     themselves (S = T)."""
-    query_slots = slots
-    if slots is None:  # no cache: the tokens are slots 0..T-1
-        query_slots = np.arange(input_ids.shape[1])
+    # without a cache, the tokens are slots 0..T-1
+    query_slots = np.arange(input_ids.shape[1]) if slots is None else slots
     x = weights["model.embed_tokens.weight"][input_ids]  # (B, T, hidden): a row lookup
     # RoPE tables and masks once per layer type, shared by every layer of that type: "full_attention" sees
-    # every earlier key; OLMo 3 adds "sliding_attention", which sees only the last sliding_window keys and
-    # which RoPE scaling leaves alone.
+    # every earlier key; OLMo 3 adds "sliding_attention", which sees the last sliding_window keys (and RoPE
+    # scaling leaves alone).
     rope = {kind: rotary_emb(config, r, position_ids) for kind, r in config.rope_parameters.items()}
     windows = {"full_attention": None, "sliding_attention": config.sliding_window}  # OLMo 3: the window
     masks = {kind: causal_mask(query_slots, key_valid, windows[kind]) for kind in rope}
@@ -841,8 +837,10 @@ def check_fields(c):
         require(c, all(0 <= i < c.vocab_size for i in ids), name, f"null or in [0, {c.vocab_size})")
     require(c, 0 <= c.attention_dropout < 1, "attention_dropout", "in [0, 1)")
     require(c, math.isfinite(c.initializer_range) and c.initializer_range >= 0, "initializer_range", ">= 0")
+    # OLMo 2: the epsilon of its RMSNorms
     require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
     require(c, c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0, "clip_qkv", "None or > 0")
+    # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead)
     require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
     require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
 
@@ -853,6 +851,7 @@ def rope_per_layer_type(c, default_theta):
     require(c, len(c.layer_types) == c.num_hidden_layers and
             set(c.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
             f"{c.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+    # OLMo 3: a window holds at least the query itself
     require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
     rope = c.rope_parameters or {}
     require(c, isinstance(rope, dict), "rope_parameters", "an object")
