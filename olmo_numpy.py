@@ -509,7 +509,8 @@ class OlmoForCausalLM:
         (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has produced an
         EOS (rows that finish early are filled with pad_token_id after it, as in transformers). temperature=0
         is greedy; rng a np.random.Generator for sampling; callback(tokens (B,)) is called with each step's
-        tokens (for streaming)."""
+        tokens (for streaming). A one-row call after another prefills only what is new (a chat's next turn: see
+        reuse_prefix)."""
         input_ids = np.asarray(input_ids)
         check_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.astype(np.int64)
@@ -528,7 +529,7 @@ class OlmoForCausalLM:
         finished = np.zeros(B, dtype=bool)
         if max_new_tokens > 0:
             logits = self.prefill(input_ids, attention_mask, start)
-            if T <= keep_up_to:
+            if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, rng)  # (B,)
