@@ -1,4 +1,4 @@
-"""OLMo (1, 2 and 3) in one readable PyTorch file.
+"""OLMo (1, 2 and 3) and Olmo Hybrid in one readable PyTorch file.
 
 OLMo (Groeneveld et al., 2024, https://arxiv.org/abs/2402.00838) is a decoder-only transformer: token
 embeddings, N blocks of (norm -> attention with rotary positions -> residual, norm -> gated MLP -> residual),
@@ -7,13 +7,15 @@ no learnable weight.
 
 OLMo 2 (OLMo et al., 2024, https://arxiv.org/abs/2501.00656) changes three coupled things for training
 stability: RMSNorm with weights, a norm on the queries and keys, and the norm moved after each sublayer.
-OLMo 3 adds sliding-window attention on three layers in four, and YaRN to stretch the context. Each change
-is written once, where it happens, under a comment starting "OLMo 2:" or "OLMo 3:"; a reader of OLMo 1 can
-skip those lines.
+OLMo 3 adds sliding-window attention on three layers in four, and YaRN to stretch the context. Olmo Hybrid
+(Merrill et al., 2026, https://arxiv.org/abs/2604.03444) makes those three layers in four Gated DeltaNet
+instead: linear attention, a fixed-size state per head updated once per token, the same cost at any length. Each
+change is written once, where it happens, under a comment starting "OLMo 2:", "OLMo 3:" or "Olmo Hybrid:";
+a reader of OLMo 1 can skip those lines.
 
 It reads top to bottom: config -> norm -> RoPE -> attention -> MLP -> block -> model -> generation ->
-loading -> reading config.json -> CLI. Names match transformers' `OlmoForCausalLM`, `Olmo2ForCausalLM` and
-`Olmo3ForCausalLM`, so their checkpoints load with strict name and shape checks and no renaming, and the
+loading -> reading config.json -> CLI. Names match transformers' `OlmoForCausalLM`, `Olmo2ForCausalLM`,
+`Olmo3ForCausalLM` and `OlmoHybridForCausalLM`, so their checkpoints load with strict name and shape checks and no renaming, and the
 logits equal transformers' (see the tests). It is meant to be read and copied, not configured: no framework.
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
@@ -45,7 +47,7 @@ class OlmoConfig:
     """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2
     and 3 add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
-    model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
+    model_type: str = "olmo"  # "olmo", "olmo2", "olmo3" or "olmo_hybrid": the generation (config.json says)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
@@ -71,6 +73,13 @@ class OlmoConfig:
     sliding_window: int | None = None  # OLMo 3: a query sees this many keys (itself included); None: 4096
     layer_types: list[str] | None = None  # OLMo 3: per layer "full_attention" or "sliding_attention"
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
+    # Olmo Hybrid: its Gated DeltaNet ("linear_attention") layers have heads of their own
+    linear_num_key_heads: int | None = None  # Hk, query/key heads (None: H)
+    linear_num_value_heads: int | None = None  # Hv, value heads, each with its own state (None: H)
+    linear_key_head_dim: int | None = None  # dk (None: 0.75 hidden_size / Hk)
+    linear_value_head_dim: int | None = None  # dv (None: 2 dk)
+    linear_conv_kernel_dim: int = 4  # the short causal convolution over q, k and v spans this many tokens
+    linear_allow_neg_eigval: bool = True  # beta in (0, 2), not (0, 1): an update may overshoot, flipping signs
 
     def __post_init__(self):
         """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
@@ -86,6 +95,12 @@ class OlmoConfig:
                 self.sliding_window = 4096
             pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
             layer_types = pattern if self.layer_types is None else self.layer_types
+        if self.model_type == "olmo_hybrid":  # Olmo Hybrid: 3 Gated DeltaNet layers in 4, unless listed
+            pattern = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(self.num_hidden_layers)]
+            if "full_attention" not in pattern:  # fewer than 4 layers: the last one attends
+                pattern[-1] = "full_attention"
+            layer_types = pattern if self.layer_types is None else self.layer_types
+            fill_linear_attention(self)
         self.layer_types = layer_types
         self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
@@ -145,6 +160,16 @@ class OlmoRMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * h).to(x.dtype)
+
+
+class OlmoRMSNormGated(OlmoRMSNorm):
+    """Olmo Hybrid: the Gated DeltaNet's output norm, per head: RMSNorm, then times silu(gate). Llama's order
+    (cast back, then the weight), as transformers' OlmoHybridRMSNormGated."""
+
+    def forward(self, x, gate):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,6 +345,115 @@ class OlmoAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Olmo Hybrid: Gated DeltaNet (linear attention)
+#
+# Instead of keeping every key and value, a Gated DeltaNet head keeps one matrix S (dk, dv), a memory that maps
+# keys to values, and updates it once per token (Yang, Kautz and Hatamizadeh, 2024, "Gated Delta Networks",
+# https://arxiv.org/abs/2412.06464, eq. 10): it fades (the gate), then moves its answer for the token's key
+# toward the token's value (the delta rule); the output reads it with the query.
+#     S = exp(g_t) S                              g_t <= 0, the decay: -exp(A_log) softplus(a_proj(x) + dt_bias)
+#     S = S + k_t (beta_t (v_t - S^T k_t))^T      beta_t = sigmoid(b_proj(x)), doubled by linear_allow_neg_eigval
+#     o_t = S^T q_t
+# A step costs the same at any length, and the state (with the convolution's last inputs) is all the next
+# step needs: no KV cache for these layers.
+
+
+def gated_delta_rule(q, k, v, g, beta, state):
+    """The recurrence, one token at a time. q, k (B, Hv, T, dk) unit vectors (q also times dk^-1/2),
+    v (B, Hv, T, dv), g and beta (B, Hv, T), state (B, Hv, dk, dv) -> outputs (B, Hv, T, dv), final state."""
+    outputs = []
+    for t in range(q.shape[2]):
+        state = state * g[:, :, t, None, None].exp()
+        k_t = k[:, :, t, :, None]  # (B, Hv, dk, 1)
+        error = v[:, :, t, None, :] - k_t.transpose(-1, -2) @ state  # (B, Hv, 1, dv): the value minus S's answer
+        state = state + k_t @ (beta[:, :, t, None, None] * error)
+        outputs.append(q[:, :, t, None, :] @ state)  # (B, Hv, 1, dv)
+    return torch.cat(outputs, dim=2), state
+
+
+def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk=64):
+    """The same recurrence (same arguments, same results up to rounding), `chunk` tokens at a time: a few
+    matrix products per chunk instead of a step per token, for prompts (Yang et al., section 3.3).
+
+    Within a chunk starting from state S, let c_t = g_1 + ... + g_t and D[t, s] = exp(c_t - c_s), the decay
+    from token s to token t (s <= t). Unrolling the recurrence gives
+        S_t = exp(c_t) S + sum_{s <= t} D[t, s] k_s u_s^T,    u_t = beta_t (v_t - (S before token t)^T k_t)
+    so the chunk's corrections u (C, dv) solve one unit lower-triangular system,
+        (I + A) u = beta (v - exp(c) k S),    A[t, s] = beta_t D[t, s] k_t . k_s for s < t,
+    and then o_t = exp(c_t) S^T q_t + sum_{s <= t} D[t, s] (q_t . k_s) u_s; the next chunk starts from S_C."""
+    outputs = []
+    for start in range(0, q.shape[2], chunk):
+        q_c, k_c, v_c, g_c, beta_c = (x[:, :, start:start + chunk] for x in (q, k, v, g, beta))
+        c = g_c.cumsum(-1)  # (B, Hv, C)
+        causal = torch.ones(c.shape[-1], c.shape[-1], dtype=torch.bool, device=c.device).tril()
+        D = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, -math.inf).exp()  # (B, Hv, C, C), 0 above
+        A = k_c @ k_c.transpose(-1, -2) * D * beta_c[..., None]  # (B, Hv, C, C)
+        rhs = beta_c[..., None] * (v_c - c.exp()[..., None] * k_c @ state)  # (B, Hv, C, dv)
+        # unitriangular: the solver reads A only below the diagonal and takes the diagonal as 1, i.e. I + A
+        u = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # (B, Hv, C, dv)
+        outputs.append(c.exp()[..., None] * q_c @ state + (q_c @ k_c.transpose(-1, -2) * D) @ u)
+        k_decayed = (c[..., -1:] - c).exp()[..., None] * k_c  # each key decayed to the chunk's end
+        state = c[..., -1:, None].exp() * state + k_decayed.transpose(-1, -2) @ u
+    return torch.cat(outputs, dim=2), state
+
+
+class OlmoGatedDeltaNet(nn.Module):
+    """Olmo Hybrid's token mixer in its "linear_attention" layers. q, k and v pass a short causal convolution
+    (each channel sees its last linear_conv_kernel_dim inputs); each of the Hv value heads has its own state
+    and shares q and k with the Hv / Hk heads beside it (as GQA shares keys). The output is normalised per
+    head and gated."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, Hk, Hv = config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads
+        self.Hk, self.Hv, self.dk, self.dv = Hk, Hv, config.linear_key_head_dim, config.linear_value_head_dim
+        self.q_proj = nn.Linear(C, Hk * self.dk, bias=False)
+        self.k_proj = nn.Linear(C, Hk * self.dk, bias=False)
+        self.v_proj = nn.Linear(C, Hv * self.dv, bias=False)
+        self.a_proj = nn.Linear(C, Hv, bias=False)  # the decay's part that depends on the token
+        self.b_proj = nn.Linear(C, Hv, bias=False)  # beta, the delta rule's step size
+        self.g_proj = nn.Linear(C, Hv * self.dv, bias=False)  # the output gate
+        self.o_proj = nn.Linear(Hv * self.dv, C, bias=False)
+        channels = 2 * Hk * self.dk + Hv * self.dv  # q, k and v side by side
+        self.conv1d = nn.Conv1d(channels, channels, config.linear_conv_kernel_dim, groups=channels, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(Hv))  # per head, the decay's scale (log) and bias; zeros: fresh
+        self.dt_bias = nn.Parameter(torch.zeros(Hv))
+        self.o_norm = OlmoRMSNormGated(self.dv, 1e-5)  # transformers' fixed epsilon, not rms_norm_eps
+        self.act_fn = ACT2FN[config.hidden_act]  # after the convolution
+        self.beta_scale = 2.0 if config.linear_allow_neg_eigval else 1.0
+        self.state = None  # while generating: (the convolution's last K - 1 inputs, S); see prefill
+
+    def forward(self, x, cos, sin, mask, slots=None):
+        """x (B, T, hidden) -> (B, T, hidden), the signature of OlmoAttention's; cos and sin unused (the order
+        of tokens is in the recurrence). mask (B, T) bool: False at padding. slots not None: continue from
+        self.state and keep the new one (generation); None: start from zeros, keep nothing."""
+        B, T, _ = x.shape
+        x = x * mask[..., None]  # left padding becomes zeros: then it writes nothing (k = 0), the conv sees 0s
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1).transpose(1, 2)
+        if slots is not None and self.state is not None:
+            conv, state = self.state
+        else:  # zeros, as before a sequence's first token
+            conv = qkv.new_zeros(B, qkv.shape[1], self.conv1d.kernel_size[0] - 1)
+            state = qkv.new_zeros(B, self.Hv, self.dk, self.dv, dtype=torch.float32)
+        window = torch.cat([conv, qkv], dim=-1)  # (B, channels, K - 1 + T): each output sees its K inputs
+        qkv = self.act_fn(F.conv1d(window, self.conv1d.weight, groups=qkv.shape[1])).transpose(1, 2)
+        q, k, v = qkv.float().split([self.Hk * self.dk, self.Hk * self.dk, self.Hv * self.dv], dim=-1)
+        q = q.view(B, T, self.Hk, self.dk).transpose(1, 2).repeat_interleave(self.Hv // self.Hk, dim=1)
+        k = k.view(B, T, self.Hk, self.dk).transpose(1, 2).repeat_interleave(self.Hv // self.Hk, dim=1)
+        v = v.view(B, T, self.Hv, self.dv).transpose(1, 2)  # (B, Hv, T, dv); q and k (B, Hv, T, dk)
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * self.dk ** -0.5  # unit length, then scaled
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+        beta = (self.b_proj(x).sigmoid() * self.beta_scale).float().transpose(1, 2)  # (B, Hv, T)
+        g = (-self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)).transpose(1, 2)
+        rule = gated_delta_rule if T == 1 else chunked_gated_delta_rule
+        y, state = rule(q, k, v, g, beta, state)  # (B, Hv, T, dv)
+        if slots is not None:
+            self.state = (window[..., T:], state)
+        y = self.o_norm(y.transpose(1, 2).to(x.dtype), self.g_proj(x).view(B, T, self.Hv, self.dv))
+        return self.o_proj(y.reshape(B, T, self.Hv * self.dv))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # MLP
 
 # The MLP gate's activations, by the names config.json uses (transformers' ACT2FN).
@@ -352,25 +486,34 @@ class OlmoDecoderLayer(nn.Module):
         OLMo 1                                        OLMo 2 and 3
         x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
         x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
+
+    Olmo Hybrid: its attention layers are OLMo 3's; its Gated DeltaNet layers ("linear_attention") put
+    RMSNorms where OLMo 1 puts its norms: x = x + linear_attn(input_layernorm(x)), and the MLP likewise.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, kind="full_attention"):
         super().__init__()
-        self.norm_after = config.norm_after
-        self.self_attn = OlmoAttention(config)
+        linear = kind == "linear_attention"  # Olmo Hybrid
+        self.norm_after = config.norm_after and not linear
+        self.mixer = "linear_attn" if linear else "self_attn"  # the token mixer's name in checkpoints
+        self.add_module(self.mixer, OlmoGatedDeltaNet(config) if linear else OlmoAttention(config))
         self.mlp = OlmoMLP(config)
         if self.norm_after:  # OLMo 2: RMSNorms after the sublayers, none before
             self.post_attention_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
             self.post_feedforward_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
-            return
-        self.input_layernorm = OlmoLayerNorm(config.hidden_size)
-        self.post_attention_layernorm = OlmoLayerNorm(config.hidden_size)
+        elif linear:  # Olmo Hybrid: RMSNorms before them
+            self.input_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_attention_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+        else:
+            self.input_layernorm = OlmoLayerNorm(config.hidden_size)
+            self.post_attention_layernorm = OlmoLayerNorm(config.hidden_size)
 
     def forward(self, x, cos, sin, mask, slots=None):
+        attn = getattr(self, self.mixer)  # Olmo Hybrid: self_attn or linear_attn
         if self.norm_after:  # OLMo 2: normalise each sublayer's output
-            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, slots))
+            x = x + self.post_attention_layernorm(attn(x, cos, sin, mask, slots))
             return x + self.post_feedforward_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
+        x = x + attn(self.input_layernorm(x), cos, sin, mask, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -387,7 +530,7 @@ class OlmoModel(nn.Module):
         # _weight: uninitialised (the checkpoint or _init_weights fills it); nn.Embedding's own init is slow
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(OlmoDecoderLayer(config, kind) for kind in config.layer_types)
         self.norm = OlmoLayerNorm(config.hidden_size)
         if config.norm_after:  # OLMo 2: an RMSNorm with weights
             self.norm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -406,6 +549,9 @@ class OlmoModel(nn.Module):
         # RoPE tables and masks once per layer type, shared by every layer of that type
         rope = {kind: emb(position_ids) for kind, emb in self.rotary_emb.items()}
         masks = {kind: causal_mask(query_slots, key_valid, self.windows[kind]) for kind in rope}
+        # Olmo Hybrid: a Gated DeltaNet layer has no RoPE and needs to know only which tokens are padding
+        rope["linear_attention"] = (None, None)
+        masks["linear_attention"] = key_valid[:, query_slots]  # (B, T)
         for layer, kind in zip(self.layers, self.config.layer_types):
             x = layer(x, *rope[kind], masks[kind], slots)
         return self.norm(x)
@@ -434,6 +580,7 @@ class OlmoForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.cached_ids = []  # the tokens whose keys and values the cache holds (see reuse_prefix)
+        self.kept_states = {}  # Olmo Hybrid: {tokens fed: each Gated DeltaNet layer's state} (see reuse_prefix)
         if not self.lm_head.weight.is_meta:  # on the meta device (from_pretrained) there is nothing to fill
             self.apply(self._init_weights)
 
@@ -467,11 +614,16 @@ class OlmoForCausalLM(nn.Module):
     # cache; then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the
     # s-th token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
 
+    def mixers(self, name):
+        """The layers' token mixers of one kind: "self_attn" (attention) or, Olmo Hybrid, "linear_attn"."""
+        return [getattr(layer, name) for layer in self.model.layers if layer.mixer == name]
+
     def grow_cache(self, batch_size, needed):
-        """Make every layer's cache hold `needed` slots (a power of two, see setup_cache), keeping what it
-        holds."""
+        """Make every attention layer's cache hold `needed` slots (a power of two, see setup_cache), keeping
+        what it holds."""
         weight = self.lm_head.weight  # the cache takes the model's dtype and device
-        cache = self.model.layers[0].self_attn.kv_cache
+        attns = self.mixers("self_attn")  # Olmo Hybrid: not its Gated DeltaNet layers, which keep a state
+        cache = attns[0].kv_cache
         k = None if cache is None else cache.k_cache  # (B, KV, length, D)
         same = k is not None and (k.shape[0], k.dtype, k.device) == (batch_size, weight.dtype, weight.device)
         length = k.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
@@ -479,16 +631,16 @@ class OlmoForCausalLM(nn.Module):
             return
         self.cached_ids = self.cached_ids if same else []
         try:
-            for layer in self.model.layers:
-                old = layer.self_attn.kv_cache
-                layer.self_attn.kv_cache = None  # free before allocating
+            for attn in attns:
+                old = attn.kv_cache
+                attn.kv_cache = None  # free before allocating
                 new = KVCache(batch_size, needed, self.config, weight.dtype, weight.device)
                 if length:
                     new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
-                layer.self_attn.kv_cache = new
+                attn.kv_cache = new
         except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as a RuntimeError
-            for layer in self.model.layers:
-                layer.self_attn.kv_cache = None
+            for attn in attns:
+                attn.kv_cache = None
             raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
         self.slots = torch.arange(needed, device=weight.device)
 
@@ -507,6 +659,9 @@ class OlmoForCausalLM(nn.Module):
         (B, vocab)."""
         T = input_ids.shape[1]
         positions = positions_from_mask(attention_mask)[:, start:]
+        if start == 0:  # Olmo Hybrid: the Gated DeltaNet layers start from zeros (else see reuse_prefix)
+            for layer in self.mixers("linear_attn"):
+                layer.state = None
         # keys past T are later than every query here: attend over the first T slots only
         hidden = self.model(input_ids[:, start:], positions, self.key_valid[:, :T], self.slots[start:T])
         return self.lm_head(hidden[:, -1])  # the vocab projection only where we sample: (B, vocab)
@@ -530,7 +685,15 @@ class OlmoForCausalLM(nn.Module):
 
         When it can't: a batch of several rows, or with padding (a row's slots then depend on the other
         rows' lengths); and dynamic RoPE past the trained length, whose frequencies change with each call's
-        length: there it keeps only calls and tokens within max_position_embeddings."""
+        length: there it keeps only calls and tokens within max_position_embeddings.
+
+        Olmo Hybrid: a Gated DeltaNet layer's state sums up every token before it, so unlike keys and values
+        it can't be cut back to a shorter prefix. generate keeps the states at two points of the last call
+        (kept_states): the end of its prompt, and the end of what it fed after it (the reply but its last
+        token, never fed). A chat's next prompt extends that reply (then a turn costs only its new tokens) or
+        at least the last prompt (a chat template may write the reply back differently: then the reply is
+        read again), so a turn's cost doesn't grow with the conversation, and the states are exactly those of
+        recomputing. `start` moves back to the latest kept point at or before it."""
         B, T = input_ids.shape
         keep_up_to = self.config.max_position_embeddings if self.config.dynamic_rope else math.inf
         if B > 1 or not attention_mask.all() or T > keep_up_to:
@@ -539,6 +702,10 @@ class OlmoForCausalLM(nn.Module):
         start, ids = 0, input_ids[0].tolist()
         while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
             start += 1
+        if self.mixers("linear_attn"):  # Olmo Hybrid: back to the latest kept states, 0 (zeros) if none
+            start = max((n for n in self.kept_states if n <= start), default=0)
+            for layer, state in zip(self.mixers("linear_attn"), self.kept_states.get(start, [])):
+                layer.state = state
         self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
         return start, keep_up_to
 
@@ -568,6 +735,7 @@ class OlmoForCausalLM(nn.Module):
             logits = self.prefill(input_ids, attention_mask, start)
             if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
+                self.kept_states = {T: [layer.state for layer in self.mixers("linear_attn")]}  # Olmo Hybrid
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad)
@@ -585,6 +753,9 @@ class OlmoForCausalLM(nn.Module):
                 logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
                 if T + i < keep_up_to:  # slot T + i now holds this token
                     self.cached_ids.append(int(token[0]))
+        fed = T + len(tokens) - 2  # Olmo Hybrid: the states hold every token but the last sampled (never fed)
+        if max_new_tokens > 0 and self.cached_ids and len(self.cached_ids) == fed:
+            self.kept_states[fed] = [layer.state for layer in self.mixers("linear_attn")]
         return torch.cat(tokens, dim=1)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -603,6 +774,8 @@ class OlmoForCausalLM(nn.Module):
         with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
             model = cls(config)
         state_dict = load_state_dict(path)
+        if "linear_attention" in config.layer_types:  # Olmo Hybrid
+            state_dict = join_hub_layout(state_dict)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         if config.tie_word_embeddings:  # tied checkpoints may or may not store lm_head.weight (a copy)
             state_dict.pop("lm_head.weight", None)
@@ -682,6 +855,26 @@ def load_state_dict(path):
     for name in weight_files(path):
         state_dict.update(load_file(os.path.join(path, name)))
     return state_dict
+
+
+def join_hub_layout(state_dict):
+    """Olmo Hybrid: its checkpoints name the Gated DeltaNet layers' norms as OLMo-core does (attention_layer_norm,
+    feedforward_layer_norm) and store their convolution in three parts, q_conv1d, k_conv1d and v_conv1d (the
+    hub's: q's, k's and v's channels; transformers 5's save_pretrained: three equal thirds). As transformers'
+    loader: rename, join the parts in that order (their joined shape is checked with the rest), and drop the
+    multi-token-prediction tensors (mtp.*), which generation doesn't use."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        name = name.replace(".attention_layer_norm.", ".input_layernorm.")
+        if not name.startswith("mtp."):
+            renamed[name.replace(".feedforward_layer_norm.", ".post_attention_layernorm.")] = tensor
+    for name in [name for name in renamed if name.endswith(".q_conv1d.weight")]:
+        prefix = name.removesuffix("q_conv1d.weight")
+        parts = [renamed.pop(f"{prefix}{part}_conv1d.weight", None) for part in "qkv"]
+        if any(part is None or part.shape[1:] != parts[0].shape[1:] for part in parts):
+            raise ValueError(f"checkpoint has {name} but no k_conv1d and v_conv1d of its kernel size beside it")
+        renamed[f"{prefix}conv1d.weight"] = torch.cat(parts)
+    return renamed
 
 
 def weight_files(path):
@@ -807,8 +1000,8 @@ def require(config, ok, name, what):
 
 def check_fields(c):
     """The ranges of the fields every generation has, and how they fit together (OlmoConfig.__post_init__)."""
-    require(c, c.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
-            "'hf_olmo' or trainer checkpoints run convert.py first)")
+    require(c, c.model_type in ("olmo", "olmo2", "olmo3", "olmo_hybrid"), "model_type", "'olmo', 'olmo2', "
+            "'olmo3' or 'olmo_hybrid' (for 'hf_olmo' or trainer checkpoints run convert.py first)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
@@ -829,16 +1022,21 @@ def check_fields(c):
     require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
     require(c, c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0, "clip_qkv", "None or > 0")
     # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead)
-    require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
+    require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None but in OLMo 1")
     require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
 
 
 def rope_per_layer_type(c, default_theta):
-    """Checks OLMo 3's layer_types and sliding_window; then rope_parameters, flat or per layer type -> {layer
-    type: its settings checked, every default filled}, for the layer types the model has."""
-    require(c, len(c.layer_types) == c.num_hidden_layers and
-            set(c.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
-            f"{c.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+    """Checks layer_types (OLMo 3's, Olmo Hybrid's) and sliding_window; then rope_parameters, flat or per
+    layer type -> {layer type: its settings checked, every default filled}, for the layer types the model has
+    (but Olmo Hybrid's Gated DeltaNet layers, which have no RoPE)."""
+    kinds = ["full_attention", "sliding_attention"]
+    if c.model_type == "olmo_hybrid":  # Olmo Hybrid: both kinds, as transformers requires
+        kinds = ["full_attention", "linear_attention"]
+    both = " (both)" if c.model_type == "olmo_hybrid" else ""
+    require(c, len(c.layer_types) == c.num_hidden_layers and set(c.layer_types) <= set(kinds) and
+            (not both or len(set(c.layer_types)) == 2), "layer_types",
+            f"{c.num_hidden_layers} of {kinds[0]!r} or {kinds[1]!r}{both}")
     # OLMo 3: a window holds at least the query itself
     require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
     rope = c.rope_parameters or {}
@@ -846,7 +1044,23 @@ def rope_per_layer_type(c, default_theta):
     if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
         rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
     return {kind: check_rope(rope.get(kind) or {}, default_theta, c.max_position_embeddings, kind)
-            for kind in sorted(set(c.layer_types))}
+            for kind in sorted(set(c.layer_types) - {"linear_attention"})}
+
+
+def fill_linear_attention(c):
+    """Olmo Hybrid: the Gated DeltaNet's sizes, defaulted as transformers' OlmoHybridConfig does, and checked
+    (each before the next default divides by it)."""
+    defaults = {"linear_num_key_heads": lambda: c.num_attention_heads,
+                "linear_num_value_heads": lambda: c.num_attention_heads,
+                "linear_key_head_dim": lambda: int(0.75 * c.hidden_size / c.linear_num_key_heads),
+                "linear_value_head_dim": lambda: 2 * c.linear_key_head_dim}
+    for name, default in defaults.items():
+        if getattr(c, name) is None:
+            setattr(c, name, default())
+        require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")
+    require(c, c.linear_num_value_heads % c.linear_num_key_heads == 0, "linear_num_value_heads",
+            f"a multiple of linear_num_key_heads {c.linear_num_key_heads}")
+    require(c, 1 <= c.linear_conv_kernel_dim < 2 ** 31, "linear_conv_kernel_dim", "in [1, 2**31)")
 
 
 def positive(v):
