@@ -385,8 +385,7 @@ def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk=64):
     for start in range(0, q.shape[2], chunk):
         q_c, k_c, v_c, g_c, beta_c = (x[:, :, start:start + chunk] for x in (q, k, v, g, beta))
         c = g_c.cumsum(-1)  # (B, Hv, C)
-        causal = torch.ones(c.shape[-1], c.shape[-1], dtype=torch.bool, device=c.device).tril()
-        D = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, -math.inf).exp()  # (B, Hv, C, C), 0 above
+        D = (c[..., :, None] - c[..., None, :]).exp().tril()  # (B, Hv, C, C); above the diagonal: 0
         A = k_c @ k_c.transpose(-1, -2) * D * beta_c[..., None]  # (B, Hv, C, C)
         rhs = beta_c[..., None] * (v_c - c.exp()[..., None] * k_c @ state)  # (B, Hv, C, dv)
         # unitriangular: the solver reads A only below the diagonal and takes the diagonal as 1, i.e. I + A
@@ -1003,7 +1002,7 @@ def check_fields(c):
     require(c, c.model_type in ("olmo", "olmo2", "olmo3", "olmo_hybrid"), "model_type", "'olmo', 'olmo2', "
             "'olmo3' or 'olmo_hybrid' (for 'hf_olmo' or trainer checkpoints run convert.py first)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings"):
+                 "num_key_value_heads", "max_position_embeddings", "linear_conv_kernel_dim"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
     require(c, c.hidden_size % c.num_attention_heads == 0, "hidden_size",
             f"divisible by num_attention_heads {c.num_attention_heads}")
@@ -1030,13 +1029,11 @@ def rope_per_layer_type(c, default_theta):
     """Checks layer_types (OLMo 3's, Olmo Hybrid's) and sliding_window; then rope_parameters, flat or per
     layer type -> {layer type: its settings checked, every default filled}, for the layer types the model has
     (but Olmo Hybrid's Gated DeltaNet layers, which have no RoPE)."""
-    kinds = ["full_attention", "sliding_attention"]
-    if c.model_type == "olmo_hybrid":  # Olmo Hybrid: both kinds, as transformers requires
-        kinds = ["full_attention", "linear_attention"]
-    both = " (both)" if c.model_type == "olmo_hybrid" else ""
-    require(c, len(c.layer_types) == c.num_hidden_layers and set(c.layer_types) <= set(kinds) and
-            (not both or len(set(c.layer_types)) == 2), "layer_types",
-            f"{c.num_hidden_layers} of {kinds[0]!r} or {kinds[1]!r}{both}")
+    kinds = {"full_attention", "linear_attention" if c.model_type == "olmo_hybrid" else "sliding_attention"}
+    require(c, len(c.layer_types) == c.num_hidden_layers and set(c.layer_types) <= kinds, "layer_types",
+            f"{c.num_hidden_layers} of {' or '.join(map(repr, sorted(kinds)))}")
+    # Olmo Hybrid: a layer of each kind, as transformers asks (generation needs a KV cache to size)
+    require(c, c.model_type != "olmo_hybrid" or len(set(c.layer_types)) == 2, "layer_types", "of both kinds")
     # OLMo 3: a window holds at least the query itself
     require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
     rope = c.rope_parameters or {}
@@ -1060,7 +1057,6 @@ def fill_linear_attention(c):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")
     require(c, c.linear_num_value_heads % c.linear_num_key_heads == 0, "linear_num_value_heads",
             f"a multiple of linear_num_key_heads {c.linear_num_key_heads}")
-    require(c, 1 <= c.linear_conv_kernel_dim < 2 ** 31, "linear_conv_kernel_dim", "in [1, 2**31)")
 
 
 def positive(v):

@@ -326,7 +326,7 @@ def test_config_defaults_are_transformers_defaults(layers):
         if layers == 1:  # the default makes it an attention layer, leaving no Gated DeltaNet layer: both refuse
             with pytest.raises(Exception, match="expects at least one 'linear_attention' layer"):
                 transformers.OlmoHybridConfig(**d)
-            with pytest.raises(ValueError, match="layer_types must be 1 of 'full_attention' or 'linear_attention'"):
+            with pytest.raises(ValueError, match="layer_types must be of both kinds"):
                 module.OlmoConfig.from_dict(d)
             continue
         config = module.OlmoConfig.from_dict(d)
@@ -337,9 +337,10 @@ def test_config_defaults_are_transformers_defaults(layers):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"layer_types": ["linear_attention", "linear_attention"]}, "layer_types must be 2 of 'full_attention' or"),
-    ({"layer_types": ["full_attention", "full_attention"]}, "layer_types must be 2 of"),
-    ({"layer_types": ["linear_attention", "sliding_attention"]}, "layer_types must be 2 of"),
+    ({"layer_types": ["linear_attention", "linear_attention"]}, "layer_types must be of both kinds"),
+    ({"layer_types": ["full_attention", "full_attention"]}, "layer_types must be of both kinds"),
+    ({"layer_types": ["linear_attention", "sliding_attention"]},
+     "layer_types must be 2 of 'full_attention' or 'linear_attention'"),
     ({"linear_num_key_heads": 2, "linear_num_value_heads": 3}, "linear_num_value_heads must be a multiple of"),
     ({"linear_conv_kernel_dim": 0}, "linear_conv_kernel_dim must be in"),
     ({"linear_key_head_dim": 0}, "linear_key_head_dim must be in"),
