@@ -7,20 +7,22 @@ no learnable weight.
 
 OLMo 2 (OLMo et al., 2024, https://arxiv.org/abs/2501.00656) changes three coupled things for training
 stability: RMSNorm with weights, a norm on the queries and keys, and the norm moved after each sublayer.
-OLMo 3 adds sliding-window attention on three layers in four, and YaRN to stretch the context. Olmo Hybrid
-(Merrill et al., 2026, https://arxiv.org/abs/2604.03444) makes those three layers in four Gated DeltaNet
-instead: linear attention, a fixed-size state per head updated once per token, the same cost at any length. Each
-change is written once, where it happens, under a comment starting "OLMo 2:", "OLMo 3:" or "Olmo Hybrid:";
-a reader of OLMo 1 can skip those lines.
+OLMo 3 adds sliding-window attention on three layers in four, and YaRN to stretch the context. Olmo
+Hybrid (Merrill et al., 2026, https://arxiv.org/abs/2604.03444) makes those three layers in four Gated
+DeltaNet instead: linear attention, a fixed-size state per head updated once per token, the same cost at any
+length. Each change is written once, where it happens, under a comment starting "OLMo 2:", "OLMo 3:" or
+"Olmo Hybrid:"; a reader of OLMo 1 can skip those lines.
 
-It reads top to bottom: config -> norm -> RoPE -> attention -> MLP -> block -> model -> generation ->
-loading -> reading config.json -> CLI. Names match transformers' `OlmoForCausalLM`, `Olmo2ForCausalLM`,
-`Olmo3ForCausalLM` and `OlmoHybridForCausalLM`, so their checkpoints load with strict name and shape checks and no renaming, and the
-logits equal transformers' (see the tests). It is meant to be read and copied, not configured: no framework.
+It reads top to bottom: config -> norm -> RoPE -> attention -> (Olmo Hybrid) Gated DeltaNet -> MLP -> block ->
+model -> generation -> loading -> reading config.json -> CLI. Names match transformers' `OlmoForCausalLM`,
+`Olmo2ForCausalLM`, `Olmo3ForCausalLM` and `OlmoHybridForCausalLM`, so their checkpoints load with strict name
+and shape checks and no renaming (Olmo Hybrid's hub layout is joined as transformers joins it), and the logits
+equal transformers' (see the tests). It is meant to be read and copied, not configured: no framework.
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
 D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
-what RoPE rotates by: the slot minus the row's left padding.
+what RoPE rotates by: the slot minus the row's left padding. Olmo Hybrid's Gated DeltaNet layers: Hk / Hv
+query-key and value heads, of sizes dk / dv.
 
     python olmo.py --model path/to/OLMo-1B-hf --prompt "Language models are"
 """

@@ -1,17 +1,19 @@
-"""OLMo (1, 2 and 3) in one readable NumPy file: olmo.py's twin, with every matrix product written out.
+"""OLMo (1, 2 and 3) and Olmo Hybrid in one readable NumPy file: olmo.py's twin, with every matrix product
+written out.
 
 Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP
 and the KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the
 .safetensors reader is a few lines of header parsing over a memory map. It tells olmo.py's story in olmo.py's
-order, with the same names where the concept is the same (OLMo 2 and 3 again under "OLMo 2:" and "OLMo 3:"
-comments), so the two read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the
-tests check both). It needs only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32;
-float16 and bfloat16 checkpoints are widened to float32 when they load. Local checkpoint directories only (hub
-ids would need huggingface_hub).
+order, with the same names where the concept is the same (OLMo 2, 3 and Olmo Hybrid again under "OLMo 2:",
+"OLMo 3:" and "Olmo Hybrid:" comments), so the two read side by side; its logits equal olmo.py's and
+transformers' to float32 rounding (the tests check both). It needs only NumPy (and tokenizers for the CLI), no
+torch. Everything runs in float32; float16 and bfloat16 checkpoints are widened to float32 when they load.
+Local checkpoint directories only (hub ids would need huggingface_hub).
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
 D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
-what RoPE rotates by: the slot minus the row's left padding.
+what RoPE rotates by: the slot minus the row's left padding. Olmo Hybrid's Gated DeltaNet layers: Hk / Hv
+query-key and value heads, of sizes dk / dv.
 
     python olmo_numpy.py --model path/to/OLMo-1B-hf --prompt "Language models are"
 """
