@@ -67,6 +67,7 @@ class OlmoConfig:
     # RoPE per layer type, as transformers 5 holds it: {"full_attention": {"rope_type": "default" | "linear" |
     # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict
     # (or 4.x's rope_theta and rope_scaling) means the full-attention layers. The base defaults to 10000.
+    # Olmo Hybrid: "none" (rope_theta given as null) leaves q and k unrotated
     rope_parameters: dict | None = None
     attention_bias: bool = False  # biases on q/k/v/o projections
     attention_dropout: float = 0.0  # dropout on attention probabilities, in training mode only
@@ -197,6 +198,8 @@ class OlmoRotaryEmbedding(nn.Module):
         self.attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
         if self.rope_type == "linear":  # "position interpolation": every position, i.e. frequency, / factor
             inv_freq = inv_freq / self.factor
+        elif self.rope_type == "none":  # Olmo Hybrid's NoPE: every angle 0 (cos 1, sin 0), q and k as they are
+            inv_freq = inv_freq * 0
         elif self.rope_type == "yarn":  # OLMo 3: YaRN
             inv_freq, self.attention_factor = yarn(self.theta ** exponents, rope, self.dim, self.theta)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -967,6 +970,12 @@ def config_from_dict(cls, d, source):
         d = dict(d)
         if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
             d["dtype"] = d.get("torch_dtype")
+        # Olmo Hybrid: rope_theta given as null (in rope_parameters, else at the top) means no RoPE (NoPE), as
+        # transformers reads it; absent means the default base
+        given = d["rope_parameters"] if isinstance(d.get("rope_parameters"), dict) else {}
+        given = given if "rope_theta" in given else d
+        if d.get("model_type") == "olmo_hybrid" and "rope_theta" in given and given["rope_theta"] is None:
+            d["rope_parameters"] = {"rope_type": "none"}
         theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
         if d.get("rope_parameters") is None:  # transformers 4.x
             if not isinstance(scaling, (dict, type(None))):
@@ -1068,7 +1077,7 @@ def positive(v):
 # What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all
 # else is refused. YaRN's defaults are transformers'; those that are None (unset) it computes from the others.
 FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
-ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
+ROPE_TYPES = {"default": {}, "none": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
     **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
     "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
     "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),

@@ -316,6 +316,31 @@ def test_the_hub_layout_and_transformers_layout_load_alike(tmp_path):
             module.OlmoForCausalLM.from_pretrained(str(tmp_path / "broken"))
 
 
+@pytest.mark.parametrize("where", ["rope_parameters", "top level"])
+def test_a_null_rope_theta_means_no_rope_as_in_transformers(where, tmp_path):
+    """transformers runs Olmo Hybrid's attention without RoPE when rope_theta is given as null; absent, the
+    base is 10000. Both twins equal it either way (NoPE's logits differ from RoPE's: the test can fail)."""
+    cfg = {**LINEAR_FIRST_AND_LAST, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    ref = hybrid_reference(cfg, 2)
+    ids = ids_for(cfg, 1, 12, 0)
+    with torch.no_grad():
+        with_rope = ref(ids).logits
+    ref.config.rope_parameters = {"rope_type": "default", "rope_theta": None}
+    ref.model.rotary_emb = None  # what OlmoHybridModel builds for that config
+    with torch.no_grad():
+        expected = ref(ids).logits
+    assert (expected - with_rope).abs().max() > 0.01
+    ref.save_pretrained(tmp_path)
+    config_json = json.loads((tmp_path / "config.json").read_text())
+    if where == "top level":
+        config_json.pop("rope_parameters")
+        config_json["rope_theta"] = None
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    assert transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"] is None
+    assert_close(olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))(ids).detach(), expected)
+    assert_close(olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))(ids.numpy()), expected)
+
+
 @pytest.mark.parametrize("layers", range(1, 10))
 def test_config_defaults_are_transformers_defaults(layers):
     """The layer pattern (three Gated DeltaNet layers then attention, the last layer attention at least) and the
