@@ -900,7 +900,9 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: cli.py holds the command line both twins share; this is what it needs from NumPy.
+# CLI
+#
+# cli.py holds the command line both twins share; this is what it needs from NumPy.
 
 
 class Backend:
