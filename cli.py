@@ -14,7 +14,7 @@ knows its framework:
     backend.name                    for --help and the "loaded" line ("PyTorch", "NumPy"); load() may add detail
     backend.add_arguments(parser)   the twin's own flags, --model first (olmo.py adds --device, --dtype, ...)
     backend.load(args)              -> (model, checkpoint_dir); of model.config (the twin's OlmoConfig) this file
-                                    reads vocab_size, eos_token_id, max_position_embeddings and rope_parameters
+                                    reads vocab_size, eos_token_id, max_position_embeddings and dynamic_rope
     backend.generate(model, ids, max_new_tokens, callback, temperature, top_k, top_p, eos_token_id)
                                     ids: list[int]; callback(token_id: int) for each new token
 
@@ -192,13 +192,19 @@ def read_generation_config(path, vocab_size):
     return gen
 
 
-def shown(value):
-    """A JSON value as an error message shows it: short."""
+def shown(value, limit=60):
+    """A JSON value (or YAML: a date is shown as its text) as an error message shows it: short. Encoded only as far
+    as it is shown (iterencode's pure-Python encoder is lazy), so a value built to be huge -- a YAML alias nested
+    ten deep is 10**9 values -- costs no more than its first line."""
+    text = ""
     try:
-        text = json.dumps(value)
+        for piece in json.JSONEncoder(default=str).iterencode(value):
+            text += piece
+            if len(text) > limit:
+                return text[:limit - 3] + "..."
     except (RecursionError, ValueError):
-        text = type(value).__name__
-    return text if len(text) <= 60 else text[:57] + "..."
+        return type(value).__name__
+    return text
 
 
 def sampling_settings(args, path, config):
@@ -379,8 +385,7 @@ def run(backend, args):
 def trained_context(config):
     """The positions the model was trained on (linear and YaRN scaling included); None with dynamic RoPE, which
     rescales its frequencies to any length."""
-    dynamic = any(rope["rope_type"] == "dynamic" for rope in config.rope_parameters.values())
-    return None if dynamic else config.max_position_embeddings
+    return None if config.dynamic_rope else config.max_position_embeddings
 
 
 def stats(t0, times, compiled):

@@ -49,12 +49,11 @@ from typing import Callable, NamedTuple
 import torch
 from safetensors import safe_open
 
-import cli
 import olmo
+from cli import Parser, read_file, shown  # the shared command line's pieces (cli.py imports no torch)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # safetensors' names for the dtypes we read and write.
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Where each layout keeps its weights, in order of preference; an index names shards.
 TRAINER_WEIGHT_FILES = ["model.safetensors", "model.pt"]
 HF_WEIGHT_FILES = ["model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
@@ -163,7 +162,7 @@ def read_text(src, path):
     """The text of a small file of src (config, tokenizer, template), read with the same checks as the CLIs'."""
     checked_path(src, path)
     try:
-        return cli.read_file(str(path))
+        return read_file(str(path))
     except ValueError as e:
         raise ConversionError(str(e)) from None
 
@@ -176,23 +175,27 @@ def read_extra_files(src):
         if os.path.lexists(src / name):
             text = read_text(src, src / name)
             if name in EXTRA_JSON:
-                parse_json_object(text, src / name)
+                check_json_object(text, src / name)
             extras[name] = text.encode("utf-8")  # strict UTF-8 decodes and encodes back to the same bytes
     return extras
 
 
 def read_json(path, src):
-    return parse_json_object(read_text(src, path), path)
+    """A JSON object of src, read by olmo.py; a file we can't read is the input's fault (a ConversionError)."""
+    checked_path(src, path)
+    try:
+        return olmo.read_json_object(path)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
-def parse_json_object(text, path):
+def check_json_object(text, path):
     try:
         d = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise ConversionError(f"cannot read {path}: {e}") from None
     if not isinstance(d, dict):
         raise ConversionError(f"{path}: expected a JSON object")
-    return d
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,7 +255,7 @@ def read_yaml_model(path, src):
                 except TypeError:  # an unhashable key: PyYAML refuses it below
                     continue
                 if twice:
-                    raise yaml.constructor.ConstructorError(None, None, f"the key {show(key)} appears twice",
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {shown(key)} appears twice",
                                                             key_node.start_mark)
             return super().construct_mapping(node, deep)
 
@@ -346,34 +349,23 @@ def read_trainer_layout(config_path, raw, weight_names, prefix):
                                    raw.get("block_group_size", 1), config_path)
 
 
-def show(value, limit=80):
-    """A value as an error message shows it: JSON, at most `limit` characters, encoded only as far as it is shown
-    (the pure-Python encoder of iterencode is lazy): printing a huge value must not cost more than its first line."""
-    text = ""
-    for piece in json.JSONEncoder(default=str).iterencode(value):
-        text += piece
-        if len(text) > limit:
-            return text[:limit - 3] + "..."
-    return text
-
-
 def trainer_to_transformers_config(raw, where):
     norm = raw.get("layer_norm_type", "default")
     if not isinstance(norm, str) or norm not in GENERATIONS:
-        raise ConversionError(f"{where} sets layer_norm_type: {show(norm)}; transformers' OLMo has a LayerNorm "
+        raise ConversionError(f"{where} sets layer_norm_type: {shown(norm)}; transformers' OLMo has a LayerNorm "
                               f"(\"default\") and OLMo 2 an RMSNorm (\"rms\")")
     model_type, model, required = GENERATIONS[norm]
     for key, (needed, instead) in {**REQUIRED, **required}.items():
         value = raw.get(key, TRAINER_DEFAULTS[key])
         if type(value) is not type(needed) or value != needed:
-            what = f"sets {key}: {show(value)}" if key in raw else \
-                f"leaves {key} unset, so the trainer's default {show(value)} applies"
-            raise ConversionError(f"{where} {what}; {model} has {instead} ({key}: {show(needed)})")
+            what = f"sets {key}: {shown(value)}" if key in raw else \
+                f"leaves {key} unset, so the trainer's default {shown(value)} applies"
+            raise ConversionError(f"{where} {what}; {model} has {instead} ({key}: {shown(needed)})")
     get = {}
     for key, (types, bound, kind) in TRAINER_TYPES.items():
         value = get[key] = raw.get(key, TRAINER_DEFAULTS[key])
         if type(value) not in types or None is not bound and None is not value and not bound < value < math.inf:
-            raise ConversionError(f"{where}: {key} must be {kind}, got {show(value)}")
+            raise ConversionError(f"{where}: {key} must be {kind}, got {shown(value)}")
 
     n_heads, n_kv_heads, mqa = get["n_heads"], get["n_kv_heads"], get["multi_query_attention"]
     if mqa is not None and n_kv_heads is not None and n_kv_heads != (1 if mqa else n_heads):
@@ -504,8 +496,8 @@ class Weights:
         if isinstance(t, torch.Tensor):
             dtype = t.dtype
         else:
-            dtype = ST_DTYPES.get(t.get_dtype())
-        if dtype not in ST_DTYPES.values():
+            dtype = SAFETENSORS_DTYPES.get(t.get_dtype())
+        if dtype not in SAFETENSORS_DTYPES.values():
             raise ConversionError(f"tensor {name} has dtype {t.dtype if isinstance(t, torch.Tensor) else t.get_dtype()}"
                                   ", not a floating-point type; only floating-point tensors are weights")
         return dtype
@@ -626,7 +618,7 @@ def nbytes_of(shape, dtype):
 def write_safetensors(path, tensors, dtype, done, total):
     """The safetensors format written by hand so that only one tensor is ever in memory: an 8-byte header
     length, a JSON header of names, dtypes, shapes and byte ranges (padded to 8 bytes), then the raw data."""
-    st_dtype = {v: k for k, v in ST_DTYPES.items()}[dtype]
+    st_dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
     header, offset = {}, 0
     for t in tensors:
         nbytes = nbytes_of(t.shape, dtype)
@@ -664,9 +656,9 @@ def write_config(out_dir, config, dtype):
 
 
 def parse_dtype(dtype):
-    if dtype is None or dtype in DTYPES:
-        return DTYPES.get(dtype)
-    raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype is None or dtype in olmo.DTYPES:
+        return olmo.DTYPES.get(dtype)
+    raise ConversionError(f"--dtype must be one of {', '.join(olmo.DTYPES)}, got {dtype!r}")
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -699,10 +691,10 @@ def stop(signum, frame):
 
 
 def main(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n\n")[0])  # a bad flag: one `error:` line, exit status 2
+    parser = Parser(description=__doc__.split("\n\n")[0])  # a bad flag: one `error:` line, exit status 2
     parser.add_argument("src", help="checkpoint directory (OLMo trainer, hf_olmo or transformers layout)")
     parser.add_argument("dst", help="new or empty output directory")
-    parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: keep the source's)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: keep the source's)")
     parser.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
     args = parser.parse_args(argv)
     # Handlers only while converting (main may run inside another program); an ignored signal stays ignored

@@ -28,10 +28,10 @@ import cli
 import convert
 import olmo
 import olmo_numpy
-from test_olmo import (HERE, MODULES, ON_CPU, SCRIPTS, chat_checkpoint, chat_endless_checkpoint,  # noqa: F401
-                       chat_in_process, chat_tokenizer, cli_checkpoint, copy_with_template, endless_checkpoint,
-                       error_line, greedy_output, main_in_process, run_cli, small_pipe, tall_trainer_checkpoint,
-                       trainer_config, trainer_state, write_trainer)
+from conftest import HERE
+from test_cli import (MODULES, ON_CPU, SCRIPTS, chat_checkpoint, chat_endless_checkpoint, chat_in_process,  # noqa: F401
+                      chat_tokenizer, copy_with_template, error_line, main_in_process)
+from test_convert import small_pipe, tall_trainer_checkpoint, trainer_config, trainer_state, write_trainer  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,16 +110,17 @@ def test_convert_yaml_alias_bomb_is_refused_quickly(tmp_path):
     assert not (tmp_path / "dst").exists()
 
 
-def test_convert_yaml_aliases_are_never_expanded_to_be_shown():
-    """Item 1, the other half: an error message shows at most a line of a value, whatever its size."""
+def test_values_are_never_expanded_to_be_shown():
+    """Item 1, the other half: an error message shows at most a line of a value, whatever its size (cli.shown,
+    which convert.py's messages use too)."""
     nested = [1]
     for _ in range(30):
         nested = [nested] * 10  # 10**30 leaves: expanding it would never end
     t0 = time.monotonic()
-    with memory_cap(2**28):  # the unfixed show() ran out of it at once (instead of out of the machine's)
-        shown = convert.show(nested)
-    assert len(shown) <= 80 and time.monotonic() - t0 < 1
-    assert convert.show([2]) == "[2]" and convert.show(float("nan")) == "NaN"
+    with memory_cap(2**28):  # the unfixed shown() ran out of it at once (instead of out of the machine's)
+        text = cli.shown(nested)
+    assert len(text) <= 60 and time.monotonic() - t0 < 1
+    assert cli.shown([2]) == "[2]" and cli.shown(float("nan")) == "NaN"
 
 
 def test_convert_yaml_duplicate_keys_and_syntax_errors_are_one_line(tmp_path):
@@ -393,7 +394,7 @@ def test_chat_template_resource_bombs_fail_in_one_line(chat_checkpoint, tmp_path
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, os.path.join(HERE, "olmo_numpy.py"), "--model", path, "--chat",
                            "--max-new-tokens", "4"],
-                          input="hi\n", capture_output=True, text=True, timeout=60)
+                          input="hi\n", capture_output=True, text=True, timeout=60, preexec_fn=capped())
     line = error_line(proc.returncode, proc.stderr)
     assert line.startswith(f"error: {path}/tokenizer_config.json: ") and message in line, line
     assert time.monotonic() - t0 < 30
@@ -403,7 +404,8 @@ def test_chat_template_bomb_in_the_torch_cli(chat_checkpoint, tmp_path):
     """The memory bound holds in a process that runs torch too."""
     path = copy_with_template(chat_checkpoint[0], tmp_path / "bomb", TEMPLATE_BOMBS[0][0])
     proc = subprocess.run([sys.executable, os.path.join(HERE, "olmo.py"), "--model", path, "--chat", "--device",
-                           "cpu", "--max-new-tokens", "4"], input="hi\n", capture_output=True, text=True, timeout=120)
+                           "cpu", "--max-new-tokens", "4"], input="hi\n", capture_output=True, text=True, timeout=120,
+                          preexec_fn=capped(), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # CUDA needs more
     assert TEMPLATE_BOMBS[0][1] in error_line(proc.returncode, proc.stderr)
 
 
