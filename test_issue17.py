@@ -8,6 +8,7 @@ while, memory is capped, a subprocess has a timeout), so that it fails rather th
 
 import contextlib
 import json
+import math
 import os
 import re
 import resource
@@ -18,9 +19,10 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
-import yaml
+import transformers
 from safetensors.torch import load_file, save_file
 
 import bench
@@ -660,3 +662,186 @@ def test_readme_example_runs_from_elsewhere_as_the_readme_says(cli_checkpoint, t
     assert proc.returncode == 0, proc.stderr[-800:]
     printed = eval(proc.stdout)
     assert isinstance(printed, list) and len(printed) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The twins: their own files (item 2), sampling (item 3), non-finite logits (item 7), RoPE keys (item 8), the hub
+# (items 10, 15, 16)
+
+
+TWINS = [olmo, olmo_numpy]
+
+
+@pytest.mark.parametrize("module", TWINS, ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model.safetensors.index.json"])
+@pytest.mark.parametrize("make, message", [(make_fifo, "is not a regular file"),
+                                           (link_dev_zero, "is not a regular file"), (sparse, "is 6,000 MB")])
+def test_twins_refuse_special_checkpoint_files(cli_checkpoint, tmp_path, module, name, make, message):
+    """Item 2: config.json, model.safetensors or an index as a FIFO (waited on forever, Ctrl-C ignored), /dev/zero
+    linked in (a MemoryError traceback) or a sparse 6 GB JSON file: one ValueError naming the file, at once."""
+    if make is sparse and name == "model.safetensors":
+        pytest.skip("weights are large: no size limit")
+    path = transformers_source(cli_checkpoint, tmp_path / "ckpt")
+    if name.endswith(".index.json"):  # a sharded checkpoint: the index names the one shard
+        weights = load_file(path / "model.safetensors")
+        (path / name).write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in weights}}))
+    make(path / name)
+    release_fifo_after(path / name, 10)
+    t0 = time.monotonic()
+    with memory_cap(), pytest.raises(ValueError) as info:
+        module.OlmoForCausalLM.from_pretrained(str(path))
+    assert str(info.value).startswith(f"{path / name} {message}"), info.value
+    assert time.monotonic() - t0 < 8
+
+
+@pytest.mark.parametrize("module", TWINS, ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("top_p", [1e-46, 1e-300, 5e-324])
+@pytest.mark.parametrize("top_k", [None, 1, 3])
+def test_sample_keeps_the_most_likely_token_for_every_accepted_top_p(module, top_p, top_k):
+    """Item 3: top_p 1e-46 (or generation_config's 1e-300) is accepted, and must leave the most likely token: in
+    float32 it rounded to 0, dropped every token, and olmo.py failed with a RuntimeError."""
+    array = torch.tensor if module is olmo else np.array
+    logits = array([[0.1, 2.0, -1.0, 1.9], [3.0, -2.0, 0.0, 2.5]], dtype=torch.float32 if module is olmo else None)
+    if module is olmo_numpy:
+        logits = logits.astype(np.float32)
+    for temperature in (0.7, 1e-20, 5.0):
+        tokens = module.sample(logits, temperature, top_k=top_k, top_p=top_p)
+        assert [int(t) for t in tokens] == [1, 0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_tiny_top_p_samples_the_top_token(cli_checkpoint, capsys, script):
+    """Item 3 through the CLI: `--temperature 0.7 --top-p 1e-46` is greedy, not a traceback."""
+    args = ["--model", cli_checkpoint[0], "--prompt", "Language", "--max-new-tokens", "8", *ON_CPU[script]]
+    _, greedy, _ = main_in_process(MODULES[script].main, args, capsys)
+    status, out, err = main_in_process(MODULES[script].main, args + ["--temperature", "0.7", "--top-p", "1e-46"],
+                                       capsys)
+    assert status == 0 and out == greedy, err
+
+
+@pytest.mark.parametrize("module", TWINS, ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "NaN")])
+def test_non_finite_weights_stop_generation_naming_the_step(cli_checkpoint, tmp_path, module, value, kind):
+    """Item 7: a NaN or infinite weight makes NaN logits (inf - inf in the norm): generation stops with one error
+    naming the step, greedy or sampling (the unfixed twins printed "Hello!!!!!!" and exited 0, or olmo.py failed
+    inside torch.multinomial)."""
+    path = transformers_source(cli_checkpoint, tmp_path / "ckpt")
+    weights = load_file(path / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    save_file(weights, path / "model.safetensors")
+    model = module.OlmoForCausalLM.from_pretrained(str(path))
+    ids = (torch.tensor if module is olmo else np.array)([[3, 17, 42]])
+    for temperature in (0.0, 0.8):
+        with pytest.raises(ValueError, match=f"^the model produced {kind} logits at token 1: are the weights "
+                                             "corrupt\\?$"):
+            model.generate(ids, 5, temperature=temperature)
+
+
+@pytest.mark.parametrize("module", TWINS, ids=["olmo", "olmo_numpy"])
+def test_non_finite_logits_later_name_their_step(cli_checkpoint, module, monkeypatch):
+    """The step named is the token whose logits broke (here the third, as +inf); finite logits pass, -inf ones
+    (masked tokens) too."""
+    real = module.OlmoForCausalLM.decode_one_token
+    calls = []
+
+    def decode_then_break(self, *args):
+        logits = real(self, *args)
+        calls.append(1)
+        if len(calls) == 2:  # the logits of the third new token
+            logits[0, 7] = math.inf
+        logits[0, 8] = -math.inf
+        return logits
+
+    monkeypatch.setattr(module.OlmoForCausalLM, "decode_one_token", decode_then_break)
+    model = module.OlmoForCausalLM.from_pretrained(cli_checkpoint[0])
+    ids = (torch.tensor if module is olmo else np.array)([[3, 17, 42]])
+    with pytest.raises(ValueError, match="^the model produced infinite logits at token 3: "):
+        model.generate(ids, 6)
+
+
+ROPE_BASE = dict(model_type="olmo", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64, eos_token_id=None, pad_token_id=1)
+ROPE_CASES = {  # config.json's RoPE keys -> None when transformers 5's reading is well defined, else what is refused
+    "a scaling added by an old guide": (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                             rope_scaling={"type": "linear", "factor": 2}), None),
+    "and a top-level rope_theta": (dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                                        rope_scaling={"type": "dynamic", "factor": 2}, rope_theta=500000.0), None),
+    "the same scaling twice": (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                                    rope_scaling={"type": "linear", "factor": 2.0}), None),
+    "rope_type in rope_scaling": (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                       rope_scaling={"rope_type": "dynamic", "factor": 2.0}), None),
+    "a base only at the top": (dict(rope_parameters={"rope_type": "default"}, rope_theta=500000.0), None),
+    "a null scaling": (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                            rope_scaling=None), None),
+    "a base rope_scaling drops": (dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                                       rope_scaling={"type": "linear", "factor": 2}), "rope_parameters .* rope_scaling"),
+    "two scalings": (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+                          rope_scaling={"type": "linear", "factor": 2}), "rope_parameters .* rope_scaling"),
+    "two bases": (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_theta=500000.0),
+                  "rope_theta 500000.0 and rope_parameters' rope_theta 10000.0 disagree"),
+    "OLMo 3 per layer type": (dict(model_type="olmo3", num_hidden_layers=4, rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0}},
+        rope_scaling={"type": "linear", "factor": 2}), "rope_parameters .* rope_scaling"),
+}
+
+
+@pytest.mark.parametrize("module", TWINS, ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope_parameters_beside_rope_theta_and_rope_scaling_read_as_transformers(module, case, tmp_path):
+    """Item 8: a config.json with both rope_parameters and 4.x's rope_theta / rope_scaling is read as transformers 5
+    reads it where that is well defined (the unfixed twins ignored the old keys and ran unscaled RoPE); where
+    transformers would silently drop a setting, or has no reading, it is refused naming both keys."""
+    changes, refused = ROPE_CASES[case]
+    (tmp_path / "config.json").write_text(json.dumps({**ROPE_BASE, **changes}))
+    if refused:
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: {refused}"):
+            module.OlmoConfig.from_json(str(tmp_path / "config.json"))
+        return
+    ours = module.OlmoConfig.from_json(str(tmp_path / "config.json")).rope_parameters["full_attention"]
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    assert {k: v for k, v in ours.items() if v is not None} == {k: v for k, v in theirs.items() if k != "type"}
+
+
+def test_hub_failures_in_words(cli_checkpoint, monkeypatch):
+    """Item 15: a hub id that can't be fetched says why in one line -- no such repository, no such revision, a
+    login needed, no network -- after one request, not ~26 s of retries (huggingface_hub stubbed: no network
+    here; its own error classes)."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/a/b"))
+    cases = {
+        errors.RepositoryNotFoundError("404\n(many lines)", response=response): "the hub has no repository a/b",
+        errors.GatedRepoError("403\n(many lines)", response=response): "a/b is gated: accept its terms",
+        errors.RevisionNotFoundError("404\n(many lines)", response=response): "a/b has no revision 'step0' on",
+        httpx2.ConnectError("[Errno -2] Name or service not known"): "cannot fetch a/b at revision 'step0': the hub "
+        "can't be reached (ConnectError: [Errno -2] Name or service not known) and the local cache doesn't have it",
+        errors.OfflineModeIsEnabled("offline"): "the hub can't be reached (HF_HUB_OFFLINE is set)",
+    }
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: (_ for _ in ()).throw(
+        errors.LocalEntryNotFoundError("not in the cache")))
+    for error, message in cases.items():
+        def model_info(repo, revision=None):
+            raise error
+        monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+        with pytest.raises(ValueError) as info:
+            olmo.resolve_checkpoint("a/b", "step0")
+        assert message in str(info.value) and "\n" not in str(info.value), info.value
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--revision", "main"], "is a local directory: a revision (main) is for hub ids only"),
+    (["--device", ""], "--device is empty; give one of"),
+])
+def test_revision_with_a_local_directory_and_an_empty_device_are_refused(cli_checkpoint, capsys, flags, message):
+    """Item 10: --revision with a local directory and --device "" were ignored without a word."""
+    status, out, err = main_in_process(olmo.main, ["--model", cli_checkpoint[0], "--prompt", "hi", *flags], capsys)
+    assert out == "" and message in error_line(status, err)
+
+
+def test_numpy_twin_names_the_hf_command(tmp_path):
+    """Item 16: the hub id hint names `hf download` (the pinned huggingface_hub ships `hf`, not huggingface-cli)."""
+    with pytest.raises(ValueError, match="`hf download allenai/OLMo-1B-hf --local-dir DIR`"):
+        olmo_numpy.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")
