@@ -132,13 +132,13 @@ def read_file(file, limit=MAX_FILE_BYTES):
     except OSError as e:
         raise ValueError(f"cannot read {file}: {e.strerror}") from None
     with open(fd, "rb") as f:  # closes fd
-        mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
-        kind = next((what for test, what in FILE_KINDS if test(mode)), None)
-        if kind is not None or not stat.S_ISREG(mode):
-            raise ValueError(f"{file} is {kind or 'not a regular file'}; expected a regular file")
-        if size > limit:
-            raise ValueError(f"{file} is {size / 1e6:,.0f} MB, far more than a file of its kind holds (at most "
-                             f"{limit / 1e6:,.0f} MB is read)")
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            kind = next((what for test, what in FILE_KINDS if test(status.st_mode)), "not a regular file")
+            raise ValueError(f"{file} is {kind}; expected a regular file")
+        if status.st_size > limit:
+            raise ValueError(f"{file} is {status.st_size / 1e6:,.0f} MB, far more than a file of its kind holds "
+                             f"(at most {limit / 1e6:,.0f} MB is read)")
         data = f.read(limit + 1)  # a file that grew since fstat is cut off here, and refused below
     if len(data) > limit:
         raise ValueError(f"{file} grew past {limit / 1e6:,.0f} MB while it was read")

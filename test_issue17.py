@@ -41,18 +41,17 @@ from test_convert import small_pipe, tall_trainer_checkpoint, trainer_config, tr
 
 
 def release_fifo_after(path, seconds):
-    """Should something wait on the FIFO at path (the bug), open it for writing after `seconds` and close it: the
-    reader sees an empty file, and the test fails instead of hanging."""
+    """Should something wait on the FIFO at path (the bug), open it for writing every `seconds` (for a minute) and
+    close it: each waiting reader sees an empty file, and the test fails instead of hanging."""
     def release():
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:  # no reader waiting: nothing to release
-            pass
+        for _ in range(max(1, int(60 / seconds))):
+            time.sleep(seconds)
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader waiting (or the test is over): nothing to release
+                pass
 
-    timer = threading.Timer(seconds, release)
-    timer.daemon = True
-    timer.start()
-    return timer
+    threading.Thread(target=release, daemon=True).start()
 
 
 @contextlib.contextmanager
