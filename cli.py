@@ -13,13 +13,17 @@ knows its framework:
 
     backend.name                    for --help and the "loaded" line ("PyTorch", "NumPy"); load() may add detail
     backend.add_arguments(parser)   the twin's own flags, --model first (olmo.py adds --device, --dtype, ...)
-    backend.load(args)              -> (model, checkpoint_dir); of model.config (the twin's OlmoConfig) this file
-                                    reads vocab_size, eos_token_id, max_position_embeddings and dynamic_rope
+    backend.load(args)              -> (model, checkpoint_dir), its random numbers seeded with args.seed (always
+                                    an int here: drawn, and printed, when --seed is not given); of model.config
+                                    (the twin's OlmoConfig) this file reads vocab_size, eos_token_id,
+                                    max_position_embeddings and dynamic_rope
     backend.generate(model, ids, max_new_tokens, callback, temperature, top_k, top_p, eos_token_id)
                                     ids: list[int]; callback(token_id: int) for each new token
 
-`main(backend, argv=None)` returns the exit status: 0; 2 after an `error: ...` line (bad flags, files, checkpoints:
-the user's to fix); 130 after Ctrl-C; 141 when whoever reads stdout stops reading (`| head`).
+`main(backend, argv=None)` returns the exit status: 0; 2 after an `error: ...` line (bad flags, files, checkpoints,
+a closed stdout: the user's to fix); 130 after Ctrl-C; 141 when whoever reads stdout stops reading (`| head`).
+The checkpoint's files are read only when they are regular files of sane size (read_file): a FIFO or /dev/zero
+in a checkpoint directory is an error, never a wait or a read without end.
 
 Chat mode (`--chat`) is `chat_session(backend, model, path, tokenizer, args, settings)` in the Chat section at the
 end; it reuses the pieces of a --prompt run: `load_tokenizer`, `Stream` and `sampling_settings`.
