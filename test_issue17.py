@@ -16,7 +16,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -40,18 +39,25 @@ from test_convert import small_pipe, tall_trainer_checkpoint, trainer_config, tr
 # Helpers
 
 
-def release_fifo_after(path, seconds):
-    """Should something wait on the FIFO at path (the bug), open it for writing every `seconds` (for a minute) and
-    close it: each waiting reader sees an empty file, and the test fails instead of hanging."""
-    def release():
-        for _ in range(max(1, int(60 / seconds))):
-            time.sleep(seconds)
-            try:
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:  # no reader waiting (or the test is over): nothing to release
-                pass
-
-    threading.Thread(target=release, daemon=True).start()
+@contextlib.contextmanager
+def fifo_released(path, seconds=10):
+    """Should something wait on the FIFO at path (the bug), a separate process opens it for writing every
+    `seconds` and closes it: each waiting reader sees an empty file, and the test fails instead of hanging. (A
+    thread of this process can't do it: a reader blocked in Rust code, the tokenizers library's, holds the GIL.)"""
+    releaser = subprocess.Popen([sys.executable, "-c", f"""
+import os, time
+while True:
+    time.sleep({seconds})
+    try:
+        os.close(os.open({str(path)!r}, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader waiting
+        pass
+"""])
+    try:
+        yield
+    finally:
+        releaser.kill()
+        releaser.wait()
 
 
 @contextlib.contextmanager
@@ -195,9 +201,8 @@ def test_convert_special_files_in_src_are_refused(cli_checkpoint, tmp_path, name
         pytest.skip("weights may be large")
     src = transformers_source(cli_checkpoint, tmp_path / "src")
     make(src / name)
-    release_fifo_after(src / name, 10)
     t0 = time.monotonic()
-    with memory_cap(), pytest.raises(convert.ConversionError) as info:
+    with fifo_released(src / name), memory_cap(), pytest.raises(convert.ConversionError) as info:
         convert.convert(src, tmp_path / "dst")
     assert str(info.value).startswith(str(src / name)) and message in str(info.value), info.value
     assert time.monotonic() - t0 < 8 and not (tmp_path / "dst").exists()
@@ -343,9 +348,8 @@ def test_cli_special_files_are_refused_naming_them(cli_checkpoint, tmp_path, cap
     linked in or a sparse 6 GB file (read until a MemoryError traceback) end in one line naming the file."""
     path = transformers_source(cli_checkpoint, tmp_path / "ckpt")
     make(path / name)
-    release_fifo_after(path / name, 10)
     t0 = time.monotonic()
-    with memory_cap():
+    with fifo_released(path / name), memory_cap():
         status, out, err = main_in_process(MODULES[script].main, ["--model", str(path), "--prompt", "hi"], capsys)
     assert error_line(status, err) == f"error: {path / name} {message}" or message in err, err
     assert str(path / name) in err and time.monotonic() - t0 < 8
@@ -356,9 +360,9 @@ def test_cli_fifo_chat_template_is_refused(chat_checkpoint, tmp_path, monkeypatc
     """Item 2: chat_template.jinja as a FIFO is refused, not waited on (nor silently passed over)."""
     path = copy_with_template(chat_checkpoint[0], tmp_path / "ckpt", None)
     make_fifo(tmp_path / "ckpt" / "chat_template.jinja")
-    release_fifo_after(tmp_path / "ckpt" / "chat_template.jinja", 10)
     t0 = time.monotonic()
-    status, out, err = chat_in_process(MODULES[script], path, ["hi"], monkeypatch, capsys)
+    with fifo_released(tmp_path / "ckpt" / "chat_template.jinja"):
+        status, out, err = chat_in_process(MODULES[script], path, ["hi"], monkeypatch, capsys)
     assert error_line(status, err).endswith("chat_template.jinja is a FIFO (named pipe); expected a regular file")
     assert time.monotonic() - t0 < 8
 
@@ -685,9 +689,8 @@ def test_twins_refuse_special_checkpoint_files(cli_checkpoint, tmp_path, module,
         weights = load_file(path / "model.safetensors")
         (path / name).write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in weights}}))
     make(path / name)
-    release_fifo_after(path / name, 10)
     t0 = time.monotonic()
-    with memory_cap(), pytest.raises(ValueError) as info:
+    with fifo_released(path / name), memory_cap(), pytest.raises(ValueError) as info:
         module.OlmoForCausalLM.from_pretrained(str(path))
     assert str(info.value).startswith(f"{path / name} {message}"), info.value
     assert time.monotonic() - t0 < 8
