@@ -17,15 +17,16 @@ SRC is a directory in one of three layouts, recognized by its files:
 DST gets `config.json`, `model.safetensors` (or shards and `model.safetensors.index.json`) and whatever
 tokenizer files, chat template and `generation_config.json` SRC has, each checked to be what its name says (a
 JSON object, UTF-8 text). Every file read must be a regular file inside SRC (or, for a snapshot of the hub's
-cache, in its blobs): a link out of SRC, a FIFO, a device, an index naming `../` or absolute paths are refused. Settings neither transformers' OLMo nor OLMo 2 can
-express (MLP biases, ALiBi, LayerNorm weights, ...) are refused, never converted into a different model. The
-model's tensors and config checks come from olmo.py (this repo's copy of transformers' OLMo models). (OLMo 3
-was trained with olmo-core, whose distributed checkpoints its own converter turns into layout 3.) Tensors are
-streamed one at a time, so a 7B model converts in far less memory than two copies of it, and DST appears only
-when complete: everything is written into a directory beside it, renamed at the end, and removed on failure
-or when the process is asked to stop (SIGINT, SIGTERM, SIGHUP); one left by a conversion that was killed
-(SIGKILL, a power cut) is removed by the next conversion to the same DST. Tensors holding NaN or infinity are
-refused by name: a checkpoint with them is corrupt, and would only generate garbage.
+cache, in its blobs): a link out of SRC, a FIFO, a device, an index naming `../` or absolute paths are
+refused. Settings neither transformers' OLMo nor OLMo 2 can express (MLP biases, ALiBi, LayerNorm weights,
+...) are refused, never converted into a different model. The model's tensors and config checks come from
+olmo.py (this repo's copy of transformers' OLMo models). (OLMo 3 was trained with olmo-core, whose distributed
+checkpoints its own converter turns into layout 3.) Tensors are streamed one at a time, so a 7B model converts
+in far less memory than two copies of it, and DST appears only when complete: everything is written into a
+directory beside it, renamed at the end, and removed on failure or when the process is asked to stop (SIGINT,
+SIGTERM, SIGHUP); one left by a conversion that was killed (SIGKILL, a power cut) is removed by the next
+conversion to the same DST. Tensors holding NaN or infinity are refused by name: a checkpoint with them is
+corrupt, and would only generate garbage.
 """
 
 import argparse

@@ -685,7 +685,7 @@ def resolve_checkpoint(path, revision=None):
     try:  # one request, not retried (listing the files would retry a dead network for half a minute)
         files = [f.rfilename for f in huggingface_hub.model_info(path, revision=revision).siblings or []]
     except errors.GatedRepoError:
-        raise ValueError(f"{path} is gated: accept its terms on huggingface.co, then log in (`hf auth login`)") from None
+        raise ValueError(f"{path} is gated: accept its terms on huggingface.co, then `hf auth login`") from None
     except errors.RepositoryNotFoundError:
         raise ValueError(f"the hub has no repository {path} (a private one needs `hf auth login`)") from None
     except errors.RevisionNotFoundError:
