@@ -45,6 +45,7 @@ import time
 
 import torch
 
+import cli
 import olmo
 
 # The shapes of OLMo 1 (with the real 50304-token vocabulary; "tiny" measures per-token overhead only) and of
@@ -686,7 +687,7 @@ def table(report):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark olmo.py against transformers (and olmo_numpy.py).")
+    p = cli.Parser(description="Benchmark olmo.py against transformers (and olmo_numpy.py).")  # errors: one line
     p.add_argument("--shape", choices=SHAPES, default="160m", help="random weights of this shape (default 160m)")
     p.add_argument("--model", help="a checkpoint directory (safetensors) instead of --shape")
     p.add_argument("--device", help="default: cuda, then mps, then cpu")

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import sys
 import types
 import typing
@@ -478,6 +479,7 @@ class OlmoForCausalLM(nn.Module):
         if needed <= length:
             return
         self.cached_ids = self.cached_ids if same else []
+        self.slots = torch.arange(needed, device=weight.device)
         try:
             for layer in self.model.layers:
                 old = layer.self_attn.kv_cache
@@ -486,11 +488,12 @@ class OlmoForCausalLM(nn.Module):
                 if length:
                     new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
                 layer.self_attn.kv_cache = new
-        except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as a RuntimeError
+        except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             for layer in self.model.layers:
                 layer.self_attn.kv_cache = None
-            raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
-        self.slots = torch.arange(needed, device=weight.device)
+            if isinstance(e, (RuntimeError, MemoryError)):  # torch reports a failed allocation as a RuntimeError
+                raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+            raise
 
     def setup_cache(self, attention_mask, length):
         """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
@@ -569,6 +572,7 @@ class OlmoForCausalLM(nn.Module):
             if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
         for i in range(max_new_tokens):
+            check_finite(logits, i)
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad)
             tokens.append(token[:, None])
@@ -643,9 +647,20 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
         # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop_sorted[:, 0] = False  # and keep it when top_p is below float32's range (1e-46 rounds to 0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, -math.inf)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def check_finite(logits, step):
+    """logits (B, vocab) holding NaN or infinity (corrupt weights, or activations past the dtype's range) would
+    sample garbage, or make sampling fail: stop, naming the step. One max per step is all it costs: NaN and
+    +inf carry through a max, and all -inf leaves it -inf."""
+    top = logits.max(dim=-1).values
+    if not torch.isfinite(top).all():
+        kind = "NaN" if top.isnan().any() else "infinite"
+        raise ValueError(f"the model produced {kind} logits at token {step + 1}: are the weights corrupt?")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -653,27 +668,49 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 
 def resolve_checkpoint(path, revision=None):
-    """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub."""
+    """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub. What
+    goes wrong there is said in words: no such repository, no such revision, a login needed, no network."""
     if os.path.isdir(path):
+        if revision is not None:
+            raise ValueError(f"{path} is a local directory: a revision ({revision}) is for hub ids only")
         return path
     if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
         raise ValueError(f"{path} is not a checkpoint directory")
     try:
         import huggingface_hub
+        from huggingface_hub import errors
     except ImportError:
         raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub") from None
-    try:  # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
-        files = huggingface_hub.list_repo_files(path, revision=revision)
-        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
-    except Exception:  # offline (HF_HUB_OFFLINE): whatever the cache holds; other errors come back below
-        weights = ["*.safetensors", "*.bin"]
+    at = f" at revision {revision!r}" if revision else ""
+    try:  # one request, not retried (listing the files would retry a dead network for half a minute)
+        files = [f.rfilename for f in huggingface_hub.model_info(path, revision=revision).siblings or []]
+    except errors.GatedRepoError:
+        raise ValueError(f"{path} is gated: accept its terms on huggingface.co, then `hf auth login`") from None
+    except errors.RepositoryNotFoundError:
+        raise ValueError(f"the hub has no repository {path} (a private one needs `hf auth login`)") from None
+    except errors.RevisionNotFoundError:
+        raise ValueError(f"{path} has no revision {revision!r} on the hub") from None
+    except Exception as e:  # no network, HF_HUB_OFFLINE, the hub down: whatever the cache holds
+        try:
+            return huggingface_hub.snapshot_download(path, revision=revision, local_files_only=True)
+        except Exception:
+            why = "HF_HUB_OFFLINE is set" if isinstance(e, errors.OfflineModeIsEnabled) else first_line(e)
+            raise ValueError(f"cannot fetch {path}{at}: the hub can't be reached ({why}) and the local cache "
+                             "doesn't have it; check the network, or pass a local directory") from None
+    # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
+    weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
     patterns = ["*.json", "tokenizer*", "*.jinja", *weights]  # config, tokenizer, chat template, weights
     try:
         return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=patterns)
-    except Exception as e:  # offline, unknown repo or revision, no network: one line, not a traceback
-        at_revision = f" at revision {revision!r}" if revision else ""
-        raise ValueError(f"cannot fetch {path}{at_revision} from the hub ({type(e).__name__}); check the name "
-                         "and revision, or pass a local directory") from None
+    except Exception as e:  # the connection lost on the way, a full disk: one line, not a traceback
+        raise ValueError(f"cannot fetch {path}{at} from the hub ({first_line(e)})") from None
+
+
+def first_line(e):
+    """An exception as an error message shows it: its type and the first line of its text (the hub's run to
+    many lines)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def load_state_dict(path):
@@ -701,18 +738,42 @@ def weight_files(path):
     raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")
 
 
-def read_json_object(path):
+def read_json_object(path, limit=2**27):
+    """A JSON object from a regular file of at most `limit` bytes (128 MiB: config files are kilobytes, index
+    files a few megabytes). A FIFO would wait forever for a writer and /dev/zero never ends: refused unread
+    (O_NONBLOCK lets even a FIFO's open return at once; the checks look at what was opened)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        status = os.fstat(f.fileno())
+        check_regular_file(path, status)
+        if status.st_size > limit:
+            raise ValueError(f"{path} is {status.st_size / 1e6:,.0f} MB, far more than a JSON file of a "
+                             f"checkpoint holds (at most {limit / 1e6:,.0f} MB is read)")
+        data = f.read(limit + 1)
+    try:
+        d = json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ValueError(f"cannot read {path}: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return d
 
 
+def check_regular_file(path, status):
+    """Weights and configs are regular files (or links to them, as in the hub's cache): a FIFO, a device or a
+    directory named like one is refused before anything waits on it or reads it forever."""
+    if not stat.S_ISREG(status.st_mode):
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device or a directory)")
+
+
 def load_file(file):
+    try:
+        check_regular_file(file, os.stat(file))
+    except OSError as e:
+        raise ValueError(f"cannot read {file}: {e.strerror}") from None
     try:
         if file.endswith(".safetensors"):
             from safetensors.torch import load_file as load_safetensors
@@ -778,6 +839,8 @@ def config_from_dict(cls, d, source):
             if not isinstance(scaling, (dict, type(None))):
                 raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
             d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
+        else:  # transformers 5's key, maybe with 4.x's beside it
+            d["rope_parameters"] = with_legacy_rope_keys(d["rope_parameters"], theta, scaling, d.get("model_type"))
         known = {f.name: f.type for f in fields(cls)}
         for key, value in d.items():
             if key in known and not fits(value, known[key]):
@@ -786,6 +849,37 @@ def config_from_dict(cls, d, source):
         return cls(**{k: v for k, v in d.items() if k in known})
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def with_legacy_rope_keys(rope, theta, scaling, model_type):
+    """rope_parameters with transformers 4's rope_theta or rope_scaling beside it (what a user gets who follows
+    an old guide and adds "rope_scaling" to a transformers 5 config), read as transformers 5 reads them
+    (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling takes rope_parameters' place, and rope_theta
+    is the base wherever none is given (10000 if none is). Where that would drop a setting rope_parameters
+    makes (a scaling of its own, a different base), or where transformers has no reading (OLMo 3's RoPE per
+    layer type: it keeps a half-merged dict, or fails), the file contradicts itself: refused, naming both keys."""
+    if not isinstance(rope, dict) or not isinstance(scaling, (dict, type(None))):
+        return rope  # not objects: the field checks name them
+    if scaling:
+        replaced = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
+        wanted = {"rope_type" if k == "type" else k: v for k, v in scaling.items() if k != "rope_theta"}
+        base = scaling.get("rope_theta", 10000.0 if theta is None else theta)
+        lost = replaced not in ({}, {"rope_type": "default"}, wanted) or rope.get("rope_theta", base) != base
+        if lost or model_type == "olmo3":
+            raise ValueError(f"rope_parameters {rope} and rope_scaling {scaling} disagree (transformers 5 would "
+                             "take rope_scaling in place of rope_parameters); keep one of them")
+        return {**scaling, "rope_theta": base}
+    if theta is None:
+        return rope
+    rope = {key: dict(value) if isinstance(value, dict) else value for key, value in rope.items()}
+    per_type = [rope[kind] for kind in ("full_attention", "sliding_attention") if isinstance(rope.get(kind), dict)]
+    for settings in per_type or [rope]:
+        if settings.get("rope_theta") is None:
+            settings["rope_theta"] = theta
+        if settings["rope_theta"] != theta:
+            raise ValueError(f"rope_theta {theta} and rope_parameters' rope_theta {settings['rope_theta']} "
+                             "disagree (transformers 5 would ignore rope_theta); keep one of them")
+    return rope
 
 
 def fits(value, annotation):
@@ -917,6 +1011,8 @@ class Backend:
 
     def load(self, args):
         available = available_devices()
+        if args.device == "":
+            raise ValueError(f"--device is empty; give one of {', '.join(available)}, or leave it out")
         device = args.device or available[0]
         if device not in available:
             raise ValueError(f"--device {device} is not available here (available: {', '.join(available)})")

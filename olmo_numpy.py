@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import sys
 import types
 import typing
@@ -437,9 +438,10 @@ class OlmoForCausalLM:
             return
         self.cached_ids = self.cached_ids if same else []
         shape = (batch_size, self.config.num_key_value_heads, needed, self.config.head_dim)
-        old = self.caches
-        self.caches = []
+        self.slots = np.arange(needed)
         try:
+            old = self.caches
+            self.caches = []
             for i in range(self.config.num_hidden_layers):
                 k_cache = np.zeros(shape, np.float32)  # float32, like the weights
                 v_cache = np.zeros(shape, np.float32)
@@ -447,10 +449,11 @@ class OlmoForCausalLM:
                     k_cache[:, :, :length], v_cache[:, :, :length] = old[i]
                     old[i] = None  # free each layer's old cache once copied
                 self.caches.append((k_cache, v_cache))
-        except MemoryError as e:
+        except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             self.caches = None
-            raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
-        self.slots = np.arange(needed)
+            if isinstance(e, MemoryError):
+                raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+            raise
 
     def setup_cache(self, attention_mask, length):
         """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
@@ -503,6 +506,9 @@ class OlmoForCausalLM:
         self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
         return start, keep_up_to
 
+    # NaN and overflow are caught where they matter, in the logits (check_finite names the step), instead of
+    # warned about at each operation they pass through
+    @np.errstate(invalid="ignore", over="ignore")
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
                  attention_mask=None, rng=None, callback=None):
         """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding). Returns
@@ -532,6 +538,7 @@ class OlmoForCausalLM:
             if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
         for i in range(max_new_tokens):
+            check_finite(logits, i)
             token = sample(logits, temperature, top_k, top_p, rng)  # (B,)
             token = np.where(finished, pad, token)
             tokens.append(token[:, None])
@@ -593,12 +600,23 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
         sorted_probs = np.take_along_axis(probs, order, axis=-1)
         # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
         drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
+        drop_sorted[:, 0] = False  # and keep it whatever top_p is (as olmo.py must, where 1e-46 rounds to 0)
         drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to vocabulary order
         logits = np.where(drop, -np.inf, logits)
     probs = softmax(logits)
     rng = rng if rng is not None else np.random.default_rng()
     return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+def check_finite(logits, step):
+    """logits (B, vocab) holding NaN or infinity (corrupt weights, or activations past float32's range) would
+    sample garbage, or make sampling fail: stop, naming the step. One max per step is all it costs: NaN and
+    +inf carry through a max, and all -inf leaves it -inf."""
+    top = logits.max(axis=-1)
+    if not np.isfinite(top).all():
+        kind = "NaN" if np.isnan(top).any() else "infinite"
+        raise ValueError(f"the model produced {kind} logits at token {step + 1}: are the weights corrupt?")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -613,7 +631,7 @@ def resolve_checkpoint(path):
     if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):  # not "org/name"
         raise ValueError(f"{path} is not a checkpoint directory")
     raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
-                     f"`huggingface-cli download {path} --local-dir DIR`)")
+                     f"`hf download {path} --local-dir DIR`)")
 
 
 def load_state_dict(path):
@@ -643,15 +661,36 @@ def weight_files(path):
     raise ValueError(f"{path} has no model.safetensors")
 
 
-def read_json_object(path):
+def read_json_object(path, limit=2**27):
+    """A JSON object from a regular file of at most `limit` bytes (128 MiB: config files are kilobytes, index
+    files a few megabytes). A FIFO would wait forever for a writer and /dev/zero never ends: refused unread
+    (O_NONBLOCK lets even a FIFO's open return at once; the checks look at what was opened)."""
+    with open_regular_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ValueError(f"{path} is {size / 1e6:,.0f} MB, far more than a JSON file of a checkpoint holds (at "
+                             f"most {limit / 1e6:,.0f} MB is read)")
+        data = f.read(limit + 1)
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        d = json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ValueError(f"cannot read {path}: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return d
+
+
+def open_regular_file(path):
+    """path opened for reading if it is a regular file (or a link to one, as in the hub's cache); a FIFO, a device
+    or a directory named like a checkpoint file is refused before anything waits on it or reads it forever."""
+    try:
+        f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device or a directory)")
+    return f
 
 
 # A .safetensors file is: 8 bytes, the little-endian length N of a JSON header; the header, mapping each
@@ -672,8 +711,9 @@ def load_safetensors(file):
     def fail(message):
         raise ValueError(f"cannot read {file}: {message}")
 
+    f = open_regular_file(file)
     try:
-        with open(file, "rb") as f:
+        with f:
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays open while arrays view it
     except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
         fail(e)
@@ -791,6 +831,8 @@ def config_from_dict(cls, d, source):
             if not isinstance(scaling, (dict, type(None))):
                 raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
             d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
+        else:  # transformers 5's key, maybe with 4.x's beside it
+            d["rope_parameters"] = with_legacy_rope_keys(d["rope_parameters"], theta, scaling, d.get("model_type"))
         known = {f.name: f.type for f in fields(cls)}
         for key, value in d.items():
             if key in known and not fits(value, known[key]):
@@ -799,6 +841,37 @@ def config_from_dict(cls, d, source):
         return cls(**{k: v for k, v in d.items() if k in known})
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def with_legacy_rope_keys(rope, theta, scaling, model_type):
+    """rope_parameters with transformers 4's rope_theta or rope_scaling beside it (what a user gets who follows
+    an old guide and adds "rope_scaling" to a transformers 5 config), read as transformers 5 reads them
+    (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling takes rope_parameters' place, and rope_theta
+    is the base wherever none is given (10000 if none is). Where that would drop a setting rope_parameters
+    makes (a scaling of its own, a different base), or where transformers has no reading (OLMo 3's RoPE per
+    layer type: it keeps a half-merged dict, or fails), the file contradicts itself: refused, naming both keys."""
+    if not isinstance(rope, dict) or not isinstance(scaling, (dict, type(None))):
+        return rope  # not objects: the field checks name them
+    if scaling:
+        replaced = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
+        wanted = {"rope_type" if k == "type" else k: v for k, v in scaling.items() if k != "rope_theta"}
+        base = scaling.get("rope_theta", 10000.0 if theta is None else theta)
+        lost = replaced not in ({}, {"rope_type": "default"}, wanted) or rope.get("rope_theta", base) != base
+        if lost or model_type == "olmo3":
+            raise ValueError(f"rope_parameters {rope} and rope_scaling {scaling} disagree (transformers 5 would "
+                             "take rope_scaling in place of rope_parameters); keep one of them")
+        return {**scaling, "rope_theta": base}
+    if theta is None:
+        return rope
+    rope = {key: dict(value) if isinstance(value, dict) else value for key, value in rope.items()}
+    per_type = [rope[kind] for kind in ("full_attention", "sliding_attention") if isinstance(rope.get(kind), dict)]
+    for settings in per_type or [rope]:
+        if settings.get("rope_theta") is None:
+            settings["rope_theta"] = theta
+        if settings["rope_theta"] != theta:
+            raise ValueError(f"rope_theta {theta} and rope_parameters' rope_theta {settings['rope_theta']} "
+                             "disagree (transformers 5 would ignore rope_theta); keep one of them")
+    return rope
 
 
 def fits(value, annotation):
