@@ -398,7 +398,7 @@ class OlmoeSparseMoeBlock(nn.Module):
         y = torch.zeros_like(x)
         for e in chosen.unique().tolist():  # only the experts some token chose
             token, k = torch.where(chosen == e)  # the tokens that chose expert e, as their k-th choice
-            y.index_add_(0, token, self.experts[e](x[token]) * weights[token, k, None])
+            y[token] += self.experts[e](x[token]) * weights[token, k, None]  # a token picks e at most once
         return y.view(B, T, C)
 
 
