@@ -27,6 +27,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+import convert
 import olmo
 import olmo_numpy
 import transformers
@@ -408,6 +409,24 @@ def test_fused_experts_split_exactly_and_bad_ones_are_named(moe_checkpoint, tmp_
     os.link(os.path.join(path, "model.safetensors"), tmp_path / "dense" / "model.safetensors")
     (tmp_path / "dense" / "config.json").write_text(json.dumps(dense))
     both_refuse(str(tmp_path / "dense"), "missing tensor|unexpected tensor")
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_convert_rewrites_moe_checkpoints(kind, tmp_path):
+    """convert.py's transformers layout takes OLMoE and FlexOlmo as the hub ships them (one tensor per expert):
+    bf16 out, every tensor and config key kept; transformers' fused layout is refused, naming what it lacks."""
+    cfg = {"model_type": kind, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+           "pad_token_id": 1, "eos_token_id": None}
+    ref = moe_reference(cfg, 4)
+    convert.convert(save_moe(ref, tmp_path / "src"), tmp_path / "dst", dtype="bfloat16")
+    src, out = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "dst" / "model.safetensors")
+    assert out.keys() == src.keys() and "model.layers.1.mlp.experts.3.up_proj.weight" in out
+    assert all(torch.equal(t, src[name].to(torch.bfloat16)) for name, t in out.items())
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert config == {**json.loads((tmp_path / "src" / "config.json").read_text()), "dtype": "bfloat16"}
+    with pytest.raises(convert.ConversionError, match=r"lacks 24 tensor.*experts\.0\.gate_proj\.weight"):
+        convert.convert(save_moe(ref, tmp_path / "fused", fused=True), tmp_path / "dst2")
 
 
 # ----------------------------------------------------------------------------------------------------------------
