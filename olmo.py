@@ -476,16 +476,13 @@ def load_balancing_loss_func(router_logits, attention_mask, top_k):
     evenly over the experts: num_experts * sum over experts e of f_e P_e, where f_e is the share of (token,
     choice) pairs that went to e and P_e the mean router probability of e, both over every layer's real tokens
     (padding left out), as transformers computes it. router_logits: one (B*T, experts) per layer."""
-    mask = attention_mask.reshape(-1, 1).float()  # (N, 1)
-    num_experts = router_logits[0].shape[-1]
-    counts = probs = 0
-    for logits in router_logits:
-        p = logits.softmax(dim=-1)  # (N, experts)
-        chosen = F.one_hot(p.topk(top_k, dim=-1).indices, num_experts).sum(1)  # (N, experts): 1 where chosen
-        counts = counts + (chosen * mask).sum(0)
-        probs = probs + (p.float() * mask).sum(0)
+    mask = attention_mask.reshape(1, -1, 1).float()  # (1, N, 1)
+    probs = torch.stack(router_logits).softmax(dim=-1)  # (layers, N, experts)
+    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, probs.shape[-1]).sum(-2)  # 1 where chosen, else 0
     rows = mask.sum() * len(router_logits)
-    return num_experts * (counts / rows * probs / rows).sum()
+    f = (chosen * mask).sum((0, 1)) / rows  # (experts,)
+    P = (probs.float() * mask).sum((0, 1)) / rows
+    return probs.shape[-1] * (f * P).sum()
 
 
 def positions_from_mask(attention_mask):
@@ -537,7 +534,7 @@ class OlmoForCausalLM(nn.Module):
         if labels is None:
             return logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        if output_router_logits is None:
+        if output_router_logits is None:  # OLMoE
             output_router_logits = self.config.output_router_logits
         if self.config.moe and output_router_logits:  # OLMoE
             router_logits = [layer.mlp.router_logits for layer in self.model.layers]
@@ -832,22 +829,17 @@ def split_fused_experts(state_dict, config):
     """OLMoE: the hub (and transformers' save_pretrained, by default) stores one tensor per expert, named as
     here; transformers 5 holds each layer's experts fused, and saves them so with save_original_format=False:
     mlp.experts.gate_up_proj (experts, 2 * intermediate, hidden), the gate's rows first, and
-    mlp.experts.down_proj (experts, hidden, intermediate). Those are split into per-expert views (no copy)."""
-    E, I, C = config.num_experts, config.intermediate_size, config.hidden_size
+    mlp.experts.down_proj (experts, hidden, intermediate). Those are split into per-expert views (no copy),
+    whose names and shapes are then checked as any tensor's."""
+    I = config.intermediate_size
     for name in [n for n in state_dict if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
         prefix, proj = name.rsplit(".", 1)  # model.layers.N.mlp.experts, gate_up_proj or down_proj
         fused = state_dict.pop(name)
-        shape = (E, 2 * I, C) if proj == "gate_up_proj" else (E, C, I)
-        if tuple(fused.shape) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(fused.shape)}, expected {shape}")
+        parts = {"down_proj": fused}
         if proj == "gate_up_proj":
-            parts = {"gate_proj": fused[:, :I], "up_proj": fused[:, I:]}  # (E, I, C) each
-        else:
-            parts = {"down_proj": fused}
+            parts = {"gate_proj": fused[:, :I], "up_proj": fused[:, I:]}  # (experts, intermediate, hidden) each
         for part, tensors in parts.items():
             for e, tensor in enumerate(tensors):
-                if f"{prefix}.{e}.{part}.weight" in state_dict:
-                    raise ValueError(f"checkpoint has {prefix}.{e}.{part}.weight both alone and in {name}")
                 state_dict[f"{prefix}.{e}.{part}.weight"] = tensor
     return state_dict
 
@@ -890,11 +882,9 @@ def config_from_dict(cls, d, source):
                 raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
             d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
         known = {f.name: f.type for f in fields(cls)}
-        # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; the alias transformers
-        # reads first; router settings this file doesn't implement are refused, not ignored
+        # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; router settings this
+        # file doesn't implement (or spells otherwise, as num_local_experts) are refused, not ignored
         d = {**FAMILY_DEFAULTS.get(d.get("model_type"), {}), **d}
-        if "num_local_experts" in d:
-            d["num_experts"] = d.pop("num_local_experts")
         for key in d.keys() - known.keys():
             if any(word in key for word in ("expert", "router", "moe", "topk")):
                 raise ValueError(f"{key} is a router setting this file doesn't implement")
@@ -1063,8 +1053,8 @@ class Backend:
             # after every op as eager does keeps bf16's tokens (fused kernels would round once)
             options = {"triton.cudagraphs": device.startswith("cuda"), "emulate_precision_casts": True}
             # OLMoE: which experts run depends on the router's values, so the step compiles in pieces
-            whole = not model.config.moe
-            model.decode_one_token = torch.compile(model.decode_one_token, fullgraph=whole, options=options)
+            model.decode_one_token = torch.compile(model.decode_one_token, fullgraph=not model.config.moe,
+                                                   options=options)
         return model, path
 
     def generate(self, model, ids, max_new_tokens, callback, **settings):

@@ -830,22 +830,17 @@ def split_fused_experts(state_dict, config):
     """OLMoE: the hub (and transformers' save_pretrained, by default) stores one tensor per expert, named as
     here; transformers 5 holds each layer's experts fused, and saves them so with save_original_format=False:
     mlp.experts.gate_up_proj (experts, 2 * intermediate, hidden), the gate's rows first, and
-    mlp.experts.down_proj (experts, hidden, intermediate). Those are split into per-expert views (no copy)."""
-    E, I, C = config.num_experts, config.intermediate_size, config.hidden_size
+    mlp.experts.down_proj (experts, hidden, intermediate). Those are split into per-expert views (no copy),
+    whose names and shapes are then checked as any tensor's."""
+    I = config.intermediate_size
     for name in [n for n in state_dict if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
         prefix, proj = name.rsplit(".", 1)  # model.layers.N.mlp.experts, gate_up_proj or down_proj
         fused = state_dict.pop(name)
-        shape = (E, 2 * I, C) if proj == "gate_up_proj" else (E, C, I)
-        if tuple(fused.shape) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(fused.shape)}, expected {shape}")
+        parts = {"down_proj": fused}
         if proj == "gate_up_proj":
-            parts = {"gate_proj": fused[:, :I], "up_proj": fused[:, I:]}  # (E, I, C) each
-        else:
-            parts = {"down_proj": fused}
+            parts = {"gate_proj": fused[:, :I], "up_proj": fused[:, I:]}  # (experts, intermediate, hidden) each
         for part, tensors in parts.items():
             for e, tensor in enumerate(tensors):
-                if f"{prefix}.{e}.{part}.weight" in state_dict:
-                    raise ValueError(f"checkpoint has {prefix}.{e}.{part}.weight both alone and in {name}")
                 state_dict[f"{prefix}.{e}.{part}.weight"] = tensor
     return state_dict
 
@@ -873,11 +868,9 @@ def config_from_dict(cls, d, source):
                 raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
             d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
         known = {f.name: f.type for f in fields(cls)}
-        # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; the alias transformers
-        # reads first; router settings this file doesn't implement are refused, not ignored
+        # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; router settings this
+        # file doesn't implement (or spells otherwise, as num_local_experts) are refused, not ignored
         d = {**FAMILY_DEFAULTS.get(d.get("model_type"), {}), **d}
-        if "num_local_experts" in d:
-            d["num_experts"] = d.pop("num_local_experts")
         for key in d.keys() - known.keys():
             if any(word in key for word in ("expert", "router", "moe", "topk")):
                 raise ValueError(f"{key} is a router setting this file doesn't implement")

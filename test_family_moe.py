@@ -316,9 +316,6 @@ def test_moe_config_defaults_are_transformers_defaults(kind):
             if hasattr(theirs, name):
                 assert getattr(ours, name) == getattr(theirs, name), (module.__name__, name)
         assert ours.rope_parameters["full_attention"] == theirs.rope_parameters
-    # transformers reads the alias num_local_experts over num_experts
-    d = {"model_type": kind, "num_experts": 9, "num_local_experts": 5, "num_experts_per_tok": 2}
-    assert olmo.OlmoConfig.from_dict(d).num_experts == getattr(transformers, FAMILIES[kind][0])(**d).num_experts == 5
 
 
 MOE_VALID = dict(model_type="olmoe", hidden_size=32, num_attention_heads=4, num_experts=4, num_experts_per_tok=2)
@@ -338,6 +335,7 @@ MOE_VALID = dict(model_type="olmoe", hidden_size=32, num_attention_heads=4, num_
     ({"router_z_loss_coef": 0.001}, "router_z_loss_coef"),
     ({"moe_layer_freq": 2}, "moe_layer_freq"),
     ({"topk_method": "group_limited_greedy"}, "topk_method"),
+    ({"num_local_experts": 4}, "num_local_experts"),  # an alias transformers reads but never writes
     ({"model_type": "flex_olmo", "clip_qkv": 8.0}, "clip_qkv"),
 ])
 def test_bad_moe_configs_are_rejected_naming_the_field(change, field):
@@ -393,12 +391,7 @@ def test_fused_experts_split_exactly_and_bad_ones_are_named(moe_checkpoint, tmp_
 
     def drop_expert(t):
         t[name] = t[name][:3]
-    both_refuse(rewrite(path, tmp_path / "three", drop_expert), rf"{name} has shape \(3, 32, 32\), expected "
-                                                                  r"\(4, 32, 32\)")
-
-    def add_apart(t):
-        t["model.layers.0.mlp.experts.2.up_proj.weight"] = t[name][2, 16:].clone()
-    both_refuse(rewrite(path, tmp_path / "twice", add_apart), "experts.2.up_proj.weight both alone and in")
+    both_refuse(rewrite(path, tmp_path / "three", drop_expert), "missing tensor model.layers.0.mlp.experts.3.gate")
 
     def swap(t):  # gate_up_proj (4, 32, 32) and down_proj (4, 32, 16) trade names: the shapes tell
         t[name], t["model.layers.0.mlp.experts.down_proj"] = t["model.layers.0.mlp.experts.down_proj"], t[name]
