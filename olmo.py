@@ -13,13 +13,14 @@ skip those lines.
 
 OLMoE (Muennighoff et al., 2024, https://arxiv.org/abs/2409.02060) is a mixture of experts: each MLP becomes
 many (64 in OLMoE-1B-7B), and a router sends each token to a few of them (8), so a token runs through a
-fifth of the weights. Its block is OLMo 1's order with OLMo 2's RMSNorm and QK-norm. FlexOlmo (2025,
-https://arxiv.org/abs/2507.07024) puts the same experts into OLMo 2's block. Their lines are marked "OLMoE:".
+fifth of the weights. Its block is OLMo 1's order with OLMo 2's RMSNorm and QK-norm. FlexOlmo (Shi et al.,
+2025, https://arxiv.org/abs/2507.07024) puts the same experts into OLMo 2's block. Their lines are marked "OLMoE:".
 
 It reads top to bottom: config -> norm -> RoPE -> attention -> MLP -> block -> model -> generation ->
 loading -> reading config.json -> CLI. Names match transformers' `OlmoForCausalLM`, `Olmo2ForCausalLM`,
-`Olmo3ForCausalLM`, `OlmoeForCausalLM` and `FlexOlmoForCausalLM`, so their checkpoints load with strict name and shape checks and no renaming, and the
-logits equal transformers' (see the tests). It is meant to be read and copied, not configured: no framework.
+`Olmo3ForCausalLM`, `OlmoeForCausalLM` and `FlexOlmoForCausalLM`, so their checkpoints load with strict name
+and shape checks and no renaming, and the logits equal transformers' (see the tests). It is meant to be read
+and copied, not configured: no framework.
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
 D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
@@ -47,8 +48,8 @@ import torch.nn.functional as F
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2
-    and 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
+    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe" or "flex_olmo" (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -897,7 +898,7 @@ def config_from_dict(cls, d, source):
         raise ValueError(f"{source}: {e}") from None
 
 
-MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")
+MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")  # the model_types this file reads
 # OLMoE, FlexOlmo: where transformers' OlmoeConfig and FlexOlmoConfig default otherwise than OlmoConfig
 FAMILY_DEFAULTS = {
     "olmoe": dict(hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,

@@ -1,13 +1,14 @@
-"""OLMo (1, 2 and 3), OLMoE and FlexOlmo in one readable NumPy file: olmo.py's twin, with every matrix product written out.
+"""OLMo (1, 2 and 3), OLMoE and FlexOlmo in one readable NumPy file: olmo.py's twin, with every matrix
+product written out.
 
 Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP
-and the KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the
-.safetensors reader is a few lines of header parsing over a memory map. It tells olmo.py's story in olmo.py's
-order, with the same names where the concept is the same (OLMo 2 and 3 again under "OLMo 2:" and "OLMo 3:"
-comments, the mixture-of-experts models under "OLMoE:"), so the two read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the
-tests check both). It needs only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32;
-float16 and bfloat16 checkpoints are widened to float32 when they load. Local checkpoint directories only (hub
-ids would need huggingface_hub).
+(and OLMoE's router and experts) and the KV cache are plain array code over a dict of weights (named as in
+transformers' checkpoints), and the .safetensors reader is a few lines of header parsing over a memory map. It
+tells olmo.py's story in olmo.py's order, with the same names where the concept is the same (OLMo 2, OLMo 3
+and OLMoE again under "OLMo 2:", "OLMo 3:" and "OLMoE:" comments), so the two read side by side; its logits
+equal olmo.py's and transformers' to float32 rounding (the tests check both). It needs only NumPy (and
+tokenizers for the CLI), no torch. Everything runs in float32; float16 and bfloat16 checkpoints are widened to
+float32 when they load. Local checkpoint directories only (hub ids would need huggingface_hub).
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
 D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
@@ -40,8 +41,8 @@ import numpy as np
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2
-    and 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
+    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe" or "flex_olmo" (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -883,7 +884,7 @@ def config_from_dict(cls, d, source):
         raise ValueError(f"{source}: {e}") from None
 
 
-MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")
+MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")  # the model_types this file reads
 # OLMoE, FlexOlmo: where transformers' OlmoeConfig and FlexOlmoConfig default otherwise than OlmoConfig
 FAMILY_DEFAULTS = {
     "olmoe": dict(hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,

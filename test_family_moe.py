@@ -294,7 +294,8 @@ def test_one_token_reads_only_its_experts(kind, tmp_path):
     twin.decode_one_token(ids[:, 5:].numpy(), np.array([5]), np.array([[5]]))
     assert ran == picked
     for i, experts in enumerate(picked):
-        read = {int(name.split(".")[5]) for name in twin.weights.read if name.startswith(f"model.layers.{i}.mlp.experts.")}
+        prefix = f"model.layers.{i}.mlp.experts."
+        read = {int(name.split(".")[5]) for name in twin.weights.read if name.startswith(prefix)}
         assert read == experts
 
 
