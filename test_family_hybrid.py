@@ -341,10 +341,27 @@ def test_a_null_rope_theta_means_no_rope_as_in_transformers(where, tmp_path):
     assert_close(olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))(ids.numpy()), expected)
 
 
+LINEAR_FIELDS = ("layer_types", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                 "linear_value_head_dim", "linear_conv_kernel_dim", "linear_allow_neg_eigval")
+
+
+def test_config_defaults_are_transformers_defaults():
+    """For the keys a config.json leaves out: Olmo-Hybrid-7B's shape, as OlmoHybridConfig fills it (it differs
+    from OLMo's)."""
+    theirs = transformers.OlmoHybridConfig()
+    for module in (olmo, olmo_numpy):
+        ours = module.OlmoConfig.from_dict({"model_type": "olmo_hybrid"})
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "pad_token_id",
+                     "bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_bias", *LINEAR_FIELDS):
+            assert getattr(ours, name) == getattr(theirs, name), (module.__name__, name)
+        assert ours.rope_parameters == {"full_attention": theirs.rope_parameters}
+
+
 @pytest.mark.parametrize("layers", range(1, 10))
-def test_config_defaults_are_transformers_defaults(layers):
+def test_layer_pattern_and_sizes_default_as_in_transformers(layers):
     """The layer pattern (three Gated DeltaNet layers then attention, the last layer attention at least) and the
-    Gated DeltaNet's sizes, as OlmoHybridConfig fills them, from a config.json that leaves them out."""
+    Gated DeltaNet's sizes, as OlmoHybridConfig fills them from the other fields."""
     d = {"model_type": "olmo_hybrid", "num_hidden_layers": layers, "num_attention_heads": 6, "hidden_size": 96,
          "vocab_size": 100, "pad_token_id": 1, "eos_token_id": 0}
     for module in (olmo, olmo_numpy):
@@ -356,8 +373,7 @@ def test_config_defaults_are_transformers_defaults(layers):
             continue
         config = module.OlmoConfig.from_dict(d)
         expected = transformers.OlmoHybridConfig(**d)
-        for name in ("layer_types", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-                     "linear_value_head_dim", "linear_conv_kernel_dim", "linear_allow_neg_eigval"):
+        for name in LINEAR_FIELDS:
             assert getattr(config, name) == getattr(expected, name), name
 
 
