@@ -396,7 +396,19 @@ def test_bad_configs_are_refused_naming_the_field(change, message):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The command line
+# The command lines
+
+
+def test_convert_says_olmo_hybrid_loads_as_it_is(tmp_path):
+    """convert.py doesn't rewrite Olmo Hybrid (published in the transformers layout only): one line, exit 2,
+    nothing written; its --help says so."""
+    hybrid_reference(LINEAR_FIRST_AND_LAST, 0).save_pretrained(tmp_path / "src")
+    result = run_cli(str(tmp_path / "src"), str(tmp_path / "dst"), script="convert.py")
+    assert result.returncode == 2 and not (tmp_path / "dst").exists()
+    assert result.stderr.count("\n") == 1
+    assert "is an Olmo Hybrid checkpoint, published in the transformers layout only" in result.stderr
+    help_text = " ".join(run_cli("--help", script="convert.py").stdout.split())  # argparse rewraps it
+    assert "Olmo Hybrid is published in the transformers layout only" in help_text
 
 
 @pytest.mark.parametrize("script", ["olmo.py", "olmo_numpy.py"])
