@@ -27,6 +27,9 @@ import contextlib
 import copy
 import inspect
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import textwrap
 
@@ -40,7 +43,8 @@ from safetensors.torch import load_file
 
 import olmo
 import olmo_numpy
-from conftest import ACTIVATIONS, U, assert_close, ids_for, rewrite_weights, run_cli, train_tokenizer
+from conftest import ACTIVATIONS, HERE, U, assert_close, ids_for, rewrite_weights, run_cli, train_tokenizer
+from test_cli import CHAT_LINES, chat_reference, train_chat_tokenizer, write_chat_config
 from test_olmo import assert_same_greedy, left_pad, np_step_logits, step_logits
 
 from transformers.models.olmo_hybrid import modeling_olmo_hybrid as reference_code
@@ -425,3 +429,33 @@ def test_cli_with_a_tokenizer_gives_transformers_greedy_text(script, tmp_path):
     result = run_cli(*args, *(["--device", "cpu"] if script == "olmo.py" else []), script=script)
     assert result.returncode == 0, result.stderr
     assert text in result.stdout
+
+
+@pytest.fixture(scope="module")
+def hybrid_chat_checkpoint(tmp_path_factory):
+    """A random tiny Olmo Hybrid (linear layers first and last) with test_cli's trained tokenizer and OLMo 1
+    Instruct's template, and a 96-position context, so a conversation soon outgrows it."""
+    path = tmp_path_factory.mktemp("hybrid_chat")
+    tok = train_chat_tokenizer(str(path))
+    cfg = {**LINEAR_FIRST_AND_LAST, "vocab_size": 300, "eos_token_id": 0, "max_position_embeddings": 96}
+    ref = hybrid_reference(cfg, 7)
+    ref.save_pretrained(path)
+    write_chat_config(str(path), "tulu")
+    return str(path), ref, tok, transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("script", ["olmo.py", "olmo_numpy.py"])
+def test_chat_through_a_pipe_equals_transformers(hybrid_chat_checkpoint, script):
+    """test_cli's chat, on Olmo Hybrid: each turn's reply equals transformers' greedy reply to the conversation
+    recomputed from scratch, while the CLI's generate resumes from the states it kept (see reuse_prefix), across
+    /reset and turns dropped to fit the context."""
+    expected, notices = chat_reference(hybrid_chat_checkpoint, [line for line in CHAT_LINES if line], 8,
+                                       system="Be brief.")
+    device = ["--device", "cpu"] if script == "olmo.py" else []
+    result = subprocess.run([sys.executable, os.path.join(HERE, script), "--model", hybrid_chat_checkpoint[0], *device,
+                             "--chat", "--system", "Be brief.", "--max-new-tokens", "8"], input="\n".join(CHAT_LINES),
+                            capture_output=True, text=True, cwd=HERE, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected
+    assert result.stderr.count("dropped the oldest") == notices.count("dropped") > 0
