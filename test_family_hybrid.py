@@ -444,13 +444,17 @@ def hybrid_chat_checkpoint(tmp_path_factory):
     return str(path), ref, tok, transformers.AutoTokenizer.from_pretrained(path)
 
 
+@pytest.fixture(scope="module")
+def hybrid_chat_expected(hybrid_chat_checkpoint):
+    return chat_reference(hybrid_chat_checkpoint, [line for line in CHAT_LINES if line], 8, system="Be brief.")
+
+
 @pytest.mark.parametrize("script", ["olmo.py", "olmo_numpy.py"])
-def test_chat_through_a_pipe_equals_transformers(hybrid_chat_checkpoint, script):
+def test_chat_through_a_pipe_equals_transformers(hybrid_chat_checkpoint, hybrid_chat_expected, script):
     """test_cli's chat, on Olmo Hybrid: each turn's reply equals transformers' greedy reply to the conversation
     recomputed from scratch, while the CLI's generate resumes from the states it kept (see reuse_prefix), across
     /reset and turns dropped to fit the context."""
-    expected, notices = chat_reference(hybrid_chat_checkpoint, [line for line in CHAT_LINES if line], 8,
-                                       system="Be brief.")
+    expected, notices = hybrid_chat_expected
     device = ["--device", "cpu"] if script == "olmo.py" else []
     result = subprocess.run([sys.executable, os.path.join(HERE, script), "--model", hybrid_chat_checkpoint[0], *device,
                              "--chat", "--system", "Be brief.", "--max-new-tokens", "8"], input="\n".join(CHAT_LINES),
