@@ -91,7 +91,7 @@ def build_checkpoint(shape, directory, dtype=torch.float32, device="cpu", seed=0
         config = transformers.Olmo2Config(**spec)
         with torch.device("meta"):
             model = transformers.Olmo2ForCausalLM(config)
-        config_json = {"architectures": ["Olmo2ForCausalLM"], **config.to_dict()}
+        config_json = {**config.to_dict(), "architectures": ["Olmo2ForCausalLM"]}  # to_dict() has it None
     config_json.pop("dtype", None)  # the dtype written below, as torch_dtype
     generator = torch.Generator(device).manual_seed(seed)
     tensors = {}
