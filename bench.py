@@ -221,6 +221,85 @@ def openblas_info():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# llama.cpp, the peer (--peer llama.cpp, optional: nothing else needs it). Its Python binding, llama-cpp-python,
+# runs the decode; the llama.cpp source tree that binding vendors (--llama-cpp-src) gives the converter,
+# convert_hf_to_gguf.py with its gguf-py, which writes bench's checkpoint as a GGUF file at each precision.
+
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16"}  # our dtype -> the converter's --outtype
+
+# convert_hf_to_gguf.py as it is, but for the vocabulary: bench's checkpoints have random weights and no tokenizer,
+# so the GGUF gets llama.cpp's "none" tokenizer with vocab_size placeholder tokens, enough to decode token ids.
+CONVERT = """
+import sys
+src = sys.argv[1]
+sys.path[:0] = [src, src + "/gguf-py"]
+import convert_hf_to_gguf
+from conversion.base import TextModel
+
+def set_vocab(self):
+    self._set_vocab_none()
+    self.gguf_writer.add_vocab_size(self.hparams["vocab_size"])
+
+TextModel.set_vocab = set_vocab
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
+convert_hf_to_gguf.main()
+"""
+
+
+def peer_source(src):
+    """Check the peer is installed: the binding importable here, the converter at src. -> llama.cpp's version."""
+    import importlib.metadata
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError("--peer llama.cpp needs llama-cpp-python in this Python (see BENCHMARKS.md)")
+    if not src or not os.path.isfile(os.path.join(src, "convert_hf_to_gguf.py")):
+        raise ValueError(f"--peer llama.cpp needs --llama-cpp-src, a llama.cpp source tree with "
+                         f"convert_hf_to_gguf.py (got {src!r}; see BENCHMARKS.md)")
+    return importlib.metadata.version("llama-cpp-python")
+
+
+def to_gguf(src, path, dtype, directory):
+    """Our checkpoint at path -> a GGUF file at this precision, by llama.cpp's own converter."""
+    out = os.path.join(directory, f"model-{GGUF_TYPES[dtype]}.gguf")
+    proc = subprocess.run([sys.executable, "-c", CONVERT, src, path, "--outtype", GGUF_TYPES[dtype],
+                           "--outfile", out], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise ValueError(f"llama.cpp's converter failed on {path}: {last}")
+    return out
+
+
+def load_llama_cpp(path, threads, n_ctx):
+    """A GGUF file in llama.cpp, through the binding's C API (what llama-bench calls): generate() prefills the
+    prompt in one llama_decode, then decodes one token per llama_decode, greedy (the argmax of the logits)."""
+    import logging
+    import numpy as np
+    import llama_cpp as ll
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's log: its errors only
+    ll.llama_backend_init()
+    model = ll.llama_model_load_from_file(path.encode(), ll.llama_model_default_params())
+    params = ll.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = n_ctx  # the longest prompt in one batch, as ours
+    params.n_threads = params.n_threads_batch = threads
+    context = ll.llama_init_from_model(model, params)
+    if not model or not context:
+        raise RuntimeError(f"llama.cpp cannot load {path}")
+    n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
+
+    def generate(ids, budget, on_token):
+        (tokens,) = ids  # batch 1
+        ll.llama_memory_clear(ll.llama_get_memory(context), True)  # a fresh cache, as each of ours is
+        for _ in range(budget):
+            batch = (ll.llama_token * len(tokens))(*tokens)
+            if ll.llama_decode(context, ll.llama_batch_get_one(batch, len(tokens))) != 0:
+                raise RuntimeError("llama_decode failed")
+            logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(context, -1), shape=(n_vocab,))
+            tokens = [int(logits.argmax())]
+            on_token(torch.tensor(tokens))
+    return generate
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # What each child process runs. The implementations, behind one interface: generate(ids (B, T) as lists, budget,
 # on_token) calls on_token(tokens (B,)) with each new token.
 
@@ -244,8 +323,11 @@ class Streamer:
         pass
 
 
-def load(impl, compiled, path, device, dtype):
-    """Load one implementation; return its generate function."""
+def load(impl, compiled, path, device, dtype, n_ctx=None):
+    """Load one implementation (llama.cpp: path is its GGUF file, n_ctx its cache's length); return its generate
+    function."""
+    if impl == "llama.cpp":
+        return load_llama_cpp(path, torch.get_num_threads(), n_ctx)
     if impl == "olmo.py":  # through its CLI's own loader: the same device check and torch.compile settings
         args = argparse.Namespace(model=path, revision=None, device=device, seed=None, compile=compiled,
                                   dtype=str(dtype).removeprefix("torch."))
@@ -363,7 +445,9 @@ def child(spec):
 
     base = start_peak(device)
     t0 = time.perf_counter()
-    generate = load(impl, spec["compiled"], spec["path"], device, dtype)
+    path = spec["gguf"][spec["dtype"]] if impl == "llama.cpp" else spec["path"]
+    n_ctx = max(len(ids[0]) for ids in [spec["prompt"]] + spec["long_prompts"]) + n  # enough for every call
+    generate = load(impl, spec["compiled"], path, device, dtype, n_ctx)
     synchronize(device)
     out["load_s"] = time.perf_counter() - t0
     out["first_token_s"] = timed(generate, prompt(spec["prompt"]), 1, 1, device)["first_s"]  # reads every weight
@@ -431,6 +515,10 @@ def variants(args, device, dtypes, unreadable):
                            for t in args.numpy_threads]
             else:
                 chosen.append(Variant(label, base, dtype, compiled=impl.endswith("compiled")))
+        if args.peer and device != "cpu":
+            skipped["llama.cpp" + suffix] = "the CPU only, here"
+        elif args.peer:
+            chosen.append(Variant("llama.cpp" + suffix, "llama.cpp", dtype))
     return chosen, skipped
 
 
@@ -477,6 +565,7 @@ def summarize(rs):
 def derive(results, chosen, args, step_bytes, total_bytes, bandwidth):
     """Per-variant figures and ratios: vs transformers of the same dtype, and each budget vs --new-tokens'."""
     reference = {v.dtype: v.label for v in chosen if v.impl == "transformers" and "error" not in results[v.label]}
+    peer = {v.dtype: v.label for v in chosen if v.impl == "llama.cpp" and "error" not in results[v.label]}
     eager = {v.dtype: v.label for v in chosen if v.impl == "olmo.py" and not v.compiled}  # long prompts' yardstick
     n = str(args.new_tokens)
     for v in chosen:
@@ -502,6 +591,8 @@ def derive(results, chosen, args, step_bytes, total_bytes, bandwidth):
         r["same_tokens"] = ref is None or r["tokens"] == ref["tokens"]
         if ref is not None:
             r["vs_transformers"] = {k: r[k] / ref[k] for k in ("prefill_tok_s", "decode_tok_s")}
+        if v.dtype in peer and v.impl != "llama.cpp":
+            r["vs_llama.cpp"] = {k: r[k] / results[peer[v.dtype]][k] for k in ("prefill_tok_s", "decode_tok_s")}
         ours = results.get(eager.get(v.dtype))
         for length, x in r["long"].items():
             if ours and "error" not in ours and length in ours["long"]:
@@ -514,6 +605,7 @@ def bench(args):
     dtypes = args.dtype or ["float32" if device == "cpu" else "bfloat16"]
     long_prompts = args.long_prompt if args.long_prompt is not None else [2048] if device.startswith("cuda") else []
     long_prompts = [n for n in long_prompts if n]
+    peer = peer_source(args.llama_cpp_src) if args.peer else None  # before a checkpoint is built for nothing
     with tempfile.TemporaryDirectory(prefix="olmo-bench-") as tmp:
         if args.model:
             path, name = args.model, os.path.basename(os.path.normpath(args.model))
@@ -525,10 +617,10 @@ def bench(args):
             t0 = time.perf_counter()
             build_checkpoint(args.shape, tmp, olmo.DTYPES[dtypes[0]], device if device.startswith("cuda") else "cpu")
             log(f"built in {time.perf_counter() - t0:.1f}s")
-        return run_bench(args, path, name, device, dtypes, long_prompts)
+        return run_bench(args, path, name, device, dtypes, long_prompts, peer, tmp)
 
 
-def run_bench(args, path, name, device, dtypes, long_prompts):
+def run_bench(args, path, name, device, dtypes, long_prompts, peer, scratch):
     config_file = os.path.join(path, "config.json")
     try:
         with open(config_file) as f:
@@ -548,12 +640,17 @@ def run_bench(args, path, name, device, dtypes, long_prompts):
     sizes = {d: weight_bytes(numels, tied, olmo.DTYPES[d]) for d in dtypes}
     total_bytes, step_bytes = {d: s[0] for d, s in sizes.items()}, {d: s[1] for d, s in sizes.items()}
     chosen, skipped = variants(args, device, dtypes, unreadable)
+    gguf = {}
+    for dtype in sorted({v.dtype for v in chosen if v.impl == "llama.cpp"}, key=dtypes.index):
+        log(f"llama.cpp's converter: the checkpoint as GGUF {GGUF_TYPES[dtype]}")
+        gguf[dtype] = to_gguf(args.llama_cpp_src, path, dtype, scratch)
 
     torch.manual_seed(args.seed)
     vocab = min(config.get("vocab_size", 50304), 50280)  # real tokens of OLMo 1's tokenizer
     spec = {"path": path, "device": device, "new_tokens": args.new_tokens, "budgets": args.budgets,
             "prompt": torch.randint(0, vocab, (args.batch, args.prompt_len)).tolist(),
-            "long_prompts": [torch.randint(0, vocab, (args.batch, n)).tolist() for n in long_prompts]}
+            "long_prompts": [torch.randint(0, vocab, (args.batch, n)).tolist() for n in long_prompts],
+            "gguf": gguf}
     log(f"measuring memory bandwidth on {device} (1 GiB copy)")
     bandwidth = memory_bandwidth(device)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -583,6 +680,7 @@ def run_bench(args, path, name, device, dtypes, long_prompts):
         "long_prompt_lens": long_prompts, "reps": args.reps, "weight_bytes": total_bytes,
         "weight_bytes_per_step": step_bytes, "memory_bandwidth_bytes_s": bandwidth, "skipped": skipped,
         "results": results, "isolation": isolation, "floor": floor,
+        "peer": peer and f"llama-cpp-python {peer} (the llama.cpp it vendors), GGUF files by its convert_hf_to_gguf.py",
     }
 
 
@@ -627,8 +725,11 @@ def table(report):
                      f"{r['decode_tok_s']:.1f}{ratio(r, 'decode_tok_s')}", f"{r['decode_bytes_s'] / GB:.1f}",
                      f"{r['roofline']:.0%}", f"{r['warmup_s']:.1f}",
                      "yes" if r["same_tokens"] else f"no (vs {r['same_tokens_as']})"])
+        if report["peer"]:  # decode (prefill) vs llama.cpp of the same precision
+            vs = r.get("vs_llama.cpp")
+            rows[-1].append(f"{vs['decode_tok_s']:.2f}x ({vs['prefill_tok_s']:.2f}x)" if vs else "-")
     lines += columns(["implementation", "load s", "peak mem", "prefill tok/s", "decode tok/s", "decode GB/s",
-                      "roofline", "warmup s", "same tokens"], rows)
+                      "roofline", "warmup s", "same tokens"] + ["vs llama.cpp"] * bool(report["peer"]), rows)
 
     for dtype, f in report["floor"].items():
         if "error" in f:
@@ -671,6 +772,8 @@ def table(report):
                          " (resident set above the process's before loading)"),
               "decode GB/s: weights read per step x steps/s; roofline: that / the measured bandwidth; "
               "(Nx): vs transformers of the same dtype"]
+    if report["peer"]:
+        lines.append(f"vs llama.cpp: decode (prefill) tok/s / llama.cpp's of the same precision; {report['peer']}")
     for label, r in ok.items():
         if r["blas"]:
             lines.append(f"{label}: numpy's OpenBLAS runs {r['blas']}")
@@ -690,7 +793,8 @@ def table(report):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark olmo.py against transformers (and olmo_numpy.py).")
-    p.add_argument("--shape", choices=SHAPES, default="160m", help="random weights of this shape (default 160m)")
+    p.add_argument("--shape", choices=SHAPES,
+                   help="random weights of this shape (default 160m; with --peer, olmo2-1b)")
     p.add_argument("--model", help="a checkpoint directory (safetensors) instead of --shape")
     p.add_argument("--device", help="default: cuda, then mps, then cpu")
     p.add_argument("--dtype", choices=olmo.DTYPES, action="append",
@@ -712,10 +816,18 @@ def parse_args(argv=None):
                         "2048 on CUDA, none elsewhere; 0 = none)")
     p.add_argument("--check-isolation", action="store_true",
                    help="run olmo.py and transformers again without the others: their ratio must not change")
+    p.add_argument("--peer", choices=["llama.cpp"],
+                   help="also time llama.cpp (llama-cpp-python) on the same checkpoint, converted to GGUF at each "
+                        "precision; see BENCHMARKS.md to install it")
+    p.add_argument("--llama-cpp-src", default=os.environ.get("LLAMA_CPP_SRC"),
+                   help="with --peer: the llama.cpp source tree that gives convert_hf_to_gguf.py and gguf-py "
+                        "(default: $LLAMA_CPP_SRC)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # internal: one process's work
     args = p.parse_args(argv)
+    if args.shape is None:
+        args.shape = "olmo2-1b" if args.peer else "160m"
     for flag in ("prompt_len", "batch", "reps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
