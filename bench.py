@@ -689,10 +689,11 @@ def derive(results, chosen, args, step_bytes, total_bytes, bandwidth):
 
 
 def bench(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                             else "cpu")
+    device = args.device or olmo.available_devices()[0]  # olmo.py's default: cuda, then mps, then cpu
     dtypes = args.dtype or ["float32" if device == "cpu" else "bfloat16"]
-    long_prompts = args.long_prompt if args.long_prompt is not None else [2048] if device.startswith("cuda") else []
+    long_prompts = args.long_prompt
+    if long_prompts is None:  # by default, one long prompt on a GPU and none on the CPU
+        long_prompts = [2048] if device.startswith("cuda") else []
     long_prompts = [n for n in long_prompts if n]
     peer = peer_source(args.llama_cpp_src) if args.peer else None  # before a checkpoint is built for nothing
     with tempfile.TemporaryDirectory(prefix="olmo-bench-") as tmp:
@@ -711,11 +712,7 @@ def bench(args):
 
 def run_bench(args, path, name, device, dtypes, long_prompts, peer, scratch):
     config_file = os.path.join(path, "config.json")
-    try:
-        with open(config_file) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {config_file}: {e}") from None
+    config = olmo.read_json_object(config_file)  # as written, for the results
     import olmo_numpy
     for module in (olmo, olmo_numpy):  # a config either twin refuses is the error, in one line
         module.OlmoConfig.from_json(config_file)

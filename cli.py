@@ -14,7 +14,7 @@ knows its framework:
     backend.name                    for --help and the "loaded" line ("PyTorch", "NumPy"); load() may add detail
     backend.add_arguments(parser)   the twin's own flags, --model first (olmo.py adds --device, --dtype, ...)
     backend.load(args)              -> (model, checkpoint_dir); of model.config (the twin's OlmoConfig) this file
-                                    reads vocab_size, eos_token_id, max_position_embeddings and rope_parameters
+                                    reads vocab_size, eos_token_id, max_position_embeddings and dynamic_rope
     backend.generate(model, ids, max_new_tokens, callback, temperature, top_k, top_p, eos_token_id)
                                     ids: list[int]; callback(token_id: int) for each new token
 
@@ -148,9 +148,9 @@ def read_generation_config(path, vocab_size):
 
 
 def shown(value):
-    """A JSON value as an error message shows it: short."""
+    """A JSON value (or YAML: a date is shown as its text) as an error message shows it: short."""
     try:
-        text = json.dumps(value)
+        text = json.dumps(value, default=str)
     except (RecursionError, ValueError):
         text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
@@ -300,8 +300,7 @@ def run(backend, args):
 def trained_context(config):
     """The positions the model was trained on (linear and YaRN scaling included); None with dynamic RoPE, which
     rescales its frequencies to any length."""
-    dynamic = any(rope["rope_type"] == "dynamic" for rope in config.rope_parameters.values())
-    return None if dynamic else config.max_position_embeddings
+    return None if config.dynamic_rope else config.max_position_embeddings
 
 
 def stats(t0, times, compiled):

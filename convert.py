@@ -43,10 +43,10 @@ import torch
 from safetensors import safe_open
 
 import olmo
+from cli import shown  # the shared command line's way to show a value in an error (cli.py imports no torch)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # safetensors' names for the dtypes we read and write.
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Where each layout keeps its weights, in order of preference; an index names shards.
 TRAINER_WEIGHT_FILES = ["model.safetensors", "model.pt"]
 HF_WEIGHT_FILES = ["model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
@@ -139,13 +139,11 @@ def read_checkpoint(src: Path):
 
 
 def read_json(path):
+    """A JSON object, read by olmo.py; a file we can't read is the input's fault (a ConversionError)."""
     try:
-        d = json.loads(path.read_text())
-    except (ValueError, OSError, RecursionError) as e:
-        raise ConversionError(f"cannot read {path}: {e}") from None
-    if not isinstance(d, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return d
+        return olmo.read_json_object(path)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def read_yaml_model(path):
@@ -239,27 +237,23 @@ def read_trainer_layout(config_path, raw, weight_names, prefix):
                                    raw.get("block_group_size", 1), config_path)
 
 
-def show(value):
-    return json.dumps(value, default=str)
-
-
 def trainer_to_transformers_config(raw, where):
     norm = raw.get("layer_norm_type", "default")
     if not isinstance(norm, str) or norm not in GENERATIONS:
-        raise ConversionError(f"{where} sets layer_norm_type: {show(norm)}; transformers' OLMo has a LayerNorm "
+        raise ConversionError(f"{where} sets layer_norm_type: {shown(norm)}; transformers' OLMo has a LayerNorm "
                               f"(\"default\") and OLMo 2 an RMSNorm (\"rms\")")
     model_type, model, required = GENERATIONS[norm]
     for key, (needed, instead) in {**REQUIRED, **required}.items():
         value = raw.get(key, TRAINER_DEFAULTS[key])
         if type(value) is not type(needed) or value != needed:
-            what = f"sets {key}: {show(value)}" if key in raw else \
-                f"leaves {key} unset, so the trainer's default {show(value)} applies"
-            raise ConversionError(f"{where} {what}; {model} has {instead} ({key}: {show(needed)})")
+            what = f"sets {key}: {shown(value)}" if key in raw else \
+                f"leaves {key} unset, so the trainer's default {shown(value)} applies"
+            raise ConversionError(f"{where} {what}; {model} has {instead} ({key}: {shown(needed)})")
     get = {}
     for key, (types, bound, kind) in TRAINER_TYPES.items():
         value = get[key] = raw.get(key, TRAINER_DEFAULTS[key])
         if type(value) not in types or None is not bound and None is not value and not bound < value < math.inf:
-            raise ConversionError(f"{where}: {key} must be {kind}, got {show(value)}")
+            raise ConversionError(f"{where}: {key} must be {kind}, got {shown(value)}")
 
     n_heads, n_kv_heads, mqa = get["n_heads"], get["n_kv_heads"], get["multi_query_attention"]
     if mqa is not None and n_kv_heads is not None and n_kv_heads != (1 if mqa else n_heads):
@@ -386,8 +380,8 @@ class Weights:
         if isinstance(t, torch.Tensor):
             dtype = t.dtype
         else:
-            dtype = ST_DTYPES.get(t.get_dtype())
-        if dtype not in ST_DTYPES.values():
+            dtype = SAFETENSORS_DTYPES.get(t.get_dtype())
+        if dtype not in SAFETENSORS_DTYPES.values():
             raise ConversionError(f"tensor {name} has dtype {t.dtype if isinstance(t, torch.Tensor) else t.get_dtype()}"
                                   ", not a floating-point type; only floating-point tensors are weights")
         return dtype
@@ -508,7 +502,7 @@ def nbytes_of(shape, dtype):
 def write_safetensors(path, tensors, dtype, done, total):
     """The safetensors format written by hand so that only one tensor is ever in memory: an 8-byte header
     length, a JSON header of names, dtypes, shapes and byte ranges (padded to 8 bytes), then the raw data."""
-    st_dtype = {v: k for k, v in ST_DTYPES.items()}[dtype]
+    st_dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
     header, offset = {}, 0
     for t in tensors:
         nbytes = nbytes_of(t.shape, dtype)
@@ -538,9 +532,9 @@ def write_config(out_dir, config, dtype):
 
 
 def parse_dtype(dtype):
-    if dtype is None or dtype in DTYPES:
-        return DTYPES.get(dtype)
-    raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype is None or dtype in olmo.DTYPES:
+        return olmo.DTYPES.get(dtype)
+    raise ConversionError(f"--dtype must be one of {', '.join(olmo.DTYPES)}, got {dtype!r}")
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -576,7 +570,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="checkpoint directory (OLMo trainer, hf_olmo or transformers layout)")
     parser.add_argument("dst", help="new or empty output directory")
-    parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: keep the source's)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: keep the source's)")
     parser.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
     args = parser.parse_args(argv)
     # Handlers only while converting (main may run inside another program); an ignored signal stays ignored

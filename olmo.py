@@ -1,21 +1,24 @@
 """OLMo (1, 2 and 3) in one readable PyTorch file.
 
-OLMo (Groeneveld et al., 2024, https://arxiv.org/abs/2402.00838) is a decoder-only transformer: token embeddings,
-N blocks of (norm -> attention with rotary positions -> residual, norm -> gated MLP -> residual), a final norm and
-a linear head over the vocabulary. OLMo 1's one unusual choice is the norm: a LayerNorm with no learnable weight.
-OLMo 2 (OLMo et al., 2024, https://arxiv.org/abs/2501.00656) changes three coupled things for training stability --
-RMSNorm with weights, a norm on the queries and keys, and the norm moved after each sublayer -- and OLMo 3 adds
-sliding-window attention on three layers in four and YaRN to stretch the context. Each change is written once, where
-it happens, under a comment starting "OLMo 2:" or "OLMo 3:"; a reader of OLMo 1 can skip those lines.
+OLMo (Groeneveld et al., 2024, https://arxiv.org/abs/2402.00838) is a decoder-only transformer: token
+embeddings, N blocks of (norm -> attention with rotary positions -> residual, norm -> gated MLP -> residual),
+a final norm and a linear head over the vocabulary. OLMo 1's one unusual choice is the norm: a LayerNorm with
+no learnable weight.
 
-It reads top to bottom: config -> norm -> RoPE -> attention -> MLP -> block -> model -> cache and generation ->
-loading -> CLI. Names match transformers' `OlmoForCausalLM`, `Olmo2ForCausalLM` and `Olmo3ForCausalLM`, so their
-checkpoints load with strict name and shape checks and no renaming, and the logits equal transformers' (see
-test_olmo.py). It is meant to be read and copied, not configured: no framework.
+OLMo 2 (OLMo et al., 2024, https://arxiv.org/abs/2501.00656) changes three coupled things for training
+stability: RMSNorm with weights, a norm on the queries and keys, and the norm moved after each sublayer.
+OLMo 3 adds sliding-window attention on three layers in four, and YaRN to stretch the context. Each change
+is written once, where it happens, under a comment starting "OLMo 2:" or "OLMo 3:"; a reader of OLMo 1 can
+skip those lines.
 
-Notation: B batch rows, T tokens in this call, S cache slots (keys), heads / kv_heads query and key-value heads.
-A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is what RoPE rotates
-by: the slot minus the row's left padding.
+It reads top to bottom: config -> norm -> RoPE -> attention -> MLP -> block -> model -> generation ->
+loading -> reading config.json -> CLI. Names match transformers' `OlmoForCausalLM`, `Olmo2ForCausalLM` and
+`Olmo3ForCausalLM`, so their checkpoints load with strict name and shape checks and no renaming, and the
+logits equal transformers' (see the tests). It is meant to be read and copied, not configured: no framework.
+
+Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
+D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
+what RoPE rotates by: the slot minus the row's left padding.
 
     python olmo.py --model path/to/OLMo-1B-hf --prompt "Language models are"
 """
@@ -39,15 +42,16 @@ import torch.nn.functional as F
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig, with its defaults (the OLMo-7B shape), plus the few OLMo 2 and 3 add."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2
+    and 3 add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
     num_hidden_layers: int = 32  # number of decoder blocks
-    num_attention_heads: int = 32  # query heads; head_dim = hidden_size // num_attention_heads
-    num_key_value_heads: int | None = None  # key/value heads: None = num_attention_heads (MHA), 1 = MQA, else GQA
+    num_attention_heads: int = 32  # H, query heads; head_dim D = hidden_size // H
+    num_key_value_heads: int | None = None  # KV, key/value heads: None = H (MHA), 1 = MQA, else GQA
     hidden_act: str = "silu"  # the MLP gate's activation (SwiGLU with silu)
     max_position_embeddings: int = 2048  # context length trained on; dynamic RoPE scales beyond it
     initializer_range: float = 0.02  # std of the normal init of fresh (untrained) weights
@@ -57,64 +61,33 @@ class OlmoConfig:
     eos_token_id: int | list[int] | None = 50279  # generation stops at this token ("<|endoftext|>")
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (OLMo-1B) or not (OLMo-7B)
     # RoPE per layer type, as transformers 5 holds it: {"full_attention": {"rope_type": "default" | "linear" |
-    # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict (or
-    # 4.x's rope_theta and rope_scaling) means the full-attention layers; the base defaults to 10000 (OLMo 3: 5e5)
+    # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict
+    # (or 4.x's rope_theta and rope_scaling) means the full-attention layers. The base defaults to 10000.
     rope_parameters: dict | None = None
     attention_bias: bool = False  # biases on q/k/v/o projections
     attention_dropout: float = 0.0  # dropout on attention probabilities, in training mode only
-    clip_qkv: float | None = None  # OLMo 1: clamp q, k and v to [-clip_qkv, clip_qkv] (OLMo-7B-0424 uses 8.0)
+    clip_qkv: float | None = None  # OLMo 1 only: clamp q, k and v to [-clip_qkv, clip_qkv] (7B-0424: 8.0)
     rms_norm_eps: float = 1e-5  # OLMo 2: the epsilon of its RMSNorms
     sliding_window: int | None = None  # OLMo 3: a query sees this many keys (itself included); None: 4096
     layer_types: list[str] | None = None  # OLMo 3: per layer "full_attention" or "sliding_attention"
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
 
     def __post_init__(self):
-        def require(ok, name, what):
-            if not ok:
-                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
-
-        require(self.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
-                "'hf_olmo' or trainer checkpoints run convert.py first)")
+        """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
+        of the fields it relies on."""
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            require(1 <= getattr(self, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
-        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                f"divisible by num_attention_heads {self.num_attention_heads}")
-        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
-                f"divisible by num_key_value_heads {self.num_key_value_heads}")
-        require(self.head_dim % 2 == 0, "hidden_size", f"num_attention_heads times an even head size (RoPE "
-                f"rotates pairs), not head size {self.head_dim}")
-        require(self.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            ids = getattr(self, name)
-            ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
-            require(all(0 <= i < self.vocab_size for i in ids), name, f"null or in [0, {self.vocab_size})")
-        require(0 <= self.attention_dropout < 1, "attention_dropout", "in [0, 1)")
-        require(math.isfinite(self.initializer_range) and self.initializer_range >= 0, "initializer_range", ">= 0")
-        require(math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
-        require(self.clip_qkv is None or math.isfinite(self.clip_qkv) and self.clip_qkv > 0, "clip_qkv", "None or > 0")
-        require(self.clip_qkv is None or self.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
-        require(self.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
-        # OLMo 3: three sliding-window layers, then one full-attention layer, unless config.json lists them
-        olmo3 = self.model_type == "olmo3"
-        if olmo3 and self.sliding_window is None:
-            self.sliding_window = 4096
-        if self.layer_types is None or not olmo3:  # earlier generations have full attention everywhere
-            self.layer_types = ["sliding_attention" if olmo3 and i % 4 != 3 else "full_attention"
-                                for i in range(self.num_hidden_layers)]
-        require(len(self.layer_types) == self.num_hidden_layers and
-                set(self.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
-                f"{self.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
-        require(not olmo3 or 1 <= self.sliding_window, "sliding_window", ">= 1")
-        rope = self.rope_parameters or {}
-        require(isinstance(rope, dict), "rope_parameters", "an object")
-        if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full layers' settings
-            rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
-        theta = 500000.0 if olmo3 else 10000.0
-        self.rope_parameters = {kind: check_rope(rope.get(kind) or {}, theta, self.max_position_embeddings, kind)
-                                for kind in sorted(set(self.layer_types))}
+        check_fields(self)
+        rope_theta = 10000.0  # RoPE's base, where config.json gives none
+        layer_types = ["full_attention"] * self.num_hidden_layers  # every layer attends to all earlier tokens
+        if self.model_type == "olmo3":  # OLMo 3: 3 sliding-window layers in 4, unless config.json lists them
+            rope_theta = 500000.0
+            if self.sliding_window is None:
+                self.sliding_window = 4096
+            pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
+            layer_types = pattern if self.layer_types is None else self.layer_types
+        self.layer_types = layer_types
+        self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
     @property
     def head_dim(self):
@@ -122,47 +95,702 @@ class OlmoConfig:
 
     @property
     def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see OlmoDecoderLayer)."""
+        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer."""
         return self.model_type != "olmo"
+
+    @property
+    def dynamic_rope(self):
+        """Whether RoPE's frequencies change with the sequence's length (dynamic NTK scaling past
+        max_position_embeddings): then keys cached at one length can't be reused at another."""
+        return any(rope["rope_type"] == "dynamic" for rope in self.rope_parameters.values())
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
-        """Read a config.json as transformers 4.x writes it (top-level rope_theta, rope_scaling with "type" or
-        "rope_type") or as transformers 5 does (rope_parameters, for OLMo 3 nested per layer type). Every known
-        field must have its JSON type (no "false" for false, no 128.0 for 128); unknown keys (architectures,
-        transformers_version, ...) are irrelevant. Errors name the source."""
-        try:
-            d = dict(d)
-            if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
-                d["dtype"] = d.get("torch_dtype")
-            theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
-            if d.get("rope_parameters") is None:  # transformers 4.x
-                if not isinstance(scaling, (dict, type(None))):
-                    raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
-                d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
-            known = {f.name: f.type for f in fields(cls)}
-            for key, value in d.items():
-                if key in known and not fits(value, known[key]):
-                    kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
-                    raise ValueError(f"{key} must be {kind}, got {value!r}")
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        """A config.json's object -> OlmoConfig, every field checked; errors name `source`."""
+        return config_from_dict(cls, d, source)
 
     @classmethod
     def from_json(cls, path):
+        return cls.from_dict(read_json_object(path), path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Norm
+
+
+class OlmoLayerNorm(nn.Module):
+    """LayerNorm with no learnable weight or bias (OLMo 1's choice, for training stability and speed).
+    Computed in float32 even for bf16 activations, like transformers, so the statistics keep their
+    precision."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.normalized_shape = (hidden_size,)
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, eps=1e-5).to(x.dtype)
+
+
+class OlmoRMSNorm(nn.Module):
+    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias). In float32; the weight
+    multiplies the float32 result before the cast back, exactly as transformers' Olmo2RMSNorm (the order
+    matters in bf16)."""
+
+    def __init__(self, hidden_size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE), rotate-half layout
+#
+# Each head vector is split in two halves (x1, x2); frequency i rotates the pair (x1[i], x2[i]) by the angle
+# position * inv_freq[i]. Rotating q and k by their positions makes q.k depend only on the distance between
+# them. Scaling stretches a model past the context it was trained on: linear divides every frequency, dynamic
+# NTK raises the base once a sequence is longer, YaRN (OLMo 3) interpolates only the slow frequencies.
+
+
+class OlmoRotaryEmbedding(nn.Module):
+    def __init__(self, config, kind="full_attention"):
+        super().__init__()
+        self.dim = config.head_dim
+        self.max_pos = config.max_position_embeddings
+        rope = config.rope_parameters[kind]  # kind: the layer type these settings are for
+        self.rope_type, self.theta, self.factor = rope["rope_type"], rope["rope_theta"], rope.get("factor", 1.0)
+        # Computed on the CPU even when the model is built on the meta device: a few numbers that no
+        # checkpoint holds.
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim
+        inv_freq = 1.0 / self.theta ** exponents  # (D/2,)
+        self.attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
+        if self.rope_type == "linear":  # "position interpolation": every position, i.e. frequency, / factor
+            inv_freq = inv_freq / self.factor
+        elif self.rope_type == "yarn":  # OLMo 3: YaRN
+            inv_freq, self.attention_factor = yarn(self.theta ** exponents, rope, self.dim, self.theta)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("exponents", exponents, persistent=False)
+
+    def forward(self, position_ids):
+        """position_ids (B, T) -> cos, sin (B, T, D), float32."""
+        inv_freq = self.dynamic_inv_freq(position_ids) if self.rope_type == "dynamic" else self.inv_freq
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # both halves of a pair turn by the same angle
+        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+    def dynamic_inv_freq(self, position_ids):
+        """Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so
+        long-wavelength dimensions interpolate while short ones keep their resolution. Like transformers,
+        "the sequence" is the largest position in this call; up to max_position_embeddings this is the
+        unscaled base.
+
+        So while decoding past it, each step rotates with new frequencies, but the cached keys keep the ones
+        they were rotated with: transformers behaves exactly so, and cached decoding then differs from a full
+        forward (the tests check both). Tensor ops only (no .item()), so the decode step compiles into one
+        graph."""
+        seq_len = position_ids.max() + 1
+        stretch = self.factor * seq_len.float() / self.max_pos - (self.factor - 1)
+        base = self.theta * stretch ** (self.dim / (self.dim - 2))
+        return torch.where(seq_len > self.max_pos, 1.0 / base ** self.exponents, self.inv_freq)
+
+
+def yarn(wavelengths, s, dim, theta):
+    """OLMo 3: YaRN (Peng et al., 2023). Frequencies that turn more than beta_fast times over the original
+    context keep their value (extrapolate), those turning fewer than beta_slow times are divided by factor
+    (interpolate), with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. Arithmetic as in
+    transformers. wavelengths (D/2,): theta ** (2i / D); s: the layer type's rope settings."""
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    def correction_dim(rotations):  # the dimension whose frequency turns `rotations` times over the context
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    factor, original = s["factor"], s["original_max_position_embeddings"]
+    attention_factor = s["attention_factor"]
+    if attention_factor is None and s["mscale"] and s["mscale_all_dim"]:
+        attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+    elif attention_factor is None:
+        attention_factor = mscale(factor)
+    low, high = correction_dim(s["beta_fast"]), correction_dim(s["beta_slow"])
+    if s["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if high == low else high  # the ramp below divides by high - low
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1: keep the frequency, 0: divide it by factor
+    inv_freq = 1.0 / (factor * wavelengths) * (1 - extrapolation) + 1.0 / wavelengths * extrapolation
+    return inv_freq, attention_factor
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(x, cos, sin):
+    """x (B, H or KV, T, D), cos/sin (B, T, D). The product runs in float32, as in transformers."""
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def causal_mask(query_slots, key_valid, window=None):
+    """The one masking rule, for the full forward, prefill and decode alike: key j is visible to the query in
+    slot i if j <= i, j holds a real token, and (OLMo 3's sliding layers) i - j < window.
+
+    query_slots (T,): the queries' cache slots; key_valid (B, S) bool, False at padding. Returns (B, 1, T, S)
+    bool, True = may attend; or None when that is plain causal attention (the queries are all S slots, none of
+    them padding, and no window), which the fused kernel does without a mask. Every query also sees itself, so
+    a padding query has one finite score instead of a softmax over nothing (NaN); its output is never used,
+    since real tokens never attend to padding."""
+    if window is None and len(query_slots) == key_valid.shape[1] and key_valid.all():
+        return None
+    i = query_slots[:, None]  # (T, 1)
+    j = torch.arange(key_valid.shape[1], device=key_valid.device)  # (S,)
+    visible = j <= i  # (T, S)
+    if window is not None:  # OLMo 3: a sliding-window layer sees only the last `window` keys
+        visible = visible & (i - j < window)
+    return (visible & key_valid[:, None, None, :]) | (i == j)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every slot so far, (B, KV, S, D), written in place (see grow_cache)."""
+
+    def __init__(self, batch_size, length, config, dtype, device):
+        super().__init__()
+        shape = (batch_size, config.num_key_value_heads, length, config.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots, k, v):
+        """Write k, v (B, KV, T, D) at slots (T,); return the whole cache."""
+        self.k_cache.index_copy_(2, slots, k)
+        self.v_cache.index_copy_(2, slots, v)
+        return self.k_cache, self.v_cache
+
+
+class OlmoAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        if config.norm_after:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
+            self.q_norm = OlmoRMSNorm(self.num_heads * self.head_dim, config.rms_norm_eps)
+            self.k_norm = OlmoRMSNorm(self.num_kv_heads * self.head_dim, config.rms_norm_eps)
+        self.kv_cache = None  # set by OlmoForCausalLM.grow_cache
+
+    def forward(self, x, cos, sin, mask, slots=None):
+        """x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may attend; or None: plain
+        causal over S = T keys. slots (T,): the cache slots to write k and v to, then attend over the
+        cache's first S; None: no cache, attend only within x (S = T)."""
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.config.norm_after:  # OLMo 2: QK-norm
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.config.clip_qkv is not None:  # OLMo-0424+: bounds activations, stabilising training
+            c = self.config.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
+        if slots is not None:  # into the cache, then attend over its first S slots (the mask's width)
+            S = T if mask is None else mask.shape[-1]
+            k, v = (t[:, :, :S] for t in self.kv_cache.update(slots, k, v))  # (B, KV, S, D)
+        # One fused kernel for softmax(q k^T / sqrt(D) + mask) v (without a mask: the causal kernel, which
+        # skips the masked half). enable_gqa lets each group of query heads share a key/value head, no copies.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.config.attention_dropout if self.training else 0.0,
+            is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLP
+
+# The MLP gate's activations, by the names config.json uses (transformers' ACT2FN).
+ACT2FN = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+class OlmoMLP(nn.Module):
+    """Gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block
+
+
+class OlmoDecoderLayer(nn.Module):
+    """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its
+    output, before the residual add, so the residual stream itself is never rescaled (their stability fix):
+
+        OLMo 1                                        OLMo 2 and 3
+        x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
+        x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm_after = config.norm_after
+        self.self_attn = OlmoAttention(config)
+        self.mlp = OlmoMLP(config)
+        if self.norm_after:  # OLMo 2: RMSNorms after the sublayers, none before
+            self.post_attention_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_feedforward_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+            return
+        self.input_layernorm = OlmoLayerNorm(config.hidden_size)
+        self.post_attention_layernorm = OlmoLayerNorm(config.hidden_size)
+
+    def forward(self, x, cos, sin, mask, slots=None):
+        if self.norm_after:  # OLMo 2: normalise each sublayer's output
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, slots))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class OlmoModel(nn.Module):
+    """Token ids -> final hidden states (B, T, hidden)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # _weight: uninitialised (the checkpoint or _init_weights fills it); nn.Embedding's own init is slow
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = OlmoLayerNorm(config.hidden_size)
+        if config.norm_after:  # OLMo 2: an RMSNorm with weights
+            self.norm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Per layer type, a RoPE and a mask window: "full_attention" sees every earlier key; OLMo 3 adds
+        # "sliding_attention", which sees the last sliding_window keys (and RoPE scaling leaves alone)
+        self.rotary_emb = nn.ModuleDict({kind: OlmoRotaryEmbedding(config, kind) for kind in config.rope_parameters})
+        self.windows = {"full_attention": None, "sliding_attention": config.sliding_window}
+
+    def forward(self, input_ids, position_ids, key_valid, slots=None):
+        """input_ids, position_ids (B, T) -> hidden states (B, T, hidden). key_valid (B, S) bool: which key
+        slots hold real tokens (False at left padding). slots (T,): the KV cache slots these tokens are
+        written to and attend from; None: no cache, the tokens attend among themselves (S = T)."""
+        # without a cache, the tokens are slots 0..T-1
+        query_slots = torch.arange(input_ids.shape[1], device=input_ids.device) if slots is None else slots
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        # RoPE tables and masks once per layer type, shared by every layer of that type
+        rope = {kind: emb(position_ids) for kind, emb in self.rotary_emb.items()}
+        masks = {kind: causal_mask(query_slots, key_valid, self.windows[kind]) for kind in rope}
+        for layer, kind in zip(self.layers, self.config.layer_types):
+            x = layer(x, *rope[kind], masks[kind], slots)
+        return self.norm(x)
+
+
+def positions_from_mask(attention_mask):
+    """attention_mask (B, T) of 1/0 -> RoPE positions (B, T): left padding doesn't count, so a padded row gets
+    the positions it would have alone (what transformers' generate computes too)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def check_ids(input_ids, vocab_size):
+    """Token ids outside the vocabulary would index past the embedding (in NumPy, wrap around): refuse
+    them."""
+    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+    if len(bad):
+        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
+
+
+class OlmoForCausalLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = OlmoModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.cached_ids = []  # the tokens whose keys and values the cache holds (see reuse_prefix)
+        if not self.lm_head.weight.is_meta:  # on the meta device (from_pretrained) there is nothing to fill
+            self.apply(self._init_weights)
+
+    def _init_weights(self, module):  # transformers' init, for fresh models (tests, training from scratch)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        """The full forward, no cache: input_ids (B, T), attention_mask (B, T) 1 = token, 0 = left padding.
+        Returns logits (B, T, vocab); with labels (B, T) returns (logits, loss), where loss is the mean
+        cross-entropy of predicting token t+1 from positions <= t, over labels that aren't -100 (as
+        transformers). Logits at padding positions are meaningless."""
+        check_ids(input_ids, self.config.vocab_size)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(input_ids, positions_from_mask(attention_mask), attention_mask.bool())
+        logits = self.lm_head(hidden)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation
+    #
+    # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the
+    # cache; then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the
+    # s-th token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
+
+    def grow_cache(self, batch_size, needed):
+        """Make every layer's cache hold `needed` slots (a power of two, see setup_cache), keeping what it
+        holds."""
+        weight = self.lm_head.weight  # the cache takes the model's dtype and device
+        cache = self.model.layers[0].self_attn.kv_cache
+        k = None if cache is None else cache.k_cache  # (B, KV, length, D)
+        same = k is not None and (k.shape[0], k.dtype, k.device) == (batch_size, weight.dtype, weight.device)
+        length = k.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
+        if needed <= length:
+            return
+        self.cached_ids = self.cached_ids if same else []
         try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, ValueError, RecursionError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        return cls.from_dict(d, path)
+            for layer in self.model.layers:
+                old = layer.self_attn.kv_cache
+                layer.self_attn.kv_cache = None  # free before allocating
+                new = KVCache(batch_size, needed, self.config, weight.dtype, weight.device)
+                if length:
+                    new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
+                layer.self_attn.kv_cache = new
+        except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as a RuntimeError
+            for layer in self.model.layers:
+                layer.self_attn.kv_cache = None
+            raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+        self.slots = torch.arange(needed, device=weight.device)
+
+    def setup_cache(self, attention_mask, length):
+        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
+        hold real tokens (not the prompt's padding). The cache grows to, and steps attend over, S = `length`
+        rounded up to a power of two (at least 256): a static shape per doubling (as torch.compile and CUDA
+        graphs need), at most twice what is filled; a large max_new_tokens costs nothing until its tokens
+        are produced."""
+        width = max(256, 1 << (length - 1).bit_length())
+        self.grow_cache(attention_mask.shape[0], width)
+        self.key_valid = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]), value=True)
+
+    def prefill(self, input_ids, attention_mask, start=0):
+        """input_ids, attention_mask (B, T), cache slots < start already filled -> the last position's logits
+        (B, vocab)."""
+        T = input_ids.shape[1]
+        positions = positions_from_mask(attention_mask)[:, start:]
+        # keys past T are later than every query here: attend over the first T slots only
+        hidden = self.model(input_ids[:, start:], positions, self.key_valid[:, :T], self.slots[start:T])
+        return self.lm_head(hidden[:, -1])  # the vocab projection only where we sample: (B, vocab)
+
+    def decode_one_token(self, token, slot, position_ids):
+        """token, position_ids (B, 1); slot (1,) the cache slot -> logits (B, vocab)."""
+        hidden = self.model(token, position_ids, self.key_valid, slot)
+        return self.lm_head(hidden[:, -1])
+
+    def reuse_prefix(self, input_ids, attention_mask):
+        """A chat's next turn sends the whole conversation again: prefill only what is new.
+
+        Returns (start, keep_up_to): the cache's slots before `start` already hold input_ids' keys and
+        values, so prefill starts there; generate records this call's tokens in self.cached_ids while they
+        are fewer than keep_up_to (0: none).
+
+        What it keeps: for a one-row batch, the longest prefix shared with the tokens the cache holds (the
+        last call's prompt and reply), but not the last prompt token, whose logits prefill must produce. A
+        slot's keys and values depend only on the tokens up to it, so this gives exactly what starting
+        afresh gives.
+
+        When it can't: a batch of several rows, or with padding (a row's slots then depend on the other
+        rows' lengths); and dynamic RoPE past the trained length, whose frequencies change with each call's
+        length: there it keeps only calls and tokens within max_position_embeddings."""
+        B, T = input_ids.shape
+        keep_up_to = self.config.max_position_embeddings if self.config.dynamic_rope else math.inf
+        if B > 1 or not attention_mask.all() or T > keep_up_to:
+            self.cached_ids = []
+            return 0, 0
+        start, ids = 0, input_ids[0].tolist()
+        while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
+            start += 1
+        self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
+        return start, keep_up_to
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
+                 attention_mask=None, generator=None, callback=None):
+        """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding).
+        Returns (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has
+        produced an EOS (rows that finish early are filled with pad_token_id after it, as in transformers).
+        temperature=0 is greedy; callback(tokens (B,)) is called with each step's tokens (for streaming).
+        A one-row call after another prefills only what is new (a chat's next turn: see reuse_prefix)."""
+        check_ids(input_ids, self.config.vocab_size)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
+                           device=input_ids.device).reshape(-1)  # an int or a list of ints
+        pad = self.config.pad_token_id
+        if pad is None:  # as transformers: the first EOS id, else 0
+            pad = int(eos[0]) if len(eos) else 0
+        self.setup_cache(attention_mask, T + 1)
+        start, keep_up_to = self.reuse_prefix(input_ids, attention_mask)
+        next_position = attention_mask.sum(-1, keepdim=True)  # (B, 1): RoPE position of the first new token
+        tokens = [input_ids]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        if max_new_tokens > 0:
+            logits = self.prefill(input_ids, attention_mask, start)
+            if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
+                self.cached_ids = input_ids[0].tolist()
+        for i in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            token = token.masked_fill(finished, pad)
+            tokens.append(token[:, None])
+            if callback is not None:
+                callback(token)
+            if len(eos):
+                finished |= torch.isin(token, eos)
+                if finished.all():
+                    break
+            if i + 1 < max_new_tokens:
+                if T + i + 1 > self.key_valid.shape[1]:
+                    self.setup_cache(attention_mask, T + i + 1)
+                # the slot as a view of self.slots: a new tensor per step would be a host-to-device copy
+                logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
+                if T + i < keep_up_to:  # slot T + i now holds this token
+                    self.cached_ids.append(int(token[0]))
+        return torch.cat(tokens, dim=1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loading (the readers are in the Loading section below the class)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, revision=None):
+        """Load a checkpoint directory as the hub ships it (config.json + safetensors or pytorch_model.bin,
+        single or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded with huggingface_hub, at
+        `revision`: a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints
+        "step1000-tokens4B"). dtype None keeps the checkpoint's own (config.json's dtype or torch_dtype), as
+        transformers 5 does."""
+        path = resolve_checkpoint(path, revision)
+        config = OlmoConfig.from_json(os.path.join(path, "config.json"))
+        dtype = dtype or getattr(torch, config.dtype or "float32")
+        with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
+            model = cls(config)
+        state_dict = load_state_dict(path)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:  # tied checkpoints may or may not store lm_head.weight (a copy)
+            state_dict.pop("lm_head.weight", None)
+            del expected["lm_head.weight"]
+        check_state_dict(state_dict, expected)
+        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        cpu = torch.device(device or "cpu").type == "cpu"
+        for name, tensor in state_dict.items():
+            if cpu and name == head:
+                state_dict[name] = column_major(path, name, tensor, dtype)
+            else:
+                state_dict[name] = tensor.to(device=device, dtype=dtype)  # a no-op if they already match
+        model.load_state_dict(state_dict, strict=False, assign=True)  # checked above, with clearer errors
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rotary_emb.to(device or "cpu")  # its buffers aren't in the checkpoint: built on the CPU
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: sampling, beside its caller OlmoForCausalLM.generate above
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep
+    the top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose
+    probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to
+    # inf (inf - inf = NaN); below 1e-30, 1/t no longer fits float32, and the distribution is one-hot anyway.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, 1e-30)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+        # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, -math.inf)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_checkpoint(path, revision=None):
+    """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
+        raise ValueError(f"{path} is not a checkpoint directory")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub") from None
+    try:  # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
+        files = huggingface_hub.list_repo_files(path, revision=revision)
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+    except Exception:  # offline (HF_HUB_OFFLINE): whatever the cache holds; other errors come back below
+        weights = ["*.safetensors", "*.bin"]
+    patterns = ["*.json", "tokenizer*", "*.jinja", *weights]  # config, tokenizer, chat template, weights
+    try:
+        return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo or revision, no network: one line, not a traceback
+        at_revision = f" at revision {revision!r}" if revision else ""
+        raise ValueError(f"cannot fetch {path}{at_revision} from the hub ({type(e).__name__}); check the name "
+                         "and revision, or pass a local directory") from None
+
+
+def load_state_dict(path):
+    """Every tensor of the checkpoint, memory-mapped (the file's pages are read on demand, never copied)."""
+    state_dict = {}
+    for name in weight_files(path):
+        state_dict.update(load_file(os.path.join(path, name)))
+    return state_dict
+
+
+def weight_files(path):
+    """The checkpoint's weight files: model.safetensors, pytorch_model.bin, or the shards their index
+    lists."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if os.path.exists(os.path.join(path, index)):
+            weight_map = read_json_object(os.path.join(path, index)).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: weight_map must be an object mapping tensor names to files")
+            if not all(isinstance(f, str) and f and os.path.basename(f) == f for f in weight_map.values()):
+                raise ValueError(f"{index}: weight_map values must be file names in {path}")
+            return sorted(set(weight_map.values()))
+        if os.path.exists(os.path.join(path, single)):
+            return [single]
+    raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")
+
+
+def read_json_object(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return d
+
+
+def load_file(file):
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file as load_safetensors
+            return load_safetensors(file)  # memory-mapped by safetensors
+        # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run arbitrary code
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"cannot read {file}: it holds Python objects besides tensors, which are not loaded "
+                         "(unpickling them could run code)") from None
+    except Exception as e:
+        message = str(e).strip() or repr(e)  # its first line; the exception's type if it has no text
+        raise ValueError(f"cannot read {file}: {message.splitlines()[0]}") from None
+
+
+def check_state_dict(state_dict, expected):
+    """Names, shapes and kinds must match exactly: a wrong checkpoint must fail loudly, naming the tensor."""
+    for name, shape in expected.items():
+        if name not in state_dict:
+            raise ValueError(f"checkpoint is missing tensor {name}")
+        if state_dict[name].shape != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
+        if not state_dict[name].is_floating_point():  # casting integers to floats would silently run garbage
+            raise ValueError(f"tensor {name} has dtype {state_dict[name].dtype}; weights must be floating point")
+    for name in state_dict:
+        if name not in expected:
+            raise ValueError(f"checkpoint has unexpected tensor {name}")
+
+
+def column_major(path, name, tensor, dtype):
+    """The CPU BLAS multiplies one token by the (vocab, hidden) head faster when the matrix is stored
+    column by column (15-30% on an Intel Xeon, 1.5x and more on an AMD EPYC; same shape, same values). The
+    copy reads the head through a mapping of its own that closes right after, so the original's pages
+    leave memory: one copy."""
+    from safetensors import safe_open
+    for file in weight_files(path):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(path, file), "pt") as f:
+                if name in f.keys():
+                    tensor = f.get_tensor(name)
+                    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
+    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading config.json
+#
+# OlmoConfig.from_json reads the file as it comes: transformers 4.x writes a top-level rope_theta and
+# rope_scaling (with "type" or "rope_type"), transformers 5 writes rope_parameters, for OLMo 3 nested per
+# layer type. Every field is checked, its JSON type and its range, so a config we can't interpret fails with
+# one line naming file, field and value, instead of building a different model.
+
+
+def config_from_dict(cls, d, source):
+    """OlmoConfig.from_dict: every known field must have its JSON type (no "false" for false, no 128.0
+    for 128); unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the
+    source."""
+    try:
+        d = dict(d)
+        if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
+            d["dtype"] = d.get("torch_dtype")
+        theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
+        if d.get("rope_parameters") is None:  # transformers 4.x
+            if not isinstance(scaling, (dict, type(None))):
+                raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
+            d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
+        known = {f.name: f.type for f in fields(cls)}
+        for key, value in d.items():
+            if key in known and not fits(value, known[key]):
+                kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
+                raise ValueError(f"{key} must be {kind}, got {value!r}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def fits(value, annotation):
-    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is neither."""
+    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is
+    neither."""
     if isinstance(annotation, types.UnionType):
         return any(fits(value, a) for a in annotation.__args__)
     if typing.get_origin(annotation) is list:
@@ -172,12 +800,61 @@ def fits(value, annotation):
     return type(value) is annotation  # int, bool, str, dict, NoneType
 
 
+def require(config, ok, name, what):
+    if not ok:
+        raise ValueError(f"{name} must be {what}, got {getattr(config, name)!r}")
+
+
+def check_fields(c):
+    """The ranges of the fields every generation has, and how they fit together (OlmoConfig.__post_init__)."""
+    require(c, c.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
+            "'hf_olmo' or trainer checkpoints run convert.py first)")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings"):
+        require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
+    require(c, c.hidden_size % c.num_attention_heads == 0, "hidden_size",
+            f"divisible by num_attention_heads {c.num_attention_heads}")
+    require(c, c.num_attention_heads % c.num_key_value_heads == 0, "num_attention_heads",
+            f"divisible by num_key_value_heads {c.num_key_value_heads}")
+    require(c, c.head_dim % 2 == 0, "hidden_size", "num_attention_heads times an even head size (RoPE "
+            f"rotates pairs), not head size {c.head_dim}")
+    require(c, c.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        ids = getattr(c, name)  # None, an id or a list of ids
+        ids = [ids] if isinstance(ids, int) else ids or []
+        require(c, all(0 <= i < c.vocab_size for i in ids), name, f"null or in [0, {c.vocab_size})")
+    require(c, 0 <= c.attention_dropout < 1, "attention_dropout", "in [0, 1)")
+    require(c, math.isfinite(c.initializer_range) and c.initializer_range >= 0, "initializer_range", ">= 0")
+    # OLMo 2: the epsilon of its RMSNorms
+    require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
+    require(c, c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0, "clip_qkv", "None or > 0")
+    # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead)
+    require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
+    require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
+
+
+def rope_per_layer_type(c, default_theta):
+    """Checks OLMo 3's layer_types and sliding_window; then rope_parameters, flat or per layer type -> {layer
+    type: its settings checked, every default filled}, for the layer types the model has."""
+    require(c, len(c.layer_types) == c.num_hidden_layers and
+            set(c.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
+            f"{c.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+    # OLMo 3: a window holds at least the query itself
+    require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
+    rope = c.rope_parameters or {}
+    require(c, isinstance(rope, dict), "rope_parameters", "an object")
+    if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
+        rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
+    return {kind: check_rope(rope.get(kind) or {}, default_theta, c.max_position_embeddings, kind)
+            for kind in sorted(set(c.layer_types))}
+
+
 def positive(v):
     return type(v) in (int, float) and 0 < v < math.inf
 
 
-# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
-# refused. YaRN's defaults are transformers'.
+# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all
+# else is refused. YaRN's defaults are transformers'; those that are None (unset) it computes from the others.
 FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
 ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
     **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
@@ -200,637 +877,56 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
         raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
     out = {"rope_type": rope_type}
     for key, (default, ok, what) in takes.items():
-        value = out[key] = default if rope.get(key) is None else rope[key]
-        if not ok(value) if value is not None else key == "factor":
+        value = default if rope.get(key) is None else rope[key]  # null is the same as absent
+        if (value is not None or key == "factor") and not ok(value):  # YaRN computes its unset (None) keys
             raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
+        out[key] = value
     if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
         out["original_max_position_embeddings"] = max_position_embeddings
     return out
-
-
-# The MLP gate's activations, by the names config.json uses (transformers' ACT2FN).
-ACT2FN = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
-
-# ----------------------------------------------------------------------------------------------------------------
-# Norm
-
-
-class OlmoLayerNorm(nn.Module):
-    """LayerNorm with no learnable weight or bias (OLMo 1's choice, for training stability and speed).
-    Computed in float32 even for bf16 activations, like transformers, so the statistics don't lose precision."""
-
-    def __init__(self, hidden_size):
-        super().__init__()
-        self.normalized_shape = (hidden_size,)
-
-    def forward(self, x):
-        return F.layer_norm(x.float(), self.normalized_shape, eps=1e-5).to(x.dtype)
-
-
-class OlmoRMSNorm(nn.Module):
-    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias). In float32; the weight multiplies the
-    float32 result before the cast back, exactly as transformers' Olmo2RMSNorm (the order matters in bf16)."""
-
-    def __init__(self, hidden_size, eps):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * h).to(x.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rotary position embedding (RoPE), rotate-half layout
-#
-# Each head vector is split in two halves (x1, x2); frequency i rotates the pair (x1[i], x2[i]) by the angle
-# position * inv_freq[i]. Rotating q and k by their positions makes q.k depend only on the distance between them.
-# Scaling stretches a model past the context it was trained on: linear divides every frequency, dynamic NTK raises
-# the base once a sequence is longer, YaRN (OLMo 3) interpolates only the slow frequencies.
-
-
-class OlmoRotaryEmbedding(nn.Module):
-    def __init__(self, config, kind="full_attention"):
-        super().__init__()
-        self.config = config
-        self.dim = config.head_dim
-        rope = config.rope_parameters[kind]
-        self.rope_type, self.theta, self.factor = rope["rope_type"], rope["rope_theta"], rope.get("factor", 1.0)
-        # Computed on the CPU even when the model is built on the meta device: a few numbers that no checkpoint
-        # holds. Linear scaling ("position interpolation") divides every position, i.e. every frequency, by factor.
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim
-        inv_freq = 1.0 / self.theta ** exponents  # (dim/2,)
-        self.attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
-        if self.rope_type == "linear":
-            inv_freq = inv_freq / self.factor
-        elif self.rope_type == "yarn":
-            inv_freq, self.attention_factor = yarn(self.theta ** exponents, rope, self.dim, self.theta)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("exponents", exponents, persistent=False)
-
-    def dynamic_inv_freq(self, position_ids):
-        # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so long-wavelength
-        # dimensions interpolate while short ones keep their resolution. Like transformers, "the sequence" is the
-        # largest position in this call; up to max_position_embeddings this is the unscaled base. So while decoding
-        # past it, each step rotates with new frequencies but the cached keys keep the ones they were rotated with:
-        # transformers behaves exactly so, and cached decoding then differs from a full forward (test_olmo.py checks
-        # both). Written with tensor ops (no .item()) so the decode step still compiles into one graph.
-        max_pos = self.config.max_position_embeddings
-        seq_len = position_ids.max() + 1
-        base = self.theta * (self.factor * seq_len.float() / max_pos - (self.factor - 1)) ** (
-            self.dim / (self.dim - 2))
-        return torch.where(seq_len > max_pos, 1.0 / base ** self.exponents, self.inv_freq)
-
-    def forward(self, position_ids):
-        """position_ids (B, T) -> cos, sin (B, T, head_dim), float32."""
-        inv_freq = self.dynamic_inv_freq(position_ids) if self.rope_type == "dynamic" else self.inv_freq
-        freqs = position_ids[..., None].float() * inv_freq  # (B, T, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # both halves of a pair turn by the same angle
-        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
-
-
-def yarn(wavelengths, s, dim, theta):
-    """OLMo 3: YaRN (Peng et al., 2023). Frequencies that turn more than beta_fast times over the original context
-    keep their value (extrapolate), those turning fewer than beta_slow times are divided by factor (interpolate),
-    with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. Arithmetic as in transformers."""
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    factor, original = s["factor"], s["original_max_position_embeddings"]
-    attention_factor = s["attention_factor"]
-    if attention_factor is None:
-        attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"]) \
-            if s["mscale"] and s["mscale_all_dim"] else mscale(factor)
-
-    def correction_dim(rotations):  # the dimension whose frequency turns `rotations` times over the context
-        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low, high = correction_dim(s["beta_fast"]), correction_dim(s["beta_slow"])
-    if s["truncate"]:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    high = high + 0.001 if high == low else high
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
-    extrapolation = 1 - ramp  # 1: keep the frequency, 0: divide it by factor
-    return (1.0 / (factor * wavelengths) * (1 - extrapolation) + 1.0 / wavelengths * extrapolation,
-            attention_factor)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(x, cos, sin):
-    """x (B, heads, T, head_dim), cos/sin (B, T, head_dim). The product runs in float32, as in transformers."""
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Attention
-
-
-def causal_mask(query_slots, key_valid, window=None):
-    """The one masking rule, for the full forward, prefill and decode alike. query_slots (T,) the queries' cache
-    slots; key_valid (B, S) bool, False at padding -> (B, 1, T, S) bool, True = may attend: key j is visible to the
-    query in slot i if j <= i, j holds a real token, and (OLMo 3's sliding layers) i - j < window. Every query also
-    sees itself, so a padding query has one finite score instead of a softmax over nothing (NaN); its output is
-    never used, since real tokens never attend to padding."""
-    i, j = query_slots[:, None], torch.arange(key_valid.shape[1], device=key_valid.device)
-    visible = j <= i  # (T, S)
-    if window is not None:
-        visible = visible & (i - j < window)
-    return (visible & key_valid[:, None, None, :]) | (i == j)
-
-
-class KVCache(nn.Module):
-    """Keys and values of every slot so far, (B, kv_heads, S, head_dim), written in place (see grow_cache)."""
-
-    def __init__(self, batch_size, length, num_kv_heads, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, num_kv_heads, length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, slots, k, v):
-        """Write k, v (B, kv_heads, T, head_dim) at slots (T,); return the whole cache."""
-        self.k_cache.index_copy_(2, slots, k)
-        self.v_cache.index_copy_(2, slots, v)
-        return self.k_cache, self.v_cache
-
-
-class OlmoAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        if config.norm_after:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
-            self.q_norm = OlmoRMSNorm(self.num_heads * self.head_dim, config.rms_norm_eps)
-            self.k_norm = OlmoRMSNorm(self.num_kv_heads * self.head_dim, config.rms_norm_eps)
-        self.kv_cache = None  # set by OlmoForCausalLM.grow_cache
-
-    def forward(self, x, cos, sin, mask, slots=None):
-        """x (B, T, hidden); mask (B, 1, T, S) bool, True = may attend, or None: plain causal over S = T keys;
-        slots (T,) cache slots to write, or None to attend only within x (S = T)."""
-        B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.config.norm_after:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.config.clip_qkv is not None:  # OLMo-0424+: bounds activations, stabilising training
-            c = self.config.clip_qkv
-            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
-        if slots is not None:  # attend over the cache's first S slots, S the mask's width (see setup_cache)
-            S = T if mask is None else mask.shape[-1]
-            k, v = (t[:, :, :S] for t in self.kv_cache.update(slots, k, v))  # (B, kv_heads, S, head_dim)
-        # One fused kernel for softmax(q k^T / sqrt(head_dim) + mask) v (without a mask: the causal kernel, which
-        # skips the masked half). enable_gqa lets each group of query heads share a key/value head without copies.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.config.attention_dropout if self.training else 0.0,
-            is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, heads, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(y)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# MLP
-
-
-class OlmoMLP(nn.Module):
-    """Gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x))."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Block
-
-
-class OlmoDecoderLayer(nn.Module):
-    """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its output,
-    before the residual add, so the residual stream itself is never rescaled (their stability fix):
-
-        OLMo 1                                        OLMo 2 and 3
-        x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
-        x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.norm_after = config.norm_after
-        self.self_attn = OlmoAttention(config)
-        self.mlp = OlmoMLP(config)
-        if self.norm_after:
-            self.post_attention_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.post_feedforward_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
-        else:
-            self.input_layernorm = OlmoLayerNorm(config.hidden_size)
-            self.post_attention_layernorm = OlmoLayerNorm(config.hidden_size)
-
-    def forward(self, x, cos, sin, mask, slots=None):
-        if self.norm_after:
-            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, slots))
-            return x + self.post_feedforward_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model
-
-
-class OlmoModel(nn.Module):
-    """Token ids -> final hidden states (B, T, hidden)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        # _weight: left uninitialised (the checkpoint or _init_weights fills it); nn.Embedding's own init is slow
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps) if config.norm_after else \
-            OlmoLayerNorm(config.hidden_size)
-        # OLMo 3: a RoPE per layer type (scaling stretches the full-attention layers; sliding ones stay plain)
-        self.rotary_emb = nn.ModuleDict({kind: OlmoRotaryEmbedding(config, kind) for kind in config.rope_parameters})
-
-    def forward(self, input_ids, position_ids, query_slots, key_valid, slots=None, plain=False):
-        """input_ids, position_ids (B, T); query_slots (T,) the tokens' slots; key_valid (B, S) which slots hold
-        real tokens; slots: query_slots again to write the KV cache, or None to attend only within input_ids.
-        plain: the queries are all S slots, none padding, so full attention needs no mask (a faster kernel)."""
-        x = self.embed_tokens(input_ids)  # (B, T, hidden)
-        # RoPE tables and masks once per layer type, shared by every layer of that type
-        rope = {kind: emb(position_ids) for kind, emb in self.rotary_emb.items()}
-        masks = {kind: None if plain and kind == "full_attention" else causal_mask(
-            query_slots, key_valid, self.config.sliding_window if kind == "sliding_attention" else None)
-            for kind in rope}
-        for layer, kind in zip(self.layers, self.config.layer_types):
-            x = layer(x, *rope[kind], masks[kind], slots)
-        return self.norm(x)
-
-
-def positions_from_mask(attention_mask):
-    """attention_mask (B, T) of 1/0 -> RoPE positions (B, T): left padding doesn't count, so a padded row gets the
-    positions it would have alone (what transformers' generate computes too)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def check_ids(input_ids, vocab_size):
-    """Token ids outside the vocabulary would index past the embedding (or, in NumPy, wrap around): refuse them."""
-    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
-    if len(bad):
-        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
-
-
-class OlmoForCausalLM(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.model = OlmoModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.cached_ids = []  # the tokens whose keys and values the cache holds, for a one-row batch (see generate)
-        if not self.lm_head.weight.is_meta:  # on the meta device (from_pretrained) there is nothing to fill
-            self.apply(self._init_weights)
-
-    def _init_weights(self, module):  # transformers' init, for fresh models (tests, training from scratch)
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            module.weight.data[module.padding_idx].zero_()
-
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        """The full forward, no cache: input_ids (B, T), attention_mask (B, T) 1 = token, 0 = left padding.
-        Returns logits (B, T, vocab); with labels (B, T) returns (logits, loss), where loss is the mean
-        cross-entropy of predicting token t+1 from positions <= t, over labels that aren't -100 (as transformers).
-        Logits at padding positions are meaningless."""
-        check_ids(input_ids, self.config.vocab_size)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        slots = torch.arange(input_ids.shape[1], device=input_ids.device)
-        hidden = self.model(input_ids, positions_from_mask(attention_mask), slots, attention_mask.bool(),
-                            plain=bool(attention_mask.all()))
-        logits = self.lm_head(hidden)
-        if labels is None:
-            return logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return logits, loss
-
-    # ------------------------------------------------------------------------------------------------------------
-    # KV cache and generation
-    #
-    # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the cache; then
-    # decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th token of the
-    # (left-padded) batch row; its RoPE position is s minus the row's padding.
-
-    def grow_cache(self, batch_size, needed):
-        """Make every layer's cache hold at least `needed` slots, keeping what it holds, in powers of two (at least
-        256): a large max_new_tokens costs nothing until its tokens are produced."""
-        cache, p, c = self.model.layers[0].self_attn.kv_cache, self.lm_head.weight, self.config
-        k = None if cache is None else cache.k_cache  # (B, kv_heads, length, head_dim)
-        same = k is not None and (k.shape[0], k.dtype, k.device) == (batch_size, p.dtype, p.device)
-        length = k.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
-        if needed <= length:
-            return
-        self.cached_ids = self.cached_ids if same else []
-        new_length = max(256, 1 << (needed - 1).bit_length())
-        try:
-            for layer in self.model.layers:
-                old, layer.self_attn.kv_cache = layer.self_attn.kv_cache, None  # free before allocating
-                new = KVCache(batch_size, new_length, c.num_key_value_heads, c.head_dim, p.dtype, p.device)
-                if length:
-                    new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
-                layer.self_attn.kv_cache = new
-        except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as a RuntimeError
-            self.cached_ids = []
-            for layer in self.model.layers:
-                layer.self_attn.kv_cache = None
-            raise MemoryError(f"out of memory growing the KV cache to {new_length} tokens") from e
-        self.slots = torch.arange(new_length, device=p.device)
-
-    def setup_cache(self, attention_mask, length):
-        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots hold real
-        tokens (not the prompt's padding). Steps attend over S = `length` rounded up to a power of two: a static
-        shape per doubling (as torch.compile and CUDA graphs need), at most twice what is filled, at any capacity."""
-        width = max(256, 1 << (length - 1).bit_length())
-        self.grow_cache(attention_mask.shape[0], width)
-        self.key_valid = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]), value=True)
-
-    def prefill(self, input_ids, attention_mask, start=0):
-        """input_ids, attention_mask (B, T), cache slots < start already filled -> last position's logits (B, vocab)."""
-        T = input_ids.shape[1]
-        slots = self.slots[start:T]  # keys past T are later than every query here: attend over the first T only
-        hidden = self.model(input_ids[:, start:], positions_from_mask(attention_mask)[:, start:], slots,
-                            self.key_valid[:, :T], slots, plain=start == 0 and bool(attention_mask.all()))
-        return self.lm_head(hidden[:, -1])  # the vocab projection only where we sample: (B, vocab)
-
-    def decode_one_token(self, token, slot, position_ids):
-        """token, position_ids (B, 1); slot (1,) the cache slot -> logits (B, vocab)."""
-        hidden = self.model(token, position_ids, slot, self.key_valid, slot)
-        return self.lm_head(hidden[:, -1])
-
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
-                 attention_mask=None, generator=None, callback=None):
-        """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding).
-        Returns (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has produced
-        an EOS (rows that finish early are filled with pad_token_id after it, as in transformers).
-        temperature=0 is greedy; callback(tokens (B,)) is called with each step's tokens (for streaming)."""
-        check_ids(input_ids, self.config.vocab_size)
-        B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
-                           device=input_ids.device).reshape(-1)  # an int or a list of ints
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
-        # A one-row batch keeps the cached keys and values of the longest prefix it shares with the last call (a
-        # chat's history) and prefills only the rest: exactly what starting afresh gives, since a slot's keys depend
-        # only on the tokens up to it. Not with dynamic RoPE past the trained length (frequencies per call length).
-        dynamic = any(rope["rope_type"] == "dynamic" for rope in self.config.rope_parameters.values())
-        limit = self.config.max_position_embeddings if dynamic else math.inf
-        keep = B == 1 and bool(attention_mask.all())
-        self.setup_cache(attention_mask, T + 1)
-        start, ids = 0, input_ids[0].tolist()
-        while keep and T <= limit and start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
-            start += 1
-        self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
-        next_position = attention_mask.sum(-1, keepdim=True)  # (B, 1): RoPE position of the first new token
-        tokens = [input_ids]
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        if max_new_tokens > 0:
-            logits = self.prefill(input_ids, attention_mask, start)
-            self.cached_ids = ids if keep and T <= limit else []
-        for i in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-            token = token.masked_fill(finished, pad)
-            tokens.append(token[:, None])
-            if callback is not None:
-                callback(token)
-            if len(eos):
-                finished |= torch.isin(token, eos)
-                if finished.all():
-                    break
-            if i + 1 < max_new_tokens:
-                if T + i + 1 > self.key_valid.shape[1]:
-                    self.setup_cache(attention_mask, T + i + 1)
-                # the slot as a view of self.slots: a new tensor per step would be a host-to-device copy (a GPU stall)
-                logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
-                if keep and T + i + 1 <= limit and len(self.cached_ids) == T + i:
-                    self.cached_ids.append(int(token[0]))
-        return torch.cat(tokens, dim=1)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Loading
-
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, revision=None):
-        """Load a checkpoint directory as the hub ships it (config.json + safetensors or pytorch_model.bin, single
-        or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded with huggingface_hub, at `revision`:
-        a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints "step1000-tokens4B").
-        dtype None keeps the checkpoint's own (config.json's dtype or torch_dtype), as transformers 5 does."""
-        path = resolve_checkpoint(path, revision)
-        config = OlmoConfig.from_json(os.path.join(path, "config.json"))
-        dtype = dtype or getattr(torch, config.dtype or "float32")
-        with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
-            model = cls(config)
-        state_dict = load_state_dict(path)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if config.tie_word_embeddings:  # tied checkpoints may or may not store lm_head.weight (a copy)
-            state_dict.pop("lm_head.weight", None)
-            del expected["lm_head.weight"]
-        check_state_dict(state_dict, expected)
-        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        cpu = torch.device(device or "cpu").type == "cpu"
-        state_dict = {k: column_major(path, k, v, dtype) if cpu and k == head else
-                      v.to(device=device, dtype=dtype) for k, v in state_dict.items()}  # .to: no-op if they match
-        model.load_state_dict(state_dict, strict=False, assign=True)  # strictness checked above, with clearer errors
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model.model.rotary_emb.to(device or "cpu")  # its buffers aren't in the checkpoint: built on the CPU
-        return model.eval()
-
-
-def check_state_dict(state_dict, expected):
-    """Names, shapes and kinds must match exactly: a wrong checkpoint must fail loudly, naming the tensor."""
-    for name, shape in expected.items():
-        if name not in state_dict:
-            raise ValueError(f"checkpoint is missing tensor {name}")
-        if state_dict[name].shape != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
-        if not state_dict[name].is_floating_point():  # casting integers to floats would silently run garbage
-            raise ValueError(f"tensor {name} has dtype {state_dict[name].dtype}; weights must be floating point")
-    for name in state_dict:
-        if name not in expected:
-            raise ValueError(f"checkpoint has unexpected tensor {name}")
-
-
-def resolve_checkpoint(path, revision=None):
-    """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub."""
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
-        raise ValueError(f"{path} is not a checkpoint directory")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub") from None
-    try:  # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
-        files = huggingface_hub.list_repo_files(path, revision=revision)
-        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
-    except Exception:  # offline (HF_HUB_OFFLINE): whatever the cache holds; other errors come back below
-        weights = ["*.safetensors", "*.bin"]
-    try:
-        return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=["*.json", "tokenizer*",
-                                                                                          "*.jinja", *weights])
-    except Exception as e:  # offline, unknown repo or revision, no network: one line, not a traceback
-        raise ValueError(f"cannot fetch {path}{f' at revision {revision!r}' if revision else ''} from the hub "
-                         f"({type(e).__name__}); check the name and revision, or pass a local directory") from None
-
-
-def column_major(path, name, tensor, dtype):
-    """The CPU BLAS multiplies one token by the (vocab, hidden) head faster when the matrix is stored column by
-    column (15-30% on an Intel Xeon, 1.5x and more on an AMD EPYC; same shape, same values). The copy reads the
-    head through a mapping of its own that closes right after, so the original's pages leave memory: one copy."""
-    from safetensors import safe_open
-    for file in weight_files(path):
-        if file.endswith(".safetensors"):
-            with safe_open(os.path.join(path, file), "pt") as f:
-                if name in f.keys():
-                    tensor = f.get_tensor(name)
-                    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
-    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
-
-
-def load_state_dict(path):
-    """Every tensor of the checkpoint, memory-mapped (the file's pages are read on demand, never copied)."""
-    state_dict = {}
-    for name in weight_files(path):
-        state_dict.update(load_file(os.path.join(path, name)))
-    return state_dict
-
-
-def weight_files(path):
-    """The checkpoint's weight files: model.safetensors, pytorch_model.bin, or the shards their index lists."""
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if os.path.exists(os.path.join(path, index)):
-            try:
-                with open(os.path.join(path, index)) as f:
-                    weight_map = json.load(f)["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-                raise ValueError(f"cannot read {index}: {e}") from None
-            if not all(isinstance(f, str) and f and os.path.basename(f) == f for f in files):
-                raise ValueError(f"{index}: weight_map values must be file names in {path}")
-            break
-        if os.path.exists(os.path.join(path, single)):
-            files = [single]
-            break
-    else:
-        raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")
-    return files
-
-
-def load_file(file):
-    try:
-        if file.endswith(".safetensors"):
-            from safetensors.torch import load_file as load_safetensors
-            return load_safetensors(file)  # memory-mapped by safetensors
-        # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run arbitrary code
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"cannot read {file}: it holds Python objects besides tensors, which are not loaded "
-                         "(unpickling them could run code)") from None
-    except Exception as e:
-        raise ValueError(f"cannot read {file}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling
-
-
-def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep the
-    top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose probability
-    reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to inf
-    # (inf - inf = NaN); below 1e-30, 1/t no longer fits float32, and the distribution is one-hot anyway.
-    logits = logits.float()
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, 1e-30)
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
-        # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
-        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, -math.inf)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: cli.py holds the command line both twins share; this is what it needs from torch.
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype's names
+
+
+def available_devices():
+    """The devices torch can run on here, the default first: cuda (and each cuda:N), then mps, then cpu."""
+    cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    return cuda + mps + ["cpu"]
 
 
 class Backend:
     name = "PyTorch"
 
     def add_arguments(self, p):
-        p.add_argument("--model", default="allenai/OLMo-1B-hf", help="checkpoint directory or hub id "
-                                                                     "(default: %(default)s)")
+        p.add_argument("--model", default="allenai/OLMo-1B-hf",
+                       help="checkpoint directory or hub id (default: %(default)s)")
         p.add_argument("--revision", help="hub revision: branch, tag or commit, e.g. an intermediate training "
                                           "checkpoint such as step1000-tokens4B (default: the latest)")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-        p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU; on the CPU the checkpoint's own "
-                                                       "(config.json's dtype or torch_dtype, else float32)")
+        p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU; on the CPU the checkpoint's "
+                                                       "own (config.json's dtype or torch_dtype, else float32)")
         p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
 
     def load(self, args):
-        cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-        available = cuda + ["mps"] * torch.backends.mps.is_available() + ["cpu"]  # the first is the default
+        available = available_devices()
         device = args.device or available[0]
         if device not in available:
             raise ValueError(f"--device {device} is not available here (available: {', '.join(available)})")
-        dtype = args.dtype or (None if device == "cpu" else "bfloat16")  # a bf16 7B stays 14 GB on a laptop
+        default_dtype = None if device == "cpu" else "bfloat16"  # None: the checkpoint's; a bf16 7B is 14 GB
         if args.seed is not None:
             torch.manual_seed(args.seed)
         path = resolve_checkpoint(args.model, args.revision)
-        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=dtype and DTYPES[dtype])
+        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES.get(args.dtype or default_dtype))
         self.name = f"PyTorch on {device}, {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
-        if args.compile:  # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps;
-            # rounding after every op as eager does keeps bf16's tokens (fused kernels would round once)
+        if args.compile:
+            # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps; rounding
+            # after every op as eager does keeps bf16's tokens (fused kernels would round once)
             options = {"triton.cudagraphs": device.startswith("cuda"), "emulate_precision_casts": True}
             model.decode_one_token = torch.compile(model.decode_one_token, fullgraph=True, options=options)
         return model, path

@@ -1,16 +1,17 @@
 """OLMo (1, 2 and 3) in one readable NumPy file: olmo.py's twin, with every matrix product written out.
 
-Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP and the
-KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the .safetensors
-reader is a few lines of header parsing over a memory map. It tells olmo.py's story in olmo.py's order, with the
-same names where the concept is the same (OLMo 2 and 3 again under "OLMo 2:" and "OLMo 3:" comments), so the two
-read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the tests check both). It needs
-only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32; float16 and bfloat16 checkpoints are
-widened to float32 when they load. Local checkpoint directories only (hub ids would need huggingface_hub).
+Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP
+and the KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the
+.safetensors reader is a few lines of header parsing over a memory map. It tells olmo.py's story in olmo.py's
+order, with the same names where the concept is the same (OLMo 2 and 3 again under "OLMo 2:" and "OLMo 3:"
+comments), so the two read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the
+tests check both). It needs only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32;
+float16 and bfloat16 checkpoints are widened to float32 when they load. Local checkpoint directories only (hub
+ids would need huggingface_hub).
 
-Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads, D head_dim.
-A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is what RoPE rotates
-by: the slot minus the row's left padding.
+Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
+D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
+what RoPE rotates by: the slot minus the row's left padding.
 
     python olmo_numpy.py --model path/to/OLMo-1B-hf --prompt "Language models are"
 """
@@ -26,25 +27,29 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-# Threads: NumPy's BLAS keeps its default, a thread per core, on purpose: a real model's decode step streams every
-# weight from memory, which one core alone doesn't do at full speed (160m: 30 vs 45 ms per token with a second core
-# free). For tiny models, or cores busy with other work, one thread is faster: set OPENBLAS_NUM_THREADS=1.
+# Threads: NumPy's BLAS keeps its default, a thread per core, on purpose: a real model's decode step streams
+# every weight from memory, which one core alone doesn't do at full speed (160m: 30 vs 45 ms per token with a
+# second core free). For tiny models, or cores busy with other work, one thread is faster:
+# set OPENBLAS_NUM_THREADS=1.
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config (the same dataclass and checks as olmo.py's, repeated on purpose: this file imports nothing from it)
+# Config
+#
+# The same dataclass as olmo.py's, repeated on purpose: this file imports nothing from it.
 
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig, with its defaults (the OLMo-7B shape), plus the few OLMo 2 and 3 add."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2
+    and 3 add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
     num_hidden_layers: int = 32  # number of decoder blocks
-    num_attention_heads: int = 32  # query heads; head_dim = hidden_size // num_attention_heads
-    num_key_value_heads: int | None = None  # key/value heads: None = num_attention_heads (MHA), 1 = MQA, else GQA
+    num_attention_heads: int = 32  # H, query heads; head_dim D = hidden_size // H
+    num_key_value_heads: int | None = None  # KV, key/value heads: None = H (MHA), 1 = MQA, else GQA
     hidden_act: str = "silu"  # the MLP gate's activation (SwiGLU with silu)
     max_position_embeddings: int = 2048  # context length trained on; dynamic RoPE scales beyond it
     initializer_range: float = 0.02  # std of the normal init of fresh weights (unused here: we only load)
@@ -54,64 +59,33 @@ class OlmoConfig:
     eos_token_id: int | list[int] | None = 50279  # generation stops at this token ("<|endoftext|>")
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (OLMo-1B) or not (OLMo-7B)
     # RoPE per layer type, as transformers 5 holds it: {"full_attention": {"rope_type": "default" | "linear" |
-    # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict (or
-    # 4.x's rope_theta and rope_scaling) means the full-attention layers; the base defaults to 10000 (OLMo 3: 5e5)
+    # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict
+    # (or 4.x's rope_theta and rope_scaling) means the full-attention layers. The base defaults to 10000.
     rope_parameters: dict | None = None
     attention_bias: bool = False  # biases on q/k/v/o projections
     attention_dropout: float = 0.0  # dropout on attention probabilities, in training only (none here)
-    clip_qkv: float | None = None  # OLMo 1: clamp q, k and v to [-clip_qkv, clip_qkv] (OLMo-7B-0424 uses 8.0)
+    clip_qkv: float | None = None  # OLMo 1 only: clamp q, k and v to [-clip_qkv, clip_qkv] (7B-0424: 8.0)
     rms_norm_eps: float = 1e-5  # OLMo 2: the epsilon of its RMSNorms
     sliding_window: int | None = None  # OLMo 3: a query sees this many keys (itself included); None: 4096
     layer_types: list[str] | None = None  # OLMo 3: per layer "full_attention" or "sliding_attention"
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
 
     def __post_init__(self):
-        def require(ok, name, what):
-            if not ok:
-                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
-
-        require(self.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
-                "'hf_olmo' or trainer checkpoints run convert.py first)")
+        """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
+        of the fields it relies on."""
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            require(1 <= getattr(self, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
-        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                f"divisible by num_attention_heads {self.num_attention_heads}")
-        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
-                f"divisible by num_key_value_heads {self.num_key_value_heads}")
-        require(self.head_dim % 2 == 0, "hidden_size", f"num_attention_heads times an even head size (RoPE "
-                f"rotates pairs), not head size {self.head_dim}")
-        require(self.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            ids = getattr(self, name)
-            ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
-            require(all(0 <= i < self.vocab_size for i in ids), name, f"null or in [0, {self.vocab_size})")
-        require(0 <= self.attention_dropout < 1, "attention_dropout", "in [0, 1)")
-        require(math.isfinite(self.initializer_range) and self.initializer_range >= 0, "initializer_range", ">= 0")
-        require(math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
-        require(self.clip_qkv is None or math.isfinite(self.clip_qkv) and self.clip_qkv > 0, "clip_qkv", "None or > 0")
-        require(self.clip_qkv is None or self.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
-        require(self.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
-        # OLMo 3: three sliding-window layers, then one full-attention layer, unless config.json lists them
-        olmo3 = self.model_type == "olmo3"
-        if olmo3 and self.sliding_window is None:
-            self.sliding_window = 4096
-        if self.layer_types is None or not olmo3:  # earlier generations have full attention everywhere
-            self.layer_types = ["sliding_attention" if olmo3 and i % 4 != 3 else "full_attention"
-                                for i in range(self.num_hidden_layers)]
-        require(len(self.layer_types) == self.num_hidden_layers and
-                set(self.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
-                f"{self.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
-        require(not olmo3 or 1 <= self.sliding_window, "sliding_window", ">= 1")
-        rope = self.rope_parameters or {}
-        require(isinstance(rope, dict), "rope_parameters", "an object")
-        if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full layers' settings
-            rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
-        theta = 500000.0 if olmo3 else 10000.0
-        self.rope_parameters = {kind: check_rope(rope.get(kind) or {}, theta, self.max_position_embeddings, kind)
-                                for kind in sorted(set(self.layer_types))}
+        check_fields(self)
+        rope_theta = 10000.0  # RoPE's base, where config.json gives none
+        layer_types = ["full_attention"] * self.num_hidden_layers  # every layer attends to all earlier tokens
+        if self.model_type == "olmo3":  # OLMo 3: 3 sliding-window layers in 4, unless config.json lists them
+            rope_theta = 500000.0
+            if self.sliding_window is None:
+                self.sliding_window = 4096
+            pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
+            layer_types = pattern if self.layer_types is None else self.layer_types
+        self.layer_types = layer_types
+        self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
     @property
     def head_dim(self):
@@ -119,165 +93,24 @@ class OlmoConfig:
 
     @property
     def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer (see decoder_layer)."""
+        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer."""
         return self.model_type != "olmo"
+
+    @property
+    def dynamic_rope(self):
+        """Whether RoPE's frequencies change with the sequence's length (dynamic NTK scaling past
+        max_position_embeddings): then keys cached at one length can't be reused at another."""
+        return any(rope["rope_type"] == "dynamic" for rope in self.rope_parameters.values())
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
-        """Read a config.json as transformers 4.x writes it (top-level rope_theta, rope_scaling with "type" or
-        "rope_type") or as transformers 5 does (rope_parameters, for OLMo 3 nested per layer type). Every known
-        field must have its JSON type (no "false" for false, no 128.0 for 128); unknown keys (architectures,
-        transformers_version, ...) are irrelevant. Errors name the source."""
-        try:
-            d = dict(d)
-            if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
-                d["dtype"] = d.get("torch_dtype")
-            theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
-            if d.get("rope_parameters") is None:  # transformers 4.x
-                if not isinstance(scaling, (dict, type(None))):
-                    raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
-                d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
-            known = {f.name: f.type for f in fields(cls)}
-            for key, value in d.items():
-                if key in known and not fits(value, known[key]):
-                    kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
-                    raise ValueError(f"{key} must be {kind}, got {value!r}")
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        """A config.json's object -> OlmoConfig, every field checked; errors name `source`."""
+        return config_from_dict(cls, d, source)
 
     @classmethod
     def from_json(cls, path):
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, ValueError, RecursionError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        return cls.from_dict(d, path)
+        return cls.from_dict(read_json_object(path), path)
 
-
-def fits(value, annotation):
-    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is neither."""
-    if isinstance(annotation, types.UnionType):
-        return any(fits(value, a) for a in annotation.__args__)
-    if typing.get_origin(annotation) is list:
-        return type(value) is list and all(fits(v, typing.get_args(annotation)[0]) for v in value)
-    if annotation is float:
-        return type(value) in (int, float)
-    return type(value) is annotation  # int, bool, str, dict, NoneType
-
-
-def positive(v):
-    return type(v) in (int, float) and 0 < v < math.inf
-
-
-# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all else is
-# refused. YaRN's defaults are transformers'.
-FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
-ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
-    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
-    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
-    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
-    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
-
-
-def check_rope(rope, default_theta, max_position_embeddings, kind):
-    """One layer type's RoPE settings ("type" or "rope_type", "rope_theta", "factor", YaRN's keys) -> the same
-    with "rope_type", "rope_theta" and every default filled in."""
-    where = f"rope_parameters[{kind!r}]"
-    if not isinstance(rope, dict):
-        raise ValueError(f"{where} must be an object, got {rope!r}")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"{where} rope_type must be one of {', '.join(ROPE_TYPES)}, got {rope_type!r}")
-    takes = {"rope_theta": (default_theta, positive, "a finite number > 0"), **ROPE_TYPES[rope_type]}
-    for key in rope.keys() - takes.keys() - {"rope_type", "type"}:
-        raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
-    out = {"rope_type": rope_type}
-    for key, (default, ok, what) in takes.items():
-        value = out[key] = default if rope.get(key) is None else rope[key]
-        if not ok(value) if value is not None else key == "factor":
-            raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
-    if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
-        out["original_max_position_embeddings"] = max_position_embeddings
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Weights: the tensors olmo.py's modules hold, by their transformers names, and the one operation on them
-
-
-def weight_shapes(config):
-    """Every tensor the model needs, by transformers' name -> shape: what olmo.py's module tree declares.
-    A linear layer's weight is (out_features, in_features), as checkpoints store it; it is applied as x @ W.T."""
-    C, I, D = config.hidden_size, config.intermediate_size, config.head_dim
-    H, KV = config.num_attention_heads, config.num_key_value_heads
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, C)}
-    for i in range(config.num_hidden_layers):
-        layer, attn, mlp = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        for proj, out_features, in_features in (("q_proj", H * D, C), ("k_proj", KV * D, C),
-                                                ("v_proj", KV * D, C), ("o_proj", C, H * D)):
-            shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
-            if config.attention_bias:
-                shapes[f"{attn}.{proj}.bias"] = (out_features,)
-        shapes[f"{mlp}.gate_proj.weight"] = shapes[f"{mlp}.up_proj.weight"] = (I, C)
-        shapes[f"{mlp}.down_proj.weight"] = (C, I)
-        if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
-            shapes[f"{attn}.q_norm.weight"], shapes[f"{attn}.k_norm.weight"] = (H * D,), (KV * D,)
-            shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
-            shapes[f"{layer}.post_feedforward_layernorm.weight"] = (C,)
-    if config.norm_after:
-        shapes["model.norm.weight"] = (C,)
-    shapes["lm_head.weight"] = (config.vocab_size, C)
-    return shapes
-
-
-def linear(x, weights, name):
-    """x (..., in) -> (..., out): x W^T + b, with W (out, in) as stored. The .T is a view: nothing is copied."""
-    y = x @ weights[f"{name}.weight"].T
-    bias = weights.get(f"{name}.bias")
-    return y if bias is None else y + bias
-
-
-# The MLP gate's activations, by the names config.json uses (transformers' ACT2FN).
-
-
-def silu(x):
-    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -88; x / inf = -0 is the right limit
-        return x / (1.0 + np.exp(-x))
-
-
-def erf(x):
-    """The error function, which NumPy lacks (math.erf is one Python call per element): Abramowitz & Stegun
-    7.1.26, absolute error below 1.5e-7, evaluated in float64 so that only the final rounding to float32 (half an
-    ulp, <= 3e-8) adds to it. The bound is absolute, and gelu = 0.5 * x * (1 + erf(x / sqrt 2)) turns it into an
-    absolute error of up to |x| / 2 * 1.5e-7, not a relative one: where gelu nears 0 (x < -4, |gelu| < 1e-4) the
-    relative error grows without bound (4% at x = -5), harmless next to the O(1) activations around it."""
-    a1, a2, a3, a4, a5, p = 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429, 0.3275911
-    z = np.abs(x).astype(np.float64)
-    t = 1.0 / (1.0 + p * z)
-    y = 1.0 - ((((a5 * t + a4) * t + a3) * t + a2) * t + a1) * t * np.exp(-z * z)
-    return (np.sign(x) * y).astype(x.dtype)
-
-
-def gelu(x):
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
-
-
-def gelu_tanh(x):
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
-ACT2FN = {
-    "silu": silu,
-    "swish": silu,
-    "gelu": gelu,
-    "gelu_new": gelu_tanh,
-    "gelu_pytorch_tanh": gelu_tanh,
-    "relu": lambda x: np.maximum(x, 0.0),
-}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Norm
@@ -291,7 +124,8 @@ def layer_norm(x, eps=1e-5):
 
 
 def rms_norm(x, weight, eps):
-    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias), multiplied in transformers' order."""
+    """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias), multiplied in the order
+    transformers uses."""
     return weight * (x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps)))
 
 
@@ -299,60 +133,64 @@ def rms_norm(x, weight, eps):
 # Rotary position embedding (RoPE), rotate-half layout
 #
 # Each head vector is split in two halves (x1, x2); frequency i rotates the pair (x1[i], x2[i]) by the angle
-# position * inv_freq[i]. Rotating q and k by their positions makes q.k depend only on the distance between them.
-# Scaling stretches a model past the context it was trained on: linear divides every frequency, dynamic NTK raises
-# the base once a sequence is longer, YaRN (OLMo 3) interpolates only the slow frequencies. Everything is float32,
-# as in olmo.py, so the angles round the same way.
+# position * inv_freq[i]. Rotating q and k by their positions makes q.k depend only on the distance between
+# them. Scaling stretches a model past the context it was trained on: linear divides every frequency, dynamic
+# NTK raises the base once a sequence is longer, YaRN (OLMo 3) interpolates only the slow frequencies.
+# Everything is float32, as in olmo.py, so the angles round the same way.
+
+
+def rotary_emb(config, rope, position_ids):
+    """position_ids (B, T) -> cos, sin (B, T, D), float32, for one layer type's RoPE settings `rope`."""
+    dim = config.head_dim
+    theta = np.float32(rope["rope_theta"])
+    factor = np.float32(rope.get("factor", 1.0))
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    inv_freq = 1.0 / theta ** exponents  # (D/2,)
+    attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
+    if rope["rope_type"] == "linear":  # "position interpolation": every position divided by factor
+        inv_freq = inv_freq / factor
+    elif rope["rope_type"] == "yarn":  # OLMo 3: YaRN
+        inv_freq, attention_factor = yarn(theta ** exponents, rope, dim, rope["rope_theta"])
+    elif rope["rope_type"] == "dynamic" and position_ids.max() + 1 > config.max_position_embeddings:
+        # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so
+        # long-wavelength dimensions interpolate while short ones keep their resolution. As in transformers
+        # and olmo.py, "the sequence" is the largest position in this call, and cached keys keep the
+        # frequencies they got.
+        seq_len = np.float32(position_ids.max() + 1)
+        stretch = factor * seq_len / np.float32(config.max_position_embeddings) - (factor - 1)
+        base = theta * stretch ** np.float32(dim / (dim - 2))
+        inv_freq = 1.0 / base ** exponents
+    freqs = position_ids[..., None].astype(np.float32) * inv_freq.astype(np.float32)  # (B, T, D/2)
+    emb = np.concatenate((freqs, freqs), axis=-1)  # both halves of a pair turn by the same angle
+    return np.cos(emb) * np.float32(attention_factor), np.sin(emb) * np.float32(attention_factor)
 
 
 def yarn(wavelengths, s, dim, theta):
-    """OLMo 3: YaRN (Peng et al., 2023). Frequencies that turn more than beta_fast times over the original context
-    keep their value (extrapolate), those turning fewer than beta_slow times are divided by factor (interpolate),
-    with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. Arithmetic as in transformers."""
+    """OLMo 3: YaRN (Peng et al., 2023). Frequencies that turn more than beta_fast times over the original
+    context keep their value (extrapolate), those turning fewer than beta_slow times are divided by factor
+    (interpolate), with a linear ramp between; attention is sharpened by 0.1 ln(factor) + 1. Arithmetic as in
+    transformers. wavelengths (D/2,): theta ** (2i / D); s: the layer type's rope settings."""
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    factor, original = s["factor"], s["original_max_position_embeddings"]
-    attention_factor = s["attention_factor"]
-    if attention_factor is None:
-        attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"]) \
-            if s["mscale"] and s["mscale_all_dim"] else mscale(factor)
 
     def correction_dim(rotations):  # the dimension whose frequency turns `rotations` times over the context
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
+    factor, original = s["factor"], s["original_max_position_embeddings"]
+    attention_factor = s["attention_factor"]
+    if attention_factor is None and s["mscale"] and s["mscale_all_dim"]:
+        attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+    elif attention_factor is None:
+        attention_factor = mscale(factor)
     low, high = correction_dim(s["beta_fast"]), correction_dim(s["beta_slow"])
     if s["truncate"]:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
-    high = high + 0.001 if high == low else high
+    high = high + 0.001 if high == low else high  # the ramp below divides by high - low
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp  # 1: keep the frequency, 0: divide it by factor
-    return (1.0 / (factor * wavelengths) * (1 - extrapolation) + 1.0 / wavelengths * extrapolation,
-            attention_factor)
-
-
-def rotary_emb(config, rope, position_ids):
-    """position_ids (B, T) -> cos, sin (B, T, head_dim), float32, for one layer type's RoPE settings `rope`."""
-    dim, theta, factor = config.head_dim, np.float32(rope["rope_theta"]), np.float32(rope.get("factor", 1.0))
-    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
-    inv_freq = 1.0 / theta ** exponents  # (dim/2,)
-    attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
-    max_pos = config.max_position_embeddings
-    if rope["rope_type"] == "linear":  # "position interpolation": every position divided by factor
-        inv_freq = inv_freq / factor
-    elif rope["rope_type"] == "yarn":
-        inv_freq, attention_factor = yarn(theta ** exponents, rope, dim, rope["rope_theta"])
-    elif rope["rope_type"] == "dynamic" and position_ids.max() + 1 > max_pos:
-        # Dynamic NTK scaling raises the base once the sequence outgrows the trained context, so long-wavelength
-        # dimensions interpolate while short ones keep their resolution. As in transformers and olmo.py, "the
-        # sequence" is the largest position in this call, and cached keys keep the frequencies they got.
-        seq_len = np.float32(position_ids.max() + 1)
-        base = theta * (factor * seq_len / np.float32(max_pos) - (factor - 1)) ** np.float32(dim / (dim - 2))
-        inv_freq = 1.0 / base ** exponents
-    freqs = position_ids[..., None].astype(np.float32) * inv_freq.astype(np.float32)  # (B, T, dim/2)
-    emb = np.concatenate((freqs, freqs), axis=-1)  # both halves of a pair turn by the same angle
-    return np.cos(emb) * np.float32(attention_factor), np.sin(emb) * np.float32(attention_factor)
+    inv_freq = 1.0 / (factor * wavelengths) * (1 - extrapolation) + 1.0 / wavelengths * extrapolation
+    return inv_freq, attention_factor
 
 
 def rotate_half(x):
@@ -361,7 +199,7 @@ def rotate_half(x):
 
 
 def apply_rotary_pos_emb(x, cos, sin):
-    """x (B, heads, T, head_dim), cos/sin (B, T, head_dim)."""
+    """x (B, H or KV, T, D), cos/sin (B, T, D)."""
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     return x * cos + rotate_half(x) * sin
 
@@ -370,15 +208,26 @@ def apply_rotary_pos_emb(x, cos, sin):
 # Attention
 
 
+def linear(x, weights, name):
+    """x (..., in) -> (..., out): x W^T + b, with W (out, in) as checkpoints store it. The .T is a view:
+    nothing is copied."""
+    y = x @ weights[f"{name}.weight"].T
+    bias = weights.get(f"{name}.bias")
+    return y if bias is None else y + bias
+
+
 def causal_mask(query_slots, key_valid, window=None):
-    """The one masking rule, for the full forward, prefill and decode alike. query_slots (T,) the queries' cache
-    slots; key_valid (B, S) bool, False at padding -> (B, 1, T, S) bool, True = may attend: key j is visible to the
-    query in slot i if j <= i, j holds a real token, and (OLMo 3's sliding layers) i - j < window. Every query also
-    sees itself, so a padding query has one finite score instead of a softmax over nothing (NaN); its output is
-    never used, since real tokens never attend to padding."""
-    i, j = query_slots[:, None], np.arange(key_valid.shape[1])
+    """The one masking rule, for the full forward, prefill and decode alike: key j is visible to the query in
+    slot i if j <= i, j holds a real token, and (OLMo 3's sliding layers) i - j < window.
+
+    query_slots (T,): the queries' cache slots; key_valid (B, S) bool, False at padding. Returns (B, 1, T, S)
+    bool, True = may attend (always a mask: unlike olmo.py, there is no fused causal kernel to hand it to).
+    Every query also sees itself, so a padding query has one finite score instead of a softmax over nothing
+    (NaN); its output is never used, since real tokens never attend to padding."""
+    i = query_slots[:, None]  # (T, 1)
+    j = np.arange(key_valid.shape[1])  # (S,)
     visible = j <= i  # (T, S)
-    if window is not None:
+    if window is not None:  # OLMo 3: a sliding-window layer sees only the last `window` keys
         visible = visible & (i - j < window)
     return (visible & key_valid[:, None, None, :]) | (i == j)
 
@@ -392,25 +241,29 @@ QUERY_BLOCK = 256  # queries per block in attend: one block for decoding and for
 
 
 def attend(q, k, v, mask):
-    """softmax(q k^T / sqrt(D) + mask) v: q (B, KV, group, T, D), k and v (B, KV, 1, S, D) broadcast over the group
-    (GQA without copies), mask (B, 1, T, S) -> (B, KV, group, T, D). In blocks of queries, because all the scores at
-    once, (B, KV, group, T, S) floats, take 1.7 GB for a 6000-token prompt of a 12-head model. The queries are the
-    last T of the S slots, so a block's keys can end at its last query's slot: later ones are masked anyway."""
+    """softmax(q k^T / sqrt(D) + mask) v: q (B, KV, group, T, D), k and v (B, KV, 1, S, D) broadcast over the
+    group (GQA without copies), mask (B, 1, T, S) -> (B, KV, group, T, D). In blocks of queries, because all
+    the scores at once, (B, KV, group, T, S) floats, take 1.7 GB for a 6000-token prompt of a 12-head model.
+    The queries are the last T of the S slots, so a block's keys can end at its last query's slot: later ones
+    are masked anyway."""
     T, S = q.shape[3], k.shape[3]
+    scale = np.float32(math.sqrt(q.shape[-1]))
     y = np.empty_like(q)
     for start in range(0, T, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, T)
         keys = S - T + stop  # the keys up to this block's last query
-        scores = q[:, :, :, start:stop] @ k[:, :, :, :keys].swapaxes(-1, -2) / np.float32(math.sqrt(q.shape[-1]))
+        scores = q[:, :, :, start:stop] @ k[:, :, :, :keys].swapaxes(-1, -2) / scale
         scores = np.where(mask[:, :, None, start:stop, :keys], scores, -np.inf)  # (B, KV, group, block, keys)
         y[:, :, :, start:stop] = softmax(scores) @ v[:, :, :, :keys]
     return y
 
 
-def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
-    """x (B, T, hidden); mask (B, 1, T, S) bool, True = may attend. cache = (k_cache, v_cache), each
-    (B, KV, length, D): x's keys and values are written at slots (T,), and attention runs over the cache's first
-    S slots (the filled ones: S is the mask's width). Without a cache, S = T."""
+def attention(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
+    """Layer i's self-attention: x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may
+    attend. cache (k_cache, v_cache), each (B, KV, length, D), and slots (T,): the cache slots to write k and
+    v to, then attend over the cache's first S (the filled ones: S is the mask's width); None: no cache,
+    attend only within x (S = T)."""
+    name = f"model.layers.{i}.self_attn"
     B, T, _ = x.shape
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = linear(x, weights, f"{name}.q_proj")  # (B, T, H*D)
@@ -431,7 +284,8 @@ def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
         k_cache[:, :, slots], v_cache[:, :, slots] = k, v  # written in place
         k, v = k_cache[:, :, :mask.shape[-1]], v_cache[:, :, :mask.shape[-1]]  # (B, KV, S, D), views
     # Grouped-query attention: each group of H/KV query heads shares one key/value head. Reshaping q to
-    # (B, KV, group, T, D) lets the matmul broadcast k and v over the group, instead of copying them H/KV times.
+    # (B, KV, group, T, D) lets the matmul broadcast k and v over the group, instead of copying them H/KV
+    # times.
     y = attend(q.reshape(B, KV, H // KV, T, D), k[:, :, None], v[:, :, None], mask)  # (B, KV, group, T, D)
     y = y.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, H * D)
     return linear(y, weights, f"{name}.o_proj")  # (B, T, hidden)
@@ -439,14 +293,48 @@ def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # MLP
+#
+# The MLP gate's activations, by the names config.json uses (transformers' ACT2FN), then the MLP.
 
 
-def mlp(weights, name, config, x):
-    """Gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x)). x (B, T, hidden) -> (B, T, intermediate) ->
-    (B, T, hidden)."""
+def silu(x):
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -88; x / inf = -0 is the right limit
+        return x / (1.0 + np.exp(-x))
+
+
+def erf(x):
+    """The error function, which NumPy lacks (math.erf is one Python call per element): Abramowitz & Stegun
+    7.1.26, absolute error below 1.5e-7, evaluated in float64 so that only the final rounding to float32 (half
+    an ulp, <= 3e-8) adds to it. The bound is absolute, and gelu = 0.5 * x * (1 + erf(x / sqrt 2)) turns it
+    into an absolute error of up to |x| / 2 * 1.5e-7, not a relative one: where gelu nears 0
+    (x < -4, |gelu| < 1e-4) the relative error grows without bound (4% at x = -5), harmless next to the O(1)
+    activations around it."""
+    a1, a2, a3, a4, a5, p = 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429, 0.3275911
+    z = np.abs(x).astype(np.float64)
+    t = 1.0 / (1.0 + p * z)
+    y = 1.0 - ((((a5 * t + a4) * t + a3) * t + a2) * t + a1) * t * np.exp(-z * z)
+    return (np.sign(x) * y).astype(x.dtype)
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+ACT2FN = {"silu": silu, "swish": silu, "gelu": gelu, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh,
+          "relu": lambda x: np.maximum(x, 0.0)}
+
+
+def mlp(weights, i, config, x):
+    """Layer i's gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x))."""
+    name = f"model.layers.{i}.mlp"
     act = ACT2FN[config.hidden_act]
-    return linear(act(linear(x, weights, f"{name}.gate_proj")) * linear(x, weights, f"{name}.up_proj"),
-                  weights, f"{name}.down_proj")
+    gate = act(linear(x, weights, f"{name}.gate_proj"))  # (B, T, hidden) -> (B, T, intermediate)
+    up = linear(x, weights, f"{name}.up_proj")
+    return linear(gate * up, weights, f"{name}.down_proj")  # (B, T, hidden)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,52 +342,58 @@ def mlp(weights, name, config, x):
 
 
 def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
-    """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its output,
-    before the residual add, so the residual stream itself is never rescaled (their stability fix):
+    """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its
+    output, before the residual add, so the residual stream itself is never rescaled (their stability fix):
 
         OLMo 1                                        OLMo 2 and 3
         x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
         x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
     """
-    layer, eps = f"model.layers.{i}", config.rms_norm_eps
-    attn, ffn = f"{layer}.self_attn", f"{layer}.mlp"
-    if config.norm_after:
-        x = x + rms_norm(attention(weights, attn, config, x, cos, sin, mask, cache, slots),
-                         weights[f"{layer}.post_attention_layernorm.weight"], eps)
-        return x + rms_norm(mlp(weights, ffn, config, x), weights[f"{layer}.post_feedforward_layernorm.weight"], eps)
-    x = x + attention(weights, attn, config, layer_norm(x), cos, sin, mask, cache, slots)
-    return x + mlp(weights, ffn, config, layer_norm(x))
+    layer = f"model.layers.{i}"
+    if config.norm_after:  # OLMo 2: each sublayer's output is normalised, then added
+        x_attn = attention(weights, i, config, x, cos, sin, mask, cache, slots)
+        x = x + rms_norm(x_attn, weights[f"{layer}.post_attention_layernorm.weight"], config.rms_norm_eps)
+        x_ffn = mlp(weights, i, config, x)
+        return x + rms_norm(x_ffn, weights[f"{layer}.post_feedforward_layernorm.weight"], config.rms_norm_eps)
+    x = x + attention(weights, i, config, layer_norm(x), cos, sin, mask, cache, slots)
+    return x + mlp(weights, i, config, layer_norm(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 
 
-def olmo_model(weights, config, input_ids, position_ids, query_slots, key_valid, caches=None):
-    """Token ids -> final hidden states (B, T, hidden). input_ids, position_ids (B, T); query_slots (T,) the
-    tokens' slots; key_valid (B, S) which slots hold real tokens; caches: one (k_cache, v_cache) per layer to
-    write at query_slots and attend over, or None to attend only within input_ids."""
+def olmo_model(weights, config, input_ids, position_ids, key_valid, slots=None, caches=None):
+    """input_ids, position_ids (B, T) -> hidden states (B, T, hidden). key_valid (B, S) bool: which key slots
+    hold real tokens (False at left padding). slots (T,): the KV cache slots these tokens are written to and
+    attend from, in caches (one (k_cache, v_cache) per layer); None: no cache, the tokens attend among
+    themselves (S = T)."""
+    # without a cache, the tokens are slots 0..T-1
+    query_slots = np.arange(input_ids.shape[1]) if slots is None else slots
     x = weights["model.embed_tokens.weight"][input_ids]  # (B, T, hidden): a row lookup
-    # RoPE tables and masks once per layer type, shared by every layer of that type. OLMo 3: each layer type has
-    # its own RoPE (scaling stretches the full-attention layers; sliding ones see only nearby keys, plain RoPE).
+    # RoPE tables and masks once per layer type, shared by every layer of that type: "full_attention" sees
+    # every earlier key; OLMo 3 adds "sliding_attention", which sees the last sliding_window keys (and RoPE
+    # scaling leaves alone).
     rope = {kind: rotary_emb(config, r, position_ids) for kind, r in config.rope_parameters.items()}
-    masks = {kind: causal_mask(query_slots, key_valid, config.sliding_window
-                               if kind == "sliding_attention" else None) for kind in rope}
+    windows = {"full_attention": None, "sliding_attention": config.sliding_window}  # OLMo 3: the window
+    masks = {kind: causal_mask(query_slots, key_valid, windows[kind]) for kind in rope}
     for i, kind in enumerate(config.layer_types):
         cache = None if caches is None else caches[i]
-        x = decoder_layer(weights, i, config, x, *rope[kind], masks[kind], cache, query_slots)
-    return rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps) if config.norm_after else layer_norm(x)
+        x = decoder_layer(weights, i, config, x, *rope[kind], masks[kind], cache, slots)
+    if config.norm_after:  # OLMo 2: the final norm is an RMSNorm with a weight
+        return rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps)
+    return layer_norm(x)
 
 
 def positions_from_mask(attention_mask):
-    """attention_mask (B, T) of 1/0 -> RoPE positions (B, T): left padding doesn't count, so a padded row gets the
-    positions it would have alone (what transformers' generate computes too)."""
+    """attention_mask (B, T) of 1/0 -> RoPE positions (B, T): left padding doesn't count, so a padded row gets
+    the positions it would have alone (what transformers' generate computes too)."""
     return np.maximum(np.cumsum(attention_mask.astype(np.int64), axis=-1) - 1, 0)
 
 
 def check_ids(input_ids, vocab_size):
-    """Token ids outside the vocabulary would wrap around (-1 is the last row of the embedding) or index past it:
-    refuse them, and anything that isn't an integer."""
+    """Token ids outside the vocabulary would wrap around (-1 is the last row of the embedding) or index past
+    it: refuse them, and anything that isn't an integer."""
     if not np.issubdtype(input_ids.dtype, np.integer):
         raise ValueError(f"token ids must be integers, got an array of {input_ids.dtype}")
     bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
@@ -508,108 +402,135 @@ def check_ids(input_ids, vocab_size):
 
 
 class OlmoForCausalLM:
-    """The config and the weight dict (transformers' names -> float32 arrays); the functions above do the rest."""
+    """The config and the weight dict (transformers' names -> float32 arrays); the functions above do all
+    the rest."""
 
     def __init__(self, config, weights):
         self.config, self.weights = config, weights
         self.caches = None  # one (k_cache, v_cache) per layer, set by grow_cache
-        self.cached_ids = []  # the tokens whose keys and values the cache holds, for a one-row batch (see generate)
+        self.cached_ids = []  # the tokens whose keys and values the cache holds (see reuse_prefix)
 
     def __call__(self, input_ids, attention_mask=None):
-        """The full forward, no cache: input_ids (B, T) ints, attention_mask (B, T) 1 = token, 0 = left padding.
-        Returns float32 logits (B, T, vocab). Logits at padding positions are meaningless."""
+        """The full forward, no cache: input_ids (B, T) ints, attention_mask (B, T) 1 = token, 0 = left
+        padding. Returns float32 logits (B, T, vocab). Logits at padding positions are meaningless."""
         input_ids = np.asarray(input_ids)
         check_ids(input_ids, self.config.vocab_size)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        slots = np.arange(input_ids.shape[1])
-        hidden = olmo_model(self.weights, self.config, input_ids, positions_from_mask(attention_mask), slots,
-                            attention_mask.astype(bool))
+        positions = positions_from_mask(attention_mask)
+        hidden = olmo_model(self.weights, self.config, input_ids, positions, attention_mask.astype(bool))
         return linear(hidden, self.weights, "lm_head")  # (B, T, vocab)
 
     # ------------------------------------------------------------------------------------------------------------
-    # KV cache and generation
+    # Generation
     #
-    # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the cache; then
-    # decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th token of the
-    # (left-padded) batch row; its RoPE position is s minus the row's padding.
+    # Generation runs in two steps, as in gpt-fast: prefill pushes the prompt through once, filling the cache;
+    # then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th
+    # token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
 
     def grow_cache(self, batch_size, needed):
-        """Make every layer's cache hold at least `needed` slots, keeping what it holds. The length grows in powers
-        of two (at least 256), as olmo.py's, so a large max_new_tokens costs nothing until the tokens are produced.
-        Unlike olmo.py, each step attends over the filled slots only (prefill and decode_one_token cut key_valid
-        there): NumPy has no compiler that needs a static shape."""
-        same = self.caches is not None and self.caches[0][0].shape[0] == batch_size
-        length = self.caches[0][0].shape[2] if same else 0  # a new batch size keeps nothing
+        """Make every layer's cache hold `needed` slots (a power of two, see setup_cache), keeping what it
+        holds."""
+        k = None if self.caches is None else self.caches[0][0]  # (B, KV, length, D)
+        same = k is not None and k.shape[0] == batch_size
+        length = k.shape[2] if same else 0  # a new batch size keeps nothing
         if needed <= length:
             return
         self.cached_ids = self.cached_ids if same else []
-        new_length = max(256, 1 << (needed - 1).bit_length())
-        shape = (batch_size, self.config.num_key_value_heads, new_length, self.config.head_dim)
-        old, self.caches = self.caches, []
+        shape = (batch_size, self.config.num_key_value_heads, needed, self.config.head_dim)
+        old = self.caches
+        self.caches = []
         try:
             for i in range(self.config.num_hidden_layers):
-                k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)  # float32, like the weights
+                k_cache = np.zeros(shape, np.float32)  # float32, like the weights
+                v_cache = np.zeros(shape, np.float32)
                 if length:
-                    k[:, :, :length], v[:, :, :length] = old[i]
+                    k_cache[:, :, :length], v_cache[:, :, :length] = old[i]
                     old[i] = None  # free each layer's old cache once copied
-                self.caches.append((k, v))
+                self.caches.append((k_cache, v_cache))
         except MemoryError as e:
-            self.cached_ids, self.caches = [], None
-            raise MemoryError(f"out of memory growing the KV cache to {new_length} tokens") from e
-        self.slots = np.arange(new_length)
+            self.caches = None
+            raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+        self.slots = np.arange(needed)
 
     def setup_cache(self, attention_mask, length):
-        """Make the cache hold `length` slots for the batch of attention_mask (B, T), and note which slots hold real
-        tokens: key_valid (B, S), False at the prompt's padding (the slots after the prompt get generated tokens)."""
-        self.grow_cache(attention_mask.shape[0], length)
-        self.key_valid = np.pad(attention_mask.astype(bool), ((0, 0), (0, len(self.slots) - attention_mask.shape[1])),
-                                constant_values=True)
+        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
+        hold real tokens (not the prompt's padding). The cache grows to `length` rounded up to a power of two
+        (at least 256): a large max_new_tokens costs nothing until its tokens are produced. Unlike olmo.py,
+        each step attends over the filled slots only (prefill and decode_one_token cut key_valid there): NumPy
+        has no compiler that needs a static shape."""
+        width = max(256, 1 << (length - 1).bit_length())
+        self.grow_cache(attention_mask.shape[0], width)
+        padding = ((0, 0), (0, width - attention_mask.shape[1]))  # (before, after) per axis
+        self.key_valid = np.pad(attention_mask.astype(bool), padding, constant_values=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
-        """input_ids, attention_mask (B, T); the cache already holds slots < start -> logits of the last position
+        """input_ids, attention_mask (B, T), cache slots < start already filled -> the last position's logits
         (B, vocab)."""
-        T, positions = input_ids.shape[1], positions_from_mask(attention_mask)
-        hidden = olmo_model(self.weights, self.config, input_ids[:, start:], positions[:, start:], self.slots[start:T],
-                            self.key_valid[:, :T], self.caches)
+        T = input_ids.shape[1]
+        positions = positions_from_mask(attention_mask)[:, start:]
+        # keys past T are later than every query here: attend over the first T slots only
+        hidden = olmo_model(self.weights, self.config, input_ids[:, start:], positions, self.key_valid[:, :T],
+                            self.slots[start:T], self.caches)
         return linear(hidden[:, -1], self.weights, "lm_head")  # the vocab projection only where we sample
 
     def decode_one_token(self, token, slot, position_ids):
         """token, position_ids (B, 1); slot (1,) the cache slot -> logits (B, vocab)."""
-        hidden = olmo_model(self.weights, self.config, token, position_ids, slot, self.key_valid[:, :slot[0] + 1],
-                            self.caches)
+        key_valid = self.key_valid[:, :slot[0] + 1]  # the filled slots only (see grow_cache)
+        hidden = olmo_model(self.weights, self.config, token, position_ids, key_valid, slot, self.caches)
         return linear(hidden[:, -1], self.weights, "lm_head")
+
+    def reuse_prefix(self, input_ids, attention_mask):
+        """A chat's next turn sends the whole conversation again. Returns (start, keep_up_to): the cache's slots
+        before `start` already hold input_ids' keys and values, so prefill starts there; this call's tokens are
+        recorded in self.cached_ids while they are fewer than keep_up_to (0: none).
+
+        What it keeps: for a one-row batch, the longest prefix shared with the tokens the cache holds (the last
+        call's prompt and reply), but not the last prompt token, whose logits prefill must produce. A slot's
+        keys and values depend only on the tokens up to it, so this gives exactly what starting afresh gives.
+
+        When it can't: a batch of several rows, or with padding (a row's slots then depend on the other rows'
+        lengths); and with dynamic RoPE past the trained length, whose frequencies change with each call's
+        length: it keeps only calls and tokens within max_position_embeddings."""
+        B, T = input_ids.shape
+        keep_up_to = self.config.max_position_embeddings if self.config.dynamic_rope else math.inf
+        if B > 1 or not attention_mask.all() or T > keep_up_to:
+            self.cached_ids = []
+            return 0, 0
+        ids = input_ids[0].tolist()
+        start = 0
+        while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
+            start += 1
+        self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
+        return start, keep_up_to
 
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
                  attention_mask=None, rng=None, callback=None):
-        """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding).
-        Returns (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has produced
-        an EOS (rows that finish early are filled with pad_token_id after it, as in transformers).
-        temperature=0 is greedy; rng a np.random.Generator for sampling; callback(tokens (B,)) is called with
-        each step's tokens (for streaming)."""
+        """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding). Returns
+        (B, T + n) prompt + new tokens, n <= max_new_tokens: generation ends when every row has produced an
+        EOS (rows that finish early are filled with pad_token_id after it, as in transformers). temperature=0
+        is greedy; rng a np.random.Generator for sampling; callback(tokens (B,)) is called with each step's
+        tokens (for streaming). A one-row call after another prefills only what is new (a chat's next turn: see
+        reuse_prefix)."""
         input_ids = np.asarray(input_ids)
         check_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.astype(np.int64)
         B, T = input_ids.shape
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        eos = np.array([] if eos_token_id is None else eos_token_id, dtype=np.int64).reshape(-1)  # int or list
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos.tolist() or [0])[0]
-        # A one-row batch keeps the cached keys and values of the longest prefix it shares with the last call (a
-        # chat's history) and prefills only the rest: exactly what starting afresh gives, since a slot's keys depend
-        # only on the tokens up to it. Not with dynamic RoPE past the trained length (frequencies per call length).
-        dynamic = any(rope["rope_type"] == "dynamic" for rope in self.config.rope_parameters.values())
-        limit = self.config.max_position_embeddings if dynamic else math.inf
-        keep = B == 1 and bool(attention_mask.all())
+        if eos_token_id is None:
+            eos_token_id = []
+        eos = np.array(eos_token_id, dtype=np.int64).reshape(-1)  # an int or a list of ints
+        pad = self.config.pad_token_id
+        if pad is None:  # as transformers: the first EOS id, else 0
+            pad = int(eos[0]) if len(eos) else 0
         self.setup_cache(attention_mask, T + 1)
-        start, ids = 0, input_ids[0].tolist()
-        while keep and T <= limit and start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
-            start += 1
-        self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
+        start, keep_up_to = self.reuse_prefix(input_ids, attention_mask)
         next_position = attention_mask.sum(-1, keepdims=True)  # (B, 1): RoPE position of the first new token
         tokens = [input_ids]
         finished = np.zeros(B, dtype=bool)
         if max_new_tokens > 0:
             logits = self.prefill(input_ids, attention_mask, start)
-            self.cached_ids = ids if keep and T <= limit else []
+            if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
+                self.cached_ids = input_ids[0].tolist()
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, rng)  # (B,)
             token = np.where(finished, pad, token)
@@ -620,21 +541,22 @@ class OlmoForCausalLM:
                 finished |= np.isin(token, eos)
                 if finished.all():
                     break
-            if i + 1 < max_new_tokens:
-                if T + i + 1 > len(self.slots):
-                    self.setup_cache(attention_mask, T + i + 1)
-                logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
-                if keep and T + i + 1 <= limit and len(self.cached_ids) == T + i:
-                    self.cached_ids.append(int(token[0]))
+            if i + 1 == max_new_tokens:
+                break
+            if T + i + 1 > self.key_valid.shape[1]:
+                self.setup_cache(attention_mask, T + i + 1)
+            logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
+            if T + i < keep_up_to:  # slot T + i now holds this token
+                self.cached_ids.append(int(token[0]))
         return np.concatenate(tokens, axis=1)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Loading
+    # Loading (the readers are in the Loading section below the class)
 
     @classmethod
     def from_pretrained(cls, path):
-        """Load a checkpoint directory as the hub ships it: config.json + model.safetensors, single or sharded.
-        F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32."""
+        """Load a checkpoint directory as the hub ships it: config.json + model.safetensors, single or
+        sharded. F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32."""
         path = resolve_checkpoint(path)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         weights = load_state_dict(path)
@@ -648,64 +570,104 @@ class OlmoForCausalLM:
         return cls(config, weights)
 
 
-def check_state_dict(state_dict, expected):
-    """Names and shapes must match exactly (dtypes: see load_safetensors): a wrong checkpoint fails, naming it."""
-    for name, shape in expected.items():
-        if name not in state_dict:
-            raise ValueError(f"checkpoint is missing tensor {name}")
-        if state_dict[name].shape != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
-    for name in state_dict:
-        if name not in expected:
-            raise ValueError(f"checkpoint has unexpected tensor {name}")
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: sampling, beside its caller OlmoForCausalLM.generate above
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
+    """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep
+    the top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose
+    probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to
+    # inf (inf - inf = NaN); below 1e-30 the distribution is one-hot anyway (as in olmo.py).
+    logits = logits.astype(np.float64)
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / max(temperature, 1e-30)
+    if top_k and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, [-top_k]]  # the k-th largest, (B, 1)
+        logits = np.where(logits < kth, -np.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        probs = softmax(logits)
+        order = np.argsort(-probs, axis=-1, kind="stable")  # most likely first
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
+        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to vocabulary order
+        logits = np.where(drop, -np.inf, logits)
+    probs = softmax(logits)
+    rng = rng if rng is not None else np.random.default_rng()
+    return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
 
 
 def resolve_checkpoint(path):
-    """Local directories only: fetching from the hub would need huggingface_hub, and this file needs only NumPy."""
+    """Local directories only: fetching from the hub would need huggingface_hub, and this file needs
+    nothing but NumPy."""
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):  # not shaped like "org/name"
+    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):  # not "org/name"
         raise ValueError(f"{path} is not a checkpoint directory")
     raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
                      f"`huggingface-cli download {path} --local-dir DIR`)")
 
 
 def load_state_dict(path):
-    """Every tensor of the checkpoint: model.safetensors, or the shards model.safetensors.index.json lists."""
-    index = "model.safetensors.index.json"
-    if os.path.exists(os.path.join(path, index)):
-        try:
-            with open(os.path.join(path, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
-            raise ValueError(f"cannot read {index}: {e}") from None
-        if not all(isinstance(f, str) and f and os.path.basename(f) == f for f in files):
-            raise ValueError(f"{index}: weight_map values must be file names in {path}")
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    elif any(os.path.exists(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        raise ValueError(f"{path} has pytorch_model.bin weights, which only torch can read; rewrite them as "
-                         f"safetensors once with `python convert.py {path} DST` and load DST")
-    else:
-        raise ValueError(f"{path} has no model.safetensors")
+    """Every tensor of the checkpoint, memory-mapped (see load_safetensors)."""
     state_dict = {}
-    for name in files:
+    for name in weight_files(path):
         state_dict.update(load_safetensors(os.path.join(path, name)))
     return state_dict
 
 
-# A .safetensors file is: 8 bytes, the little-endian length N of a JSON header; the header, mapping each tensor's
-# name to {"dtype", "shape", "data_offsets": [begin, end)} (offsets count from the first byte after the header),
-# plus an optional "__metadata__" object; then the tensors' raw little-endian bytes, back to back, to the end of
-# file. F64 is refused rather than narrowed behind the user's back (convert.py writes float32).
-DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # BF16: raw bits, see below
+def weight_files(path):
+    """The checkpoint's weight files: model.safetensors, or the shards model.safetensors.index.json lists."""
+    index = "model.safetensors.index.json"
+    if os.path.exists(os.path.join(path, index)):
+        weight_map = read_json_object(os.path.join(path, index)).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: weight_map must be an object mapping tensor names to files")
+        if not all(isinstance(f, str) and f and os.path.basename(f) == f for f in weight_map.values()):
+            raise ValueError(f"{index}: weight_map values must be file names in {path}")
+        return sorted(set(weight_map.values()))
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    torch_files = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+    if any(os.path.exists(os.path.join(path, f)) for f in torch_files):
+        raise ValueError(f"{path} has pytorch_model.bin weights, which only torch can read; rewrite them as "
+                         f"safetensors once with `python convert.py {path} DST` and load DST")
+    raise ValueError(f"{path} has no model.safetensors")
+
+
+def read_json_object(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return d
+
+
+# A .safetensors file is: 8 bytes, the little-endian length N of a JSON header; the header, mapping each
+# tensor's name to {"dtype", "shape", "data_offsets": [begin, end)} (offsets count from the first byte after
+# the header), plus an optional "__metadata__" object; then the tensors' raw little-endian bytes, back to
+# back, to the end of file. F64 is refused rather than narrowed behind the user's back (convert.py writes
+# float32).
+# The dtypes read, by their safetensors code (BF16 as raw bits: see load_safetensors).
+SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 MAX_HEADER = 100_000_000  # the safetensors library's own limit: a larger N means a corrupt file
 
 
 def load_safetensors(file):
     """file -> {name: float32 array}. The file is memory-mapped: F32 tensors are views of its pages (read on
-    demand, never copied); F16 and BF16 ones are widened to float32 copies. Anything inconsistent in the header
-    raises a ValueError naming the file (and the tensor), never returns a wrong array."""
+    demand, never copied); F16 and BF16 ones are widened to float32 copies. Anything inconsistent in the
+    header raises a ValueError naming the file (and the tensor), never returns a wrong array."""
 
     def fail(message):
         raise ValueError(f"cannot read {file}: {message}")
@@ -736,61 +698,205 @@ def load_safetensors(file):
         except (TypeError, KeyError, ValueError):
             well_formed = False
         if not well_formed:
-            fail(f"tensor {name} has a malformed header entry (it needs a dtype name, and a shape and data_offsets "
-                 "of integers >= 0)")
-        if dtype not in DTYPES:
-            fail(f"tensor {name} has dtype {dtype!r}; only {', '.join(DTYPES)} are supported")
+            fail(f"tensor {name} has a malformed header entry (it needs a dtype name, and a shape and "
+                 "data_offsets of integers >= 0)")
+        if dtype not in SAFETENSORS_DTYPES:
+            fail(f"tensor {name} has dtype {dtype!r}; only {', '.join(SAFETENSORS_DTYPES)} are supported")
         entries.append((begin, stop, name, dtype, tuple(shape)))
-    data_start, data_size = 8 + n, len(buffer) - 8 - n
-    tensors, end = {}, 0
+    data_start = 8 + n
+    data_size = len(buffer) - data_start
+    tensors = {}
+    end = 0  # where the next tensor must begin
     for begin, stop, name, dtype, shape in sorted(entries):
         # The tensors must tile the data exactly, in offset order: no gap, no overlap, nothing left over.
         if begin != end or stop > data_size:
             fail(f"tensor {name} has data_offsets [{begin}, {stop}), expected to start at {end} and end by "
                  f"{data_size}")
-        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        stored = SAFETENSORS_DTYPES[dtype]
+        count = math.prod(shape)
+        nbytes = count * stored.itemsize
         if stop - begin != nbytes:
             fail(f"tensor {name} has {stop - begin} bytes, but shape {list(shape)} of {dtype} needs {nbytes}")
-        array = np.frombuffer(buffer, DTYPES[dtype], math.prod(shape), data_start + begin).reshape(shape)
+        array = np.frombuffer(buffer, stored, count, data_start + begin).reshape(shape)
         if dtype == "F16":
             array = array.astype(np.float32)
         elif dtype == "BF16":  # bfloat16 is the top half of a float32: shift its 16 bits into the high half
             array = (array.astype(np.uint32) << 16).view(np.float32)
-        tensors[name], end = array, stop
+        tensors[name] = array
+        end = stop
     if end != data_size:
         fail(f"{data_size - end} bytes after the last tensor: the header does not describe the data")
     return tensors
 
 
+def weight_shapes(config):
+    """Every tensor the model needs, by transformers' name -> shape: what olmo.py's module tree declares.
+    A linear layer's weight is (out_features, in_features), as checkpoints store it; linear applies it as
+    x @ W.T."""
+    C, I, D = config.hidden_size, config.intermediate_size, config.head_dim
+    H, KV = config.num_attention_heads, config.num_key_value_heads
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, C)}
+    for i in range(config.num_hidden_layers):
+        layer, attn, mlp = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        for proj, out_features, in_features in (("q_proj", H * D, C), ("k_proj", KV * D, C),
+                                                ("v_proj", KV * D, C), ("o_proj", C, H * D)):
+            shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
+            if config.attention_bias:
+                shapes[f"{attn}.{proj}.bias"] = (out_features,)
+        shapes[f"{mlp}.gate_proj.weight"] = shapes[f"{mlp}.up_proj.weight"] = (I, C)
+        shapes[f"{mlp}.down_proj.weight"] = (C, I)
+        if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
+            shapes[f"{attn}.q_norm.weight"] = (H * D,)
+            shapes[f"{attn}.k_norm.weight"] = (KV * D,)
+            shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
+            shapes[f"{layer}.post_feedforward_layernorm.weight"] = (C,)
+    if config.norm_after:  # OLMo 2: the final RMSNorm's weight
+        shapes["model.norm.weight"] = (C,)
+    shapes["lm_head.weight"] = (config.vocab_size, C)
+    return shapes
+
+
+def check_state_dict(state_dict, expected):
+    """Names and shapes must match exactly (dtypes: see load_safetensors): a wrong checkpoint fails, and
+    the error names the tensor."""
+    for name, shape in expected.items():
+        if name not in state_dict:
+            raise ValueError(f"checkpoint is missing tensor {name}")
+        if state_dict[name].shape != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
+    for name in state_dict:
+        if name not in expected:
+            raise ValueError(f"checkpoint has unexpected tensor {name}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling
+# Reading config.json
+#
+# OlmoConfig.from_json reads the file as it comes: transformers 4.x writes a top-level rope_theta and
+# rope_scaling (with "type" or "rope_type"), transformers 5 writes rope_parameters, for OLMo 3 nested per
+# layer type. Every field is checked, its JSON type and its range, so a config we can't interpret fails with
+# one line naming file, field and value, instead of building a different model.
 
 
-def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
-    """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep the
-    top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose probability
-    reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(axis=-1)
-    # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to inf
-    # (inf - inf = NaN); below 1e-30 the distribution is one-hot anyway (as in olmo.py).
-    logits = logits.astype(np.float64)
-    logits = (logits - logits.max(axis=-1, keepdims=True)) / max(temperature, 1e-30)
-    if top_k and top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, [-top_k]]  # the k-th largest, (B, 1)
-        logits = np.where(logits < kth, -np.inf, logits)
-    if top_p is not None and top_p < 1.0:
-        probs = softmax(logits)
-        order = np.argsort(-probs, axis=-1, kind="stable")  # most likely first
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
-        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
-        drop = np.empty_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to vocabulary order
-        logits = np.where(drop, -np.inf, logits)
-    probs = softmax(logits)
-    rng = rng if rng is not None else np.random.default_rng()
-    return np.array([rng.choice(len(p), p=p) for p in probs])
+def config_from_dict(cls, d, source):
+    """OlmoConfig.from_dict: every known field must have its JSON type (no "false" for false, no 128.0
+    for 128); unknown keys (architectures, transformers_version, ...) are irrelevant. Errors name the
+    source."""
+    try:
+        d = dict(d)
+        if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
+            d["dtype"] = d.get("torch_dtype")
+        theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
+        if d.get("rope_parameters") is None:  # transformers 4.x
+            if not isinstance(scaling, (dict, type(None))):
+                raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
+            d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
+        known = {f.name: f.type for f in fields(cls)}
+        for key, value in d.items():
+            if key in known and not fits(value, known[key]):
+                kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
+                raise ValueError(f"{key} must be {kind}, got {value!r}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def fits(value, annotation):
+    """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is
+    neither."""
+    if isinstance(annotation, types.UnionType):
+        return any(fits(value, a) for a in annotation.__args__)
+    if typing.get_origin(annotation) is list:
+        return type(value) is list and all(fits(v, typing.get_args(annotation)[0]) for v in value)
+    if annotation is float:
+        return type(value) in (int, float)
+    return type(value) is annotation  # int, bool, str, dict, NoneType
+
+
+def require(config, ok, name, what):
+    if not ok:
+        raise ValueError(f"{name} must be {what}, got {getattr(config, name)!r}")
+
+
+def check_fields(c):
+    """The ranges of the fields every generation has, and how they fit together (OlmoConfig.__post_init__)."""
+    require(c, c.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
+            "'hf_olmo' or trainer checkpoints run convert.py first)")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings"):
+        require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
+    require(c, c.hidden_size % c.num_attention_heads == 0, "hidden_size",
+            f"divisible by num_attention_heads {c.num_attention_heads}")
+    require(c, c.num_attention_heads % c.num_key_value_heads == 0, "num_attention_heads",
+            f"divisible by num_key_value_heads {c.num_key_value_heads}")
+    require(c, c.head_dim % 2 == 0, "hidden_size", "num_attention_heads times an even head size (RoPE "
+            f"rotates pairs), not head size {c.head_dim}")
+    require(c, c.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        ids = getattr(c, name)  # None, an id or a list of ids
+        ids = [ids] if isinstance(ids, int) else ids or []
+        require(c, all(0 <= i < c.vocab_size for i in ids), name, f"null or in [0, {c.vocab_size})")
+    require(c, 0 <= c.attention_dropout < 1, "attention_dropout", "in [0, 1)")
+    require(c, math.isfinite(c.initializer_range) and c.initializer_range >= 0, "initializer_range", ">= 0")
+    # OLMo 2: the epsilon of its RMSNorms
+    require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
+    require(c, c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0, "clip_qkv", "None or > 0")
+    # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead)
+    require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
+    require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
+
+
+def rope_per_layer_type(c, default_theta):
+    """Checks OLMo 3's layer_types and sliding_window; then rope_parameters, flat or per layer type -> {layer
+    type: its settings checked, every default filled}, for the layer types the model has."""
+    require(c, len(c.layer_types) == c.num_hidden_layers and
+            set(c.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
+            f"{c.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+    # OLMo 3: a window holds at least the query itself
+    require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
+    rope = c.rope_parameters or {}
+    require(c, isinstance(rope, dict), "rope_parameters", "an object")
+    if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
+        rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
+    return {kind: check_rope(rope.get(kind) or {}, default_theta, c.max_position_embeddings, kind)
+            for kind in sorted(set(c.layer_types))}
+
+
+def positive(v):
+    return type(v) in (int, float) and 0 < v < math.inf
+
+
+# What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all
+# else is refused. YaRN's defaults are transformers'; those that are None (unset) it computes from the others.
+FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
+ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
+    **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
+    "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
+    "mscale_all_dim": (None, positive, "a number > 0"), "truncate": (True, lambda v: type(v) is bool, "a boolean")}}
+
+
+def check_rope(rope, default_theta, max_position_embeddings, kind):
+    """One layer type's RoPE settings ("type" or "rope_type", "rope_theta", "factor", YaRN's keys) -> the same
+    with "rope_type", "rope_theta" and every default filled in."""
+    where = f"rope_parameters[{kind!r}]"
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where} must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{where} rope_type must be one of {', '.join(ROPE_TYPES)}, got {rope_type!r}")
+    takes = {"rope_theta": (default_theta, positive, "a finite number > 0"), **ROPE_TYPES[rope_type]}
+    for key in rope.keys() - takes.keys() - {"rope_type", "type"}:
+        raise ValueError(f"{where} has {key!r}, which rope_type {rope_type!r} doesn't take")
+    out = {"rope_type": rope_type}
+    for key, (default, ok, what) in takes.items():
+        value = default if rope.get(key) is None else rope[key]  # null is the same as absent
+        if (value is not None or key == "factor") and not ok(value):  # YaRN computes its unset (None) keys
+            raise ValueError(f"{where} {key} must be {what}, got {rope.get(key)!r}")
+        out[key] = value
+    if rope_type == "yarn" and out["original_max_position_embeddings"] is None:
+        out["original_max_position_embeddings"] = max_position_embeddings
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
