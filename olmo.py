@@ -612,7 +612,7 @@ class OlmoForCausalLM(nn.Module):
         cpu = torch.device(device or "cpu").type == "cpu"
         for name, tensor in state_dict.items():
             if cpu and name == head:
-                state_dict[name] = column_major(path, name, tensor, dtype)
+                state_dict[name] = column_major(tensor, dtype)
             else:
                 state_dict[name] = tensor.to(device=device, dtype=dtype)  # a no-op if they already match
         model.load_state_dict(state_dict, strict=False, assign=True)  # checked above, with clearer errors
@@ -715,8 +715,12 @@ def read_json_object(path):
 def load_file(file):
     try:
         if file.endswith(".safetensors"):
-            from safetensors.torch import load_file as load_safetensors
-            return load_safetensors(file)  # memory-mapped by safetensors
+            from safetensors import safe_open
+            with safe_open(file, "pt") as f:
+                names = list(f.keys())
+            # each tensor memory-mapped on its own, the mapping closed when the tensor is freed: a tensor replaced
+            # by its copy in another dtype or layout, or by int8, leaves memory (one mapping would keep them all)
+            return {name: safe_open(file, "pt").get_tensor(name) for name in names}
         # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run arbitrary code
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError:
@@ -741,18 +745,10 @@ def check_state_dict(state_dict, expected):
             raise ValueError(f"checkpoint has unexpected tensor {name}")
 
 
-def column_major(path, name, tensor, dtype):
+def column_major(tensor, dtype):
     """The CPU BLAS multiplies one token by the (vocab, hidden) head faster when the matrix is stored
     column by column (15-30% on an Intel Xeon, 1.5x and more on an AMD EPYC; same shape, same values). The
-    copy reads the head through a mapping of its own that closes right after, so the original's pages
-    leave memory: one copy."""
-    from safetensors import safe_open
-    for file in weight_files(path):
-        if file.endswith(".safetensors"):
-            with safe_open(os.path.join(path, file), "pt") as f:
-                if name in f.keys():
-                    tensor = f.get_tensor(name)
-                    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
+    original's pages leave memory with it (load_file maps each tensor on its own): one copy."""
     return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
 
 
