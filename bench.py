@@ -467,15 +467,16 @@ def int8_floor_kernels(weights, x, device, reps):
     import warnings
     for n, w in weights.items():
         q, scale = olmo.quantize_rows(w)
-        weights[n] = (q.to(device), scale.to(device))
-    kernels = {"olmo.py's int8_matmul": lambda x, w: olmo.int8_matmul(x, w[0], w[1])}
+        weights[n] = [olmo.Int8Linear(q.to(device), scale.to(device), None)]
+    kernels = {"olmo.py's Int8Linear": lambda x, w: w[0](x)}
     if device == "cpu" and torch.backends.quantized.engine in ("fbgemm", "x86"):
         warnings.filterwarnings("ignore", ".*quantize_per_channel")  # deprecated, still the fastest here
-        for n, (q, scale) in weights.items():
+        for n, (linear,) in weights.items():
+            scale = linear.scale.double()
             zero = torch.zeros(len(scale), dtype=torch.long)
-            w = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(), zero, 0, torch.qint8)
-            weights[n] = (q, scale, torch.ops.quantized.linear_prepack(w, None))
-        kernels["fbgemm's dynamic int8 linear"] = lambda x, w: torch.ops.quantized.linear_dynamic(x.float(), w[2])
+            w = torch.quantize_per_channel((linear.weight * scale[:, None]).float(), scale, zero, 0, torch.qint8)
+            weights[n].append(torch.ops.quantized.linear_prepack(w, None))
+        kernels["fbgemm's dynamic int8 linear"] = lambda x, w: torch.ops.quantized.linear_dynamic(x.float(), w[1])
     times = {}
     with torch.no_grad():
         for name, product in kernels.items():
@@ -484,7 +485,7 @@ def int8_floor_kernels(weights, x, device, reps):
                 synchronize(device)
                 t0 = time.perf_counter()
                 for w in weights.values():
-                    product(x[w[0].shape[1]], w)
+                    product(x[w[0].weight.shape[1]], w)
                 synchronize(device)
                 passes.append(time.perf_counter() - t0)
             times[name] = min(passes[1:])

@@ -761,13 +761,15 @@ def column_major(tensor, dtype):
 
 
 class Int8Linear(nn.Module):
-    """A linear layer whose weight is kept as int8 with a float32 scale per output row, weight ~ int8 * scale:
-    a quarter of float32's bytes to read per token. The activations stay in the model's dtype."""
+    """A linear layer whose weight is kept as int8 with a scale per output row, weight ~ int8 * scale: a quarter
+    of float32's bytes to read per token. The activations stay in the model's dtype."""
 
     def __init__(self, weight, scale, bias):
         super().__init__()
         self.register_buffer("weight", weight)  # (out, in) int8
-        self.register_buffer("scale", scale)  # (out,) float32
+        # (out,) in bfloat16, as the CPU kernel takes it (int8_matmul): casting it in the step instead breaks
+        # torch.compile (torch 2.13's lowering of _weight_int8pack_mm wants its inputs stored, not computed)
+        self.register_buffer("scale", scale.bfloat16())
         self.bias = bias  # nn.Linear's parameter (loaded with the other tensors) or None
 
     def forward(self, x):
@@ -784,7 +786,7 @@ def int8_matmul(x, weight, scale):
     result returns as float32. Elsewhere: dequantize in the product (on CUDA torch.compile fuses it, as gpt-fast)."""
     if x.device.type == "cpu":
         rows = x.reshape(-1, x.shape[-1]).bfloat16()  # (N, in)
-        y = torch.ops.aten._weight_int8pack_mm(rows, weight, scale.bfloat16())  # (N, out) bfloat16
+        y = torch.ops.aten._weight_int8pack_mm(rows, weight, scale)  # (N, out) bfloat16
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
     return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
 

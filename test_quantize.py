@@ -18,6 +18,7 @@ rounding moves the logits by O(1) (a weight off by a whole scale step is ~1% of 
 test_quantize_rows_error_is_half_a_scale_step_in_both_twins, where it fails the bound outright).
 """
 
+import argparse
 import json
 import math
 import os
@@ -180,3 +181,18 @@ print(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(
     print(f"\nint8 load: peak {peak / 1e6:.0f} MB for an int8 model of {int8_bytes / 1e6:.0f} MB "
           f"(bound {(1.15 * int8_bytes + largest) / 1e6:.0f} MB)")
     assert peak <= 1.15 * int8_bytes + largest
+
+
+def test_int8_compiled_decode_gives_eager_tokens(tmp_path):
+    """--compile --quantize int8 through the CLI's own loader: the compiled step (inductor lowers int8_matmul's
+    kernel) gives the eager int8 model's greedy tokens. (A scale cast inside the step failed to compile.)"""
+    cfg = dict(SMALL, model_type="olmo2")
+    path = save(reference_model(cfg, seed=2), str(tmp_path / "float"))
+    ids = ids_for(cfg, 1, 5, seed=2)
+    tokens = []
+    for compile in (False, True):
+        args = argparse.Namespace(model=path, revision=None, device="cpu", seed=None, compile=compile,
+                                  dtype="float32", quantize="int8")
+        model, _ = olmo.Backend().load(args)
+        tokens.append(model.generate(ids, 8))
+    assert torch.equal(tokens[0], tokens[1])
