@@ -408,10 +408,10 @@ def floor_kernels(path, device, dtype, quantize=None, reps=7):
     """{kernel: seconds}: one matrix-vector product per weight the step reads (every projection and the head; of
     the embedding only a row), nothing else, the best of reps passes over all of them (a pass over fewer would be
     served from the CPU's cache). The kernels, in turn: torch's F.linear by rows (transformers'), the head by
-    columns (olmo.py's in float32 on the CPU), all by columns; on the CPU also oneDNN's linear with each weight prepacked for
-    one row of input (its blocked layout), and in float32 NumPy's BLAS (OpenBLAS), whichever kernels torch does not
-    pick by itself. quantize "int8": each weight quantized as olmo.py does, multiplied by olmo.py's int8_matmul,
-    and on the CPU by fbgemm's int8 linear, which quantizes the activations too (as llama.cpp's q8_0 does). At
+    columns (olmo.py's in float32 on the CPU), all by columns; on the CPU also oneDNN's linear with each weight
+    prepacked for one row of input (its blocked layout), and in float32 NumPy's BLAS (OpenBLAS): kernels torch
+    does not pick by itself. quantize "int8": each weight quantized as olmo.py does, multiplied by olmo.py's
+    Int8Linear, and on the CPU by fbgemm's int8 linear, which quantizes the activations too (as q8_0 does). At
     batch 1 that is the step's memory traffic, so the fastest bounds any implementation's step here, whatever its
     overheads, and transformers' step time / it bounds what one can gain over transformers."""
     from safetensors import safe_open
