@@ -1,5 +1,6 @@
 """Convert an OLMo or OLMo 2 trainer checkpoint into a transformers checkpoint (config.json + safetensors), or
 rewrite a transformers-layout OLMo, OLMo 2 or OLMo 3 checkpoint (as safetensors, in another dtype or shard size).
+(Olmo Hybrid is published in the transformers layout only, and olmo.py and olmo_numpy.py read it as it is.)
 
     python convert.py SRC DST [--dtype float32|float16|bfloat16] [--shard-size 5GB]
 
@@ -14,7 +15,9 @@ SRC is a directory in one of three layouts, recognized by its files:
    which is only rewritten: as safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only
    reader can load a .bin), its config and every tensor kept as they are (only the config's dtype changes).
    OLMoE and FlexOlmo are published in this layout only (one tensor per expert, as the hub ships them;
-   transformers 5's fused experts, which olmo.py also loads, are not rewritten).
+   transformers 5's fused experts, which olmo.py also loads, are not rewritten). So is Olmo Hybrid, which is
+   not rewritten: the hub stores its convolution in three parts (q_conv1d, k_conv1d, v_conv1d) under OLMo-core's
+   norm names, which olmo.py and olmo_numpy.py join and rename as they load it.
 
 DST gets `config.json`, `model.safetensors` (or shards and `model.safetensors.index.json`) and whatever
 tokenizer files, chat template and `generation_config.json` SRC has, each checked to be what its name says (a
@@ -218,6 +221,9 @@ def read_checkpoint(src: Path):
         raw = read_json(src / "config.json", src)
         if "d_model" in raw:  # hf_olmo wrote the trainer's fields (its model_type was "olmo" in early versions)
             return "hf_olmo", *read_trainer_layout(src / "config.json", raw, HF_WEIGHT_FILES, "model.transformer.")
+        if raw.get("model_type") == "olmo_hybrid":  # Olmo Hybrid: its hub layout is read as it is
+            raise ConversionError(f"{src} is an Olmo Hybrid checkpoint, published in the transformers layout only: "
+                                  "olmo.py and olmo_numpy.py read it as it is, with no conversion")
         if raw.get("model_type") in olmo.MODEL_TYPES:
             return "transformers", *read_transformers_layout(src, raw)
         raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not one of "

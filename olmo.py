@@ -1,4 +1,4 @@
-"""OLMo (1, 2 and 3), OLMoE and FlexOlmo in one readable PyTorch file.
+"""OLMo (1, 2 and 3), OLMoE, FlexOlmo and Olmo Hybrid in one readable PyTorch file.
 
 OLMo (Groeneveld et al., 2024, https://arxiv.org/abs/2402.00838) is a decoder-only transformer: token
 embeddings, N blocks of (norm -> attention with rotary positions -> residual, norm -> gated MLP -> residual),
@@ -7,24 +7,28 @@ no learnable weight.
 
 OLMo 2 (OLMo et al., 2024, https://arxiv.org/abs/2501.00656) changes three coupled things for training
 stability: RMSNorm with weights, a norm on the queries and keys, and the norm moved after each sublayer.
-OLMo 3 adds sliding-window attention on three layers in four, and YaRN to stretch the context. Each change
-is written once, where it happens, under a comment starting "OLMo 2:" or "OLMo 3:"; a reader of OLMo 1 can
-skip those lines.
+OLMo 3 adds sliding-window attention on three layers in four, and YaRN to stretch the context. Olmo
+Hybrid (Merrill et al., 2026, https://arxiv.org/abs/2604.03444) makes those three layers in four Gated
+DeltaNet instead: linear attention, a fixed-size state per head updated once per token, the same cost at any
+length. Each change is written once, where it happens, under a comment starting "OLMo 2:", "OLMo 3:" or
+"Olmo Hybrid:"; a reader of OLMo 1 can skip those lines.
 
 OLMoE (Muennighoff et al., 2024, https://arxiv.org/abs/2409.02060) is a mixture of experts: each MLP becomes
 many (64 in OLMoE-1B-7B), and a router sends each token to a few of them (8), so a token runs through a
 fifth of the weights. Its block is OLMo 1's order with OLMo 2's RMSNorm and QK-norm. FlexOlmo (Shi et al.,
 2025, https://arxiv.org/abs/2507.07024) puts the same experts into OLMo 2's block. Their lines are marked "OLMoE:".
 
-It reads top to bottom: config -> norm -> RoPE -> attention -> MLP -> block -> model -> generation ->
-loading -> reading config.json -> CLI. Names match transformers' `OlmoForCausalLM`, `Olmo2ForCausalLM`,
-`Olmo3ForCausalLM`, `OlmoeForCausalLM` and `FlexOlmoForCausalLM`, so their checkpoints load with strict name
-and shape checks and no renaming, and the logits equal transformers' (see the tests). It is meant to be read
+It reads top to bottom: config -> norm -> RoPE -> attention -> (Olmo Hybrid) Gated DeltaNet -> MLP -> block ->
+model -> generation -> loading -> reading config.json -> CLI. Names match transformers' `OlmoForCausalLM`,
+`Olmo2ForCausalLM`, `Olmo3ForCausalLM`, `OlmoeForCausalLM`, `FlexOlmoForCausalLM` and `OlmoHybridForCausalLM`,
+so their checkpoints load with strict name and shape checks and no renaming (Olmo Hybrid's hub layout is
+joined as transformers joins it), and the logits equal transformers' (see the tests). It is meant to be read
 and copied, not configured: no framework.
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
 D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
-what RoPE rotates by: the slot minus the row's left padding.
+what RoPE rotates by: the slot minus the row's left padding. Olmo Hybrid's Gated DeltaNet layers: Hk / Hv
+query-key and value heads, of sizes dk / dv.
 
     python olmo.py --model path/to/OLMo-1B-hf --prompt "Language models are"
 """
@@ -52,7 +56,7 @@ class OlmoConfig:
     """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
     OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
-    model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe" or "flex_olmo" (config.json says which)
+    model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe", "flex_olmo" or "olmo_hybrid" (config.json says)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
@@ -70,6 +74,7 @@ class OlmoConfig:
     # RoPE per layer type, as transformers 5 holds it: {"full_attention": {"rope_type": "default" | "linear" |
     # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict
     # (or 4.x's rope_theta and rope_scaling) means the full-attention layers. The base defaults to 10000.
+    # Olmo Hybrid: "none" (rope_theta given as null) leaves q and k unrotated
     rope_parameters: dict | None = None
     attention_bias: bool = False  # biases on q/k/v/o projections
     attention_dropout: float = 0.0  # dropout on attention probabilities, in training mode only
@@ -84,6 +89,13 @@ class OlmoConfig:
     norm_topk_prob: bool = False  # OLMoE: rescale the chosen experts' probabilities to sum to 1
     output_router_logits: bool = False  # OLMoE: add the router's load-balancing loss to the training loss
     router_aux_loss_coef: float = 0.01  # OLMoE: that loss's weight
+    # Olmo Hybrid: its Gated DeltaNet ("linear_attention") layers have heads of their own
+    linear_num_key_heads: int | None = None  # Hk, query/key heads (None: H)
+    linear_num_value_heads: int | None = None  # Hv, value heads, each with its own state (None: H)
+    linear_key_head_dim: int | None = None  # dk (None: 0.75 hidden_size / Hk)
+    linear_value_head_dim: int | None = None  # dv (None: 2 dk)
+    linear_conv_kernel_dim: int = 4  # the short causal convolution over q, k and v spans this many tokens
+    linear_allow_neg_eigval: bool = True  # beta in (0, 2), not (0, 1): an update may overshoot, flipping signs
 
     def __post_init__(self):
         """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
@@ -101,6 +113,12 @@ class OlmoConfig:
                 self.sliding_window = 4096
             pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
             layer_types = pattern if self.layer_types is None else self.layer_types
+        if self.model_type == "olmo_hybrid":  # Olmo Hybrid: 3 Gated DeltaNet layers in 4, unless listed
+            pattern = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(self.num_hidden_layers)]
+            if "full_attention" not in pattern:  # fewer than 4 layers: the last one attends
+                pattern[-1] = "full_attention"
+            layer_types = pattern if self.layer_types is None else self.layer_types
+            fill_linear_attention(self)
         self.layer_types = layer_types
         self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
@@ -115,8 +133,9 @@ class OlmoConfig:
 
     @property
     def norm_after(self):
-        """OLMo 2 and 3 (and FlexOlmo): the norm after each sublayer, not before it (see OlmoDecoderLayer)."""
-        return self.model_type in ("olmo2", "olmo3", "flex_olmo")
+        """OLMo 2 and 3 (and FlexOlmo, Olmo Hybrid's attention layers): the norm after each sublayer, not before
+        it (see OlmoDecoderLayer)."""
+        return self.model_type in ("olmo2", "olmo3", "flex_olmo", "olmo_hybrid")
 
     @property
     def moe(self):
@@ -172,6 +191,16 @@ class OlmoRMSNorm(nn.Module):
         return (self.weight * h).to(x.dtype)
 
 
+class OlmoRMSNormGated(OlmoRMSNorm):
+    """Olmo Hybrid: the Gated DeltaNet's output norm, per head: RMSNorm, then times silu(gate). Llama's order
+    (cast back, then the weight), as transformers' OlmoHybridRMSNormGated."""
+
+    def forward(self, x, gate):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+
+
 def make_norm(config, size=None):
     """A layer's norm over `size` numbers (default hidden_size): OLMo 1's LayerNorm without weights, or the
     RMSNorm of OLMo 2 and every later model. (transformers' OlmoeRMSNorm casts back to bf16 before multiplying
@@ -204,6 +233,8 @@ class OlmoRotaryEmbedding(nn.Module):
         self.attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
         if self.rope_type == "linear":  # "position interpolation": every position, i.e. frequency, / factor
             inv_freq = inv_freq / self.factor
+        elif self.rope_type == "none":  # Olmo Hybrid's NoPE: every angle 0 (cos 1, sin 0), q and k as they are
+            inv_freq = inv_freq * 0
         elif self.rope_type == "yarn":  # OLMo 3: YaRN
             inv_freq, self.attention_factor = yarn(self.theta ** exponents, rope, self.dim, self.theta)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -354,6 +385,114 @@ class OlmoAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Olmo Hybrid: Gated DeltaNet (linear attention)
+#
+# Instead of keeping every key and value, a Gated DeltaNet head keeps one matrix S (dk, dv), a memory that maps
+# keys to values, and updates it once per token (Yang, Kautz and Hatamizadeh, 2024, "Gated Delta Networks",
+# https://arxiv.org/abs/2412.06464, eq. 10): it fades (the gate), then moves its answer for the token's key
+# toward the token's value (the delta rule); the output reads it with the query.
+#     S = exp(g_t) S                              g_t <= 0, the decay: -exp(A_log) softplus(a_proj(x) + dt_bias)
+#     S = S + k_t (beta_t (v_t - S^T k_t))^T      beta_t = sigmoid(b_proj(x)), doubled by linear_allow_neg_eigval
+#     o_t = S^T q_t
+# A step costs the same at any length, and the state (with the convolution's last inputs) is all the next
+# step needs: no KV cache for these layers.
+
+
+def gated_delta_rule(q, k, v, g, beta, state):
+    """The recurrence, one token at a time. q, k (B, Hv, T, dk) unit vectors (q also times dk^-1/2),
+    v (B, Hv, T, dv), g and beta (B, Hv, T), state (B, Hv, dk, dv) -> outputs (B, Hv, T, dv), final state."""
+    outputs = []
+    for t in range(q.shape[2]):
+        state = state * g[:, :, t, None, None].exp()
+        k_t = k[:, :, t, :, None]  # (B, Hv, dk, 1)
+        error = v[:, :, t, None, :] - k_t.transpose(-1, -2) @ state  # (B, Hv, 1, dv): the value minus S's answer
+        state = state + k_t @ (beta[:, :, t, None, None] * error)
+        outputs.append(q[:, :, t, None, :] @ state)  # (B, Hv, 1, dv)
+    return torch.cat(outputs, dim=2), state
+
+
+def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk=64):
+    """The same recurrence (same arguments, same results up to rounding), `chunk` tokens at a time: a few
+    matrix products per chunk instead of a step per token, for prompts (Yang et al., section 3.3).
+
+    Within a chunk starting from state S, let c_t = g_1 + ... + g_t and D[t, s] = exp(c_t - c_s), the decay
+    from token s to token t (s <= t). Unrolling the recurrence gives
+        S_t = exp(c_t) S + sum_{s <= t} D[t, s] k_s u_s^T,    u_t = beta_t (v_t - (S before token t)^T k_t)
+    so the chunk's corrections u (C, dv) solve one unit lower-triangular system,
+        (I + A) u = beta (v - exp(c) k S),    A[t, s] = beta_t D[t, s] k_t . k_s for s < t,
+    and then o_t = exp(c_t) S^T q_t + sum_{s <= t} D[t, s] (q_t . k_s) u_s; the next chunk starts from S_C."""
+    outputs = []
+    for start in range(0, q.shape[2], chunk):
+        q_c, k_c, v_c, g_c, beta_c = (x[:, :, start:start + chunk] for x in (q, k, v, g, beta))
+        c = g_c.cumsum(-1)  # (B, Hv, C)
+        D = (c[..., :, None] - c[..., None, :]).exp().tril()  # (B, Hv, C, C); above the diagonal: 0
+        A = k_c @ k_c.transpose(-1, -2) * D * beta_c[..., None]  # (B, Hv, C, C)
+        rhs = beta_c[..., None] * (v_c - c.exp()[..., None] * k_c @ state)  # (B, Hv, C, dv)
+        # unitriangular: the solver reads A only below the diagonal and takes the diagonal as 1, i.e. I + A
+        u = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # (B, Hv, C, dv)
+        outputs.append(c.exp()[..., None] * q_c @ state + (q_c @ k_c.transpose(-1, -2) * D) @ u)
+        k_decayed = (c[..., -1:] - c).exp()[..., None] * k_c  # each key decayed to the chunk's end
+        state = c[..., -1:, None].exp() * state + k_decayed.transpose(-1, -2) @ u
+    return torch.cat(outputs, dim=2), state
+
+
+class OlmoGatedDeltaNet(nn.Module):
+    """Olmo Hybrid's token mixer in its "linear_attention" layers. q, k and v pass a short causal convolution
+    (each channel sees its last linear_conv_kernel_dim inputs); each of the Hv value heads has its own state
+    and shares q and k with the Hv / Hk heads beside it (as GQA shares keys). The output is normalised per
+    head and gated."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, Hk, Hv = config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads
+        self.Hk, self.Hv, self.dk, self.dv = Hk, Hv, config.linear_key_head_dim, config.linear_value_head_dim
+        self.q_proj = nn.Linear(C, Hk * self.dk, bias=False)
+        self.k_proj = nn.Linear(C, Hk * self.dk, bias=False)
+        self.v_proj = nn.Linear(C, Hv * self.dv, bias=False)
+        self.a_proj = nn.Linear(C, Hv, bias=False)  # the decay's part that depends on the token
+        self.b_proj = nn.Linear(C, Hv, bias=False)  # beta, the delta rule's step size
+        self.g_proj = nn.Linear(C, Hv * self.dv, bias=False)  # the output gate
+        self.o_proj = nn.Linear(Hv * self.dv, C, bias=False)
+        channels = 2 * Hk * self.dk + Hv * self.dv  # q, k and v side by side
+        self.conv1d = nn.Conv1d(channels, channels, config.linear_conv_kernel_dim, groups=channels, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(Hv))  # per head, the decay's scale (log) and bias; zeros: fresh
+        self.dt_bias = nn.Parameter(torch.zeros(Hv))
+        self.o_norm = OlmoRMSNormGated(self.dv, 1e-5)  # transformers' fixed epsilon, not rms_norm_eps
+        self.act_fn = ACT2FN[config.hidden_act]  # after the convolution
+        self.beta_scale = 2.0 if config.linear_allow_neg_eigval else 1.0
+        self.state = None  # while generating: (the convolution's last K - 1 inputs, S); see prefill
+
+    def forward(self, x, cos, sin, mask, slots=None):
+        """x (B, T, hidden) -> (B, T, hidden), the signature of OlmoAttention's; cos and sin unused (the order
+        of tokens is in the recurrence). mask (B, T) bool: False at padding. slots not None: continue from
+        self.state and keep the new one (generation); None: start from zeros, keep nothing."""
+        B, T, _ = x.shape
+        x = x * mask[..., None]  # left padding becomes zeros: then it writes nothing (k = 0), the conv sees 0s
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1).transpose(1, 2)
+        if slots is not None and self.state is not None:
+            conv, state = self.state
+        else:  # zeros, as before a sequence's first token
+            conv = qkv.new_zeros(B, qkv.shape[1], self.conv1d.kernel_size[0] - 1)
+            state = qkv.new_zeros(B, self.Hv, self.dk, self.dv, dtype=torch.float32)
+        window = torch.cat([conv, qkv], dim=-1)  # (B, channels, K - 1 + T): each output sees its K inputs
+        qkv = self.act_fn(F.conv1d(window, self.conv1d.weight, groups=qkv.shape[1])).transpose(1, 2)
+        q, k, v = qkv.float().split([self.Hk * self.dk, self.Hk * self.dk, self.Hv * self.dv], dim=-1)
+        q = q.view(B, T, self.Hk, self.dk).transpose(1, 2).repeat_interleave(self.Hv // self.Hk, dim=1)
+        k = k.view(B, T, self.Hk, self.dk).transpose(1, 2).repeat_interleave(self.Hv // self.Hk, dim=1)
+        v = v.view(B, T, self.Hv, self.dv).transpose(1, 2)  # (B, Hv, T, dv); q and k (B, Hv, T, dk)
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * self.dk ** -0.5  # unit length, then scaled
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+        beta = (self.b_proj(x).sigmoid() * self.beta_scale).float().transpose(1, 2)  # (B, Hv, T)
+        g = (-self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)).transpose(1, 2)
+        rule = gated_delta_rule if T == 1 else chunked_gated_delta_rule
+        y, state = rule(q, k, v, g, beta, state)  # (B, Hv, T, dv)
+        if slots is not None:
+            self.state = (window[..., T:], state)
+        y = self.o_norm(y.transpose(1, 2).to(x.dtype), self.g_proj(x).view(B, T, self.Hv, self.dv))
+        return self.o_proj(y.reshape(B, T, self.Hv * self.dv))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # MLP
 
 # The MLP gate's activations, by the names config.json uses (transformers' ACT2FN).
@@ -416,12 +555,16 @@ class OlmoDecoderLayer(nn.Module):
         x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
         x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
 
-    OLMoE and FlexOlmo: mlp is a mixture of experts (OlmoeSparseMoeBlock)."""
+    OLMoE and FlexOlmo: mlp is a mixture of experts (OlmoeSparseMoeBlock). Olmo Hybrid: its attention layers
+    are OLMo 3's; its Gated DeltaNet layers ("linear_attention") put their norms where OLMo 1 puts its own:
+    x = x + linear_attn(input_layernorm(x)), and the MLP likewise."""
 
-    def __init__(self, config):
+    def __init__(self, config, kind="full_attention"):
         super().__init__()
-        self.norm_after = config.norm_after
-        self.self_attn = OlmoAttention(config)
+        linear = kind == "linear_attention"  # Olmo Hybrid
+        self.norm_after = config.norm_after and not linear
+        self.mixer = "linear_attn" if linear else "self_attn"  # the token mixer's name in checkpoints
+        self.add_module(self.mixer, OlmoGatedDeltaNet(config) if linear else OlmoAttention(config))
         self.mlp = OlmoeSparseMoeBlock(config) if config.moe else OlmoMLP(config)  # OLMoE: experts
         if self.norm_after:  # OLMo 2: norms after the sublayers, none before
             self.post_attention_layernorm = make_norm(config)
@@ -431,10 +574,11 @@ class OlmoDecoderLayer(nn.Module):
         self.post_attention_layernorm = make_norm(config)
 
     def forward(self, x, cos, sin, mask, slots=None):
+        attn = getattr(self, self.mixer)  # Olmo Hybrid: self_attn or linear_attn
         if self.norm_after:  # OLMo 2: normalise each sublayer's output
-            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, slots))
+            x = x + self.post_attention_layernorm(attn(x, cos, sin, mask, slots))
             return x + self.post_feedforward_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
+        x = x + attn(self.input_layernorm(x), cos, sin, mask, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -451,7 +595,7 @@ class OlmoModel(nn.Module):
         # _weight: uninitialised (the checkpoint or _init_weights fills it); nn.Embedding's own init is slow
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(OlmoDecoderLayer(config, kind) for kind in config.layer_types)
         self.norm = make_norm(config)
         # Per layer type, a RoPE and a mask window: "full_attention" sees every earlier key; OLMo 3 adds
         # "sliding_attention", which sees the last sliding_window keys (and RoPE scaling leaves alone)
@@ -468,6 +612,9 @@ class OlmoModel(nn.Module):
         # RoPE tables and masks once per layer type, shared by every layer of that type
         rope = {kind: emb(position_ids) for kind, emb in self.rotary_emb.items()}
         masks = {kind: causal_mask(query_slots, key_valid, self.windows[kind]) for kind in rope}
+        # Olmo Hybrid: a Gated DeltaNet layer has no RoPE and needs to know only which tokens are padding
+        rope["linear_attention"] = (None, None)
+        masks["linear_attention"] = key_valid[:, query_slots]  # (B, T)
         for layer, kind in zip(self.layers, self.config.layer_types):
             x = layer(x, *rope[kind], masks[kind], slots)
         return self.norm(x)
@@ -510,6 +657,7 @@ class OlmoForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.cached_ids = []  # the tokens whose keys and values the cache holds (see reuse_prefix)
+        self.kept_states = {}  # Olmo Hybrid: {tokens fed: each Gated DeltaNet layer's state} (see reuse_prefix)
         if not self.lm_head.weight.is_meta:  # on the meta device (from_pretrained) there is nothing to fill
             self.apply(self._init_weights)
 
@@ -551,12 +699,17 @@ class OlmoForCausalLM(nn.Module):
     # cache; then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the
     # s-th token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
 
+    def mixers(self, name):
+        """The layers' token mixers of one kind: "self_attn" (attention) or, Olmo Hybrid, "linear_attn"."""
+        return [getattr(layer, name) for layer in self.model.layers if layer.mixer == name]
+
     def grow_cache(self, batch_size, needed):
-        """Make every layer's cache hold `needed` slots (a power of two, see setup_cache), keeping what it
-        holds."""
+        """Make every attention layer's cache hold `needed` slots (a power of two, see setup_cache), keeping
+        what it holds."""
         weight = self.model.embed_tokens.weight  # the cache takes the model's dtype and device (not the head's:
         # it may be int8)
-        cache = self.model.layers[0].self_attn.kv_cache
+        attns = self.mixers("self_attn")  # Olmo Hybrid: not its Gated DeltaNet layers, which keep a state
+        cache = attns[0].kv_cache
         k = None if cache is None else cache.k_cache  # (B, KV, length, D)
         same = k is not None and (k.shape[0], k.dtype, k.device) == (batch_size, weight.dtype, weight.device)
         length = k.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
@@ -565,16 +718,16 @@ class OlmoForCausalLM(nn.Module):
         self.cached_ids = self.cached_ids if same else []
         self.slots = torch.arange(needed, device=weight.device)
         try:
-            for layer in self.model.layers:
-                old = layer.self_attn.kv_cache
-                layer.self_attn.kv_cache = None  # free before allocating
+            for attn in attns:
+                old = attn.kv_cache
+                attn.kv_cache = None  # free before allocating
                 new = KVCache(batch_size, needed, self.config, weight.dtype, weight.device)
                 if length:
                     new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
-                layer.self_attn.kv_cache = new
+                attn.kv_cache = new
         except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
-            for layer in self.model.layers:
-                layer.self_attn.kv_cache = None
+            for attn in attns:
+                attn.kv_cache = None
             if isinstance(e, (RuntimeError, MemoryError)):  # torch reports a failed allocation as a RuntimeError
                 raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
             raise
@@ -594,6 +747,9 @@ class OlmoForCausalLM(nn.Module):
         (B, vocab)."""
         T = input_ids.shape[1]
         positions = positions_from_mask(attention_mask)[:, start:]
+        if start == 0:  # Olmo Hybrid: the Gated DeltaNet layers start from zeros (else see reuse_prefix)
+            for layer in self.mixers("linear_attn"):
+                layer.state = None
         # keys past T are later than every query here: attend over the first T slots only
         hidden = self.model(input_ids[:, start:], positions, self.key_valid[:, :T], self.slots[start:T])
         return self.lm_head(hidden[:, -1])  # the vocab projection only where we sample: (B, vocab)
@@ -617,7 +773,15 @@ class OlmoForCausalLM(nn.Module):
 
         When it can't: a batch of several rows, or with padding (a row's slots then depend on the other
         rows' lengths); and dynamic RoPE past the trained length, whose frequencies change with each call's
-        length: there it keeps only calls and tokens within max_position_embeddings."""
+        length: there it keeps only calls and tokens within max_position_embeddings.
+
+        Olmo Hybrid: a Gated DeltaNet layer's state sums up every token before it, so unlike keys and values
+        it can't be cut back to a shorter prefix. generate keeps the states at two points of the last call
+        (kept_states): the end of its prompt, and the end of what it fed after it (the reply but its last
+        token, never fed). A chat's next prompt extends that reply (then a turn costs only its new tokens) or
+        at least the last prompt (a chat template may write the reply back differently: then the reply is
+        read again), so a turn's cost doesn't grow with the conversation, and the states are exactly those of
+        recomputing. `start` moves back to the latest kept point at or before it."""
         B, T = input_ids.shape
         keep_up_to = self.config.max_position_embeddings if self.config.dynamic_rope else math.inf
         if B > 1 or not attention_mask.all() or T > keep_up_to:
@@ -626,6 +790,10 @@ class OlmoForCausalLM(nn.Module):
         start, ids = 0, input_ids[0].tolist()
         while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
             start += 1
+        if self.mixers("linear_attn"):  # Olmo Hybrid: back to the latest kept states, 0 (zeros) if none
+            start = max((n for n in self.kept_states if n <= start), default=0)
+            for layer, state in zip(self.mixers("linear_attn"), self.kept_states.get(start, [])):
+                layer.state = state
         self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
         return start, keep_up_to
 
@@ -655,6 +823,7 @@ class OlmoForCausalLM(nn.Module):
             logits = self.prefill(input_ids, attention_mask, start)
             if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
+                self.kept_states = {T: [layer.state for layer in self.mixers("linear_attn")]}  # Olmo Hybrid
         for i in range(max_new_tokens):
             check_finite(logits, i)
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -673,6 +842,9 @@ class OlmoForCausalLM(nn.Module):
                 logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
                 if T + i < keep_up_to:  # slot T + i now holds this token
                     self.cached_ids.append(int(token[0]))
+        fed = T + len(tokens) - 2  # Olmo Hybrid: the states hold every token but the last sampled (never fed)
+        if max_new_tokens > 0 and self.cached_ids and len(self.cached_ids) == fed:
+            self.kept_states[fed] = [layer.state for layer in self.mixers("linear_attn")]
         return torch.cat(tokens, dim=1)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -694,6 +866,8 @@ class OlmoForCausalLM(nn.Module):
         state_dict = load_state_dict(path)
         if config.moe:  # OLMoE
             state_dict = split_fused_experts(state_dict, config)
+        if "linear_attention" in config.layer_types:  # Olmo Hybrid
+            state_dict = join_hub_layout(state_dict)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         if config.tie_word_embeddings:  # tied checkpoints may or may not store lm_head.weight (a copy)
             state_dict.pop("lm_head.weight", None)
@@ -772,6 +946,26 @@ def load_state_dict(path):
     for name in weight_files(path):
         state_dict.update(load_file(os.path.join(path, name)))
     return state_dict
+
+
+def join_hub_layout(state_dict):
+    """Olmo Hybrid: its checkpoints name the Gated DeltaNet layers' norms as OLMo-core does (attention_layer_norm,
+    feedforward_layer_norm) and store their convolution in three parts, q_conv1d, k_conv1d and v_conv1d (the
+    hub's: q's, k's and v's channels; transformers 5's save_pretrained: three equal thirds). As transformers'
+    loader: rename, join the parts in that order (their joined shape is checked with the rest), and drop the
+    multi-token-prediction tensors (mtp.*), which generation doesn't use."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        name = name.replace(".attention_layer_norm.", ".input_layernorm.")
+        if not name.startswith("mtp."):
+            renamed[name.replace(".feedforward_layer_norm.", ".post_attention_layernorm.")] = tensor
+    for name in [name for name in renamed if name.endswith(".q_conv1d.weight")]:
+        prefix = name.removesuffix("q_conv1d.weight")
+        parts = [renamed.pop(f"{prefix}{part}_conv1d.weight", None) for part in "qkv"]
+        if any(part is None or part.shape[1:] != parts[0].shape[1:] for part in parts):
+            raise ValueError(f"checkpoint has {name} but no k_conv1d and v_conv1d of its kernel size beside it")
+        renamed[f"{prefix}conv1d.weight"] = torch.cat(parts)
+    return renamed
 
 
 def weight_files(path):
@@ -968,6 +1162,12 @@ def config_from_dict(cls, d, source):
         d = dict(d)
         if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
             d["dtype"] = d.get("torch_dtype")
+        # Olmo Hybrid: rope_theta given as null (in rope_parameters, else at the top) means no RoPE (NoPE), as
+        # transformers reads it; absent means the default base
+        given = d["rope_parameters"] if isinstance(d.get("rope_parameters"), dict) else {}
+        given = given if "rope_theta" in given else d
+        if d.get("model_type") == "olmo_hybrid" and "rope_theta" in given and given["rope_theta"] is None:
+            d["rope_parameters"] = {"rope_type": "none"}
         theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
         if d.get("rope_parameters") is None:  # transformers 4.x
             if not isinstance(scaling, (dict, type(None))):
@@ -1022,13 +1222,15 @@ def with_legacy_rope_keys(rope, theta, scaling, model_type):
     return rope
 
 
-MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")  # the model_types this file reads
-# OLMoE, FlexOlmo: where transformers' OlmoeConfig and FlexOlmoConfig default otherwise than OlmoConfig
+MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "olmo_hybrid")  # the model_types this file reads
+# OLMoE, FlexOlmo, Olmo Hybrid: where transformers' configs for them default otherwise than OlmoConfig
 FAMILY_DEFAULTS = {
     "olmoe": dict(hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
                   max_position_embeddings=4096),
     "flex_olmo": dict(vocab_size=100352, max_position_embeddings=4096, rms_norm_eps=1e-6, pad_token_id=100277,
                       eos_token_id=100257, num_experts=7, num_experts_per_tok=5),
+    "olmo_hybrid": dict(vocab_size=100352, hidden_size=3840, num_attention_heads=30, max_position_embeddings=65536,
+                        rms_norm_eps=1e-6, pad_token_id=100277, eos_token_id=100257),  # Olmo Hybrid
 }
 
 
@@ -1054,7 +1256,7 @@ def check_fields(c):
     require(c, c.model_type in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)} (for 'hf_olmo' or "
             "trainer checkpoints run convert.py first)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings"):
+                 "num_key_value_heads", "max_position_embeddings", "linear_conv_kernel_dim"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
     require(c, c.hidden_size % c.num_attention_heads == 0, "hidden_size",
             f"divisible by num_attention_heads {c.num_attention_heads}")
@@ -1083,11 +1285,14 @@ def check_fields(c):
 
 
 def rope_per_layer_type(c, default_theta):
-    """Checks OLMo 3's layer_types and sliding_window; then rope_parameters, flat or per layer type -> {layer
-    type: its settings checked, every default filled}, for the layer types the model has."""
-    require(c, len(c.layer_types) == c.num_hidden_layers and
-            set(c.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
-            f"{c.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+    """Checks layer_types (OLMo 3's, Olmo Hybrid's) and sliding_window; then rope_parameters, flat or per
+    layer type -> {layer type: its settings checked, every default filled}, for the layer types the model has
+    (but Olmo Hybrid's Gated DeltaNet layers, which have no RoPE)."""
+    kinds = {"full_attention", "linear_attention" if c.model_type == "olmo_hybrid" else "sliding_attention"}
+    require(c, len(c.layer_types) == c.num_hidden_layers and set(c.layer_types) <= kinds, "layer_types",
+            f"{c.num_hidden_layers} of {' or '.join(map(repr, sorted(kinds)))}")
+    # Olmo Hybrid: a layer of each kind, as transformers asks (generation needs a KV cache to size)
+    require(c, c.model_type != "olmo_hybrid" or len(set(c.layer_types)) == 2, "layer_types", "of both kinds")
     # OLMo 3: a window holds at least the query itself
     require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
     rope = c.rope_parameters or {}
@@ -1095,7 +1300,22 @@ def rope_per_layer_type(c, default_theta):
     if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
         rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
     return {kind: check_rope(rope.get(kind) or {}, default_theta, c.max_position_embeddings, kind)
-            for kind in sorted(set(c.layer_types))}
+            for kind in sorted(set(c.layer_types) - {"linear_attention"})}
+
+
+def fill_linear_attention(c):
+    """Olmo Hybrid: the Gated DeltaNet's sizes, defaulted as transformers' OlmoHybridConfig does, and checked
+    (each before the next default divides by it)."""
+    defaults = {"linear_num_key_heads": lambda: c.num_attention_heads,
+                "linear_num_value_heads": lambda: c.num_attention_heads,
+                "linear_key_head_dim": lambda: int(0.75 * c.hidden_size / c.linear_num_key_heads),
+                "linear_value_head_dim": lambda: 2 * c.linear_key_head_dim}
+    for name, default in defaults.items():
+        if getattr(c, name) is None:
+            setattr(c, name, default())
+        require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")
+    require(c, c.linear_num_value_heads % c.linear_num_key_heads == 0, "linear_num_value_heads",
+            f"a multiple of linear_num_key_heads {c.linear_num_key_heads}")
 
 
 def positive(v):
@@ -1105,7 +1325,7 @@ def positive(v):
 # What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all
 # else is refused. YaRN's defaults are transformers'; those that are None (unset) it computes from the others.
 FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
-ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
+ROPE_TYPES = {"default": {}, "none": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
     **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
     "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
     "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),

@@ -1,18 +1,20 @@
-"""OLMo (1, 2 and 3), OLMoE and FlexOlmo in one readable NumPy file: olmo.py's twin, with every matrix
-product written out.
+"""OLMo (1, 2 and 3), OLMoE, FlexOlmo and Olmo Hybrid in one readable NumPy file: olmo.py's twin, with every
+matrix product written out.
 
 Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP
-(and OLMoE's router and experts) and the KV cache are plain array code over a dict of weights (named as in
-transformers' checkpoints), and the .safetensors reader is a few lines of header parsing over a memory map. It
-tells olmo.py's story in olmo.py's order, with the same names where the concept is the same (OLMo 2, OLMo 3
-and OLMoE again under "OLMo 2:", "OLMo 3:" and "OLMoE:" comments), so the two read side by side; its logits
-equal olmo.py's and transformers' to float32 rounding (the tests check both). It needs only NumPy (and
-tokenizers for the CLI), no torch. Everything runs in float32; float16 and bfloat16 checkpoints are widened to
-float32 when they load. Local checkpoint directories only (hub ids would need huggingface_hub).
+(and OLMoE's router and experts, Olmo Hybrid's recurrence) and the KV cache are plain array code over a dict of
+weights (named as in transformers' checkpoints), and the .safetensors reader is a few lines of header parsing
+over a memory map. It tells olmo.py's story in olmo.py's order, with the same names where the concept is the
+same (OLMo 2, OLMo 3, OLMoE and Olmo Hybrid again under "OLMo 2:", "OLMo 3:", "OLMoE:" and "Olmo Hybrid:"
+comments), so the two read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the
+tests check both). It needs only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32;
+float16 and bfloat16 checkpoints are widened to float32 when they load. Local checkpoint directories only (hub
+ids would need huggingface_hub).
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
 D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
-what RoPE rotates by: the slot minus the row's left padding.
+what RoPE rotates by: the slot minus the row's left padding. Olmo Hybrid's Gated DeltaNet layers: Hk / Hv
+query-key and value heads, of sizes dk / dv.
 
     python olmo_numpy.py --model path/to/OLMo-1B-hf --prompt "Language models are"
 """
@@ -45,7 +47,7 @@ class OlmoConfig:
     """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
     OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
-    model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe" or "flex_olmo" (config.json says which)
+    model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe", "flex_olmo" or "olmo_hybrid" (config.json says)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
@@ -63,6 +65,7 @@ class OlmoConfig:
     # RoPE per layer type, as transformers 5 holds it: {"full_attention": {"rope_type": "default" | "linear" |
     # "dynamic" | "yarn", "rope_theta": base, "factor": f > 1, ...}, "sliding_attention": {...}}. A flat dict
     # (or 4.x's rope_theta and rope_scaling) means the full-attention layers. The base defaults to 10000.
+    # Olmo Hybrid: "none" (rope_theta given as null) leaves q and k unrotated
     rope_parameters: dict | None = None
     attention_bias: bool = False  # biases on q/k/v/o projections
     attention_dropout: float = 0.0  # dropout on attention probabilities, in training only (none here)
@@ -77,6 +80,13 @@ class OlmoConfig:
     norm_topk_prob: bool = False  # OLMoE: rescale the chosen experts' probabilities to sum to 1
     output_router_logits: bool = False  # OLMoE: add the router's load-balancing loss to the training loss
     router_aux_loss_coef: float = 0.01  # OLMoE: that loss's weight
+    # Olmo Hybrid: its Gated DeltaNet ("linear_attention") layers have heads of their own
+    linear_num_key_heads: int | None = None  # Hk, query/key heads (None: H)
+    linear_num_value_heads: int | None = None  # Hv, value heads, each with its own state (None: H)
+    linear_key_head_dim: int | None = None  # dk (None: 0.75 hidden_size / Hk)
+    linear_value_head_dim: int | None = None  # dv (None: 2 dk)
+    linear_conv_kernel_dim: int = 4  # the short causal convolution over q, k and v spans this many tokens
+    linear_allow_neg_eigval: bool = True  # beta in (0, 2), not (0, 1): an update may overshoot, flipping signs
 
     def __post_init__(self):
         """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
@@ -94,6 +104,12 @@ class OlmoConfig:
                 self.sliding_window = 4096
             pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
             layer_types = pattern if self.layer_types is None else self.layer_types
+        if self.model_type == "olmo_hybrid":  # Olmo Hybrid: 3 Gated DeltaNet layers in 4, unless listed
+            pattern = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(self.num_hidden_layers)]
+            if "full_attention" not in pattern:  # fewer than 4 layers: the last one attends
+                pattern[-1] = "full_attention"
+            layer_types = pattern if self.layer_types is None else self.layer_types
+            fill_linear_attention(self)
         self.layer_types = layer_types
         self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
@@ -108,8 +124,9 @@ class OlmoConfig:
 
     @property
     def norm_after(self):
-        """OLMo 2 and 3 (and FlexOlmo): the norm after each sublayer, not before it (see decoder_layer)."""
-        return self.model_type in ("olmo2", "olmo3", "flex_olmo")
+        """OLMo 2 and 3 (and FlexOlmo, Olmo Hybrid's attention layers): the norm after each sublayer, not before
+        it (see decoder_layer)."""
+        return self.model_type in ("olmo2", "olmo3", "flex_olmo", "olmo_hybrid")
 
     @property
     def moe(self):
@@ -177,6 +194,8 @@ def rotary_emb(config, rope, position_ids):
     attention_factor = 1.0  # scales cos and sin, hence every attention score by its square
     if rope["rope_type"] == "linear":  # "position interpolation": every position divided by factor
         inv_freq = inv_freq / factor
+    elif rope["rope_type"] == "none":  # Olmo Hybrid's NoPE: every angle 0 (cos 1, sin 0), q and k as they are
+        inv_freq = inv_freq * 0
     elif rope["rope_type"] == "yarn":  # OLMo 3: YaRN
         inv_freq, attention_factor = yarn(theta ** exponents, rope, dim, rope["rope_theta"])
     elif rope["rope_type"] == "dynamic" and position_ids.max() + 1 > config.max_position_embeddings:
@@ -324,6 +343,103 @@ def attention(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Olmo Hybrid: Gated DeltaNet (linear attention)
+#
+# Instead of keeping every key and value, a Gated DeltaNet head keeps one matrix S (dk, dv), a memory that maps
+# keys to values, and updates it once per token (Yang, Kautz and Hatamizadeh, 2024, "Gated Delta Networks",
+# https://arxiv.org/abs/2412.06464, eq. 10): it fades (the gate), then moves its answer for the token's key
+# toward the token's value (the delta rule); the output reads it with the query.
+#     S = exp(g_t) S                              g_t <= 0, the decay: -exp(A_log) softplus(a_proj(x) + dt_bias)
+#     S = S + k_t (beta_t (v_t - S^T k_t))^T      beta_t = sigmoid(b_proj(x)), doubled by linear_allow_neg_eigval
+#     o_t = S^T q_t
+# A step costs the same at any length, and the state (with the convolution's last inputs) is all the next
+# step needs: no KV cache for these layers.
+
+
+def gated_delta_rule(q, k, v, g, beta, state):
+    """The recurrence, one token at a time. q, k (B, Hv, T, dk) unit vectors (q also times dk^-1/2),
+    v (B, Hv, T, dv), g and beta (B, Hv, T), state (B, Hv, dk, dv) -> outputs (B, Hv, T, dv), final state."""
+    outputs = []
+    for t in range(q.shape[2]):
+        state = state * np.exp(g[:, :, t, None, None])
+        k_t = k[:, :, t, :, None]  # (B, Hv, dk, 1)
+        error = v[:, :, t, None, :] - k_t.swapaxes(-1, -2) @ state  # (B, Hv, 1, dv): the value minus S's answer
+        state = state + k_t @ (beta[:, :, t, None, None] * error)
+        outputs.append(q[:, :, t, None, :] @ state)  # (B, Hv, 1, dv)
+    return np.concatenate(outputs, axis=2), state
+
+
+def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk=64):
+    """The same recurrence (same arguments, same results up to rounding), `chunk` tokens at a time: a few
+    matrix products per chunk instead of a step per token, for prompts (Yang et al., section 3.3).
+
+    Within a chunk starting from state S, let c_t = g_1 + ... + g_t and D[t, s] = exp(c_t - c_s), the decay
+    from token s to token t (s <= t). Unrolling the recurrence gives
+        S_t = exp(c_t) S + sum_{s <= t} D[t, s] k_s u_s^T,    u_t = beta_t (v_t - (S before token t)^T k_t)
+    so the chunk's corrections u (C, dv) solve one unit lower-triangular system,
+        (I + A) u = beta (v - exp(c) k S),    A[t, s] = beta_t D[t, s] k_t . k_s for s < t,
+    and then o_t = exp(c_t) S^T q_t + sum_{s <= t} D[t, s] (q_t . k_s) u_s; the next chunk starts from S_C."""
+    outputs = []
+    for start in range(0, q.shape[2], chunk):
+        q_c, k_c, v_c, g_c, beta_c = (x[:, :, start:start + chunk] for x in (q, k, v, g, beta))
+        c = np.cumsum(g_c, axis=-1)  # (B, Hv, C)
+        causal = np.tri(c.shape[-1], dtype=bool)
+        D = np.exp(np.where(causal, c[..., :, None] - c[..., None, :], -np.inf))  # (B, Hv, C, C), 0 above
+        A = np.tril(k_c @ k_c.swapaxes(-1, -2) * D * beta_c[..., None], -1)  # (B, Hv, C, C)
+        rhs = beta_c[..., None] * (v_c - np.exp(c)[..., None] * k_c @ state)  # (B, Hv, C, dv)
+        # NumPy has no triangular solver: a general one, on the same unit lower-triangular I + A
+        u = np.linalg.solve(np.eye(c.shape[-1], dtype=A.dtype) + A, rhs)  # (B, Hv, C, dv)
+        outputs.append(np.exp(c)[..., None] * q_c @ state + (q_c @ k_c.swapaxes(-1, -2) * D) @ u)
+        k_decayed = np.exp(c[..., -1:] - c)[..., None] * k_c  # each key decayed to the chunk's end
+        state = np.exp(c[..., -1:, None]) * state + k_decayed.swapaxes(-1, -2) @ u
+    return np.concatenate(outputs, axis=2), state
+
+
+def gated_delta_net(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
+    """Olmo Hybrid's token mixer in layer i, a "linear_attention" one: x (B, T, hidden) -> (B, T, hidden),
+    attention's signature; cos, sin and slots unused (the order of tokens is in the recurrence). mask (B, T)
+    bool: False at padding. cache: a dict whose "state" (the convolution's last K - 1 inputs, S) this call
+    continues from (None: zeros) and replaces (generation); None: start from zeros, keep nothing.
+    q, k and v pass a short causal convolution (each channel sees its last linear_conv_kernel_dim inputs); each
+    of the Hv value heads has its own state and shares q and k with the Hv / Hk heads beside it (as GQA shares
+    keys). The output is normalised per head and gated."""
+    name = f"model.layers.{i}.linear_attn"
+    B, T, _ = x.shape
+    Hk, Hv = config.linear_num_key_heads, config.linear_num_value_heads
+    dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+    x = x * mask[..., None]  # left padding becomes zeros: then it writes nothing (k = 0), the conv sees 0s
+    qkv = np.concatenate([linear(x, weights, f"{name}.{p}_proj") for p in "qkv"], axis=-1)  # (B, T, channels)
+    weight = weights[f"{name}.conv1d.weight"][:, 0]  # (channels, K): one filter per channel
+    K = weight.shape[1]
+    if cache is not None and cache["state"] is not None:
+        conv, state = cache["state"]
+    else:  # zeros, as before a sequence's first token
+        conv = np.zeros((B, K - 1, qkv.shape[-1]), np.float32)
+        state = np.zeros((B, Hv, dk, dv), np.float32)
+    window = np.concatenate([conv, qkv], axis=1)  # (B, K - 1 + T, channels): each output sees its K inputs
+    qkv = ACT2FN[config.hidden_act](sum(window[:, j:j + T] * weight[:, j] for j in range(K)))  # the conv
+    q, k, v = np.split(qkv, [Hk * dk, 2 * Hk * dk], axis=-1)
+    q = np.repeat(q.reshape(B, T, Hk, dk).transpose(0, 2, 1, 3), Hv // Hk, axis=1)  # (B, Hv, T, dk)
+    k = np.repeat(k.reshape(B, T, Hk, dk).transpose(0, 2, 1, 3), Hv // Hk, axis=1)
+    v = v.reshape(B, T, Hv, dv).transpose(0, 2, 1, 3)  # (B, Hv, T, dv)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + np.float32(1e-6)) / np.float32(math.sqrt(dk))
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + np.float32(1e-6))
+    beta = 1 / (1 + np.exp(-linear(x, weights, f"{name}.b_proj")))  # (B, T, Hv)
+    if config.linear_allow_neg_eigval:
+        beta = beta * 2
+    a = linear(x, weights, f"{name}.a_proj") + weights[f"{name}.dt_bias"]
+    g = -np.exp(weights[f"{name}.A_log"]) * np.logaddexp(np.float32(0), a)  # softplus(a) = log(1 + e^a)
+    rule = gated_delta_rule if T == 1 else chunked_gated_delta_rule
+    y, state = rule(q, k, v, g.transpose(0, 2, 1), beta.transpose(0, 2, 1), state)  # (B, Hv, T, dv)
+    if cache is not None:
+        cache["state"] = (window[:, T:], state)
+    # per head: RMSNorm with transformers' fixed epsilon (not rms_norm_eps), then times silu of the gate
+    y = rms_norm(y.transpose(0, 2, 1, 3), weights[f"{name}.o_norm.weight"], 1e-5)
+    y = y * silu(linear(x, weights, f"{name}.g_proj").reshape(B, T, Hv, dv))
+    return linear(y.reshape(B, T, Hv * dv), weights, f"{name}.o_proj")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # MLP
 #
 # The MLP gate's activations, by the names config.json uses (transformers' ACT2FN), then the MLP.
@@ -403,16 +519,20 @@ def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, slots=None)
         x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
         x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
 
-    OLMoE and FlexOlmo: mlp is a mixture of experts (sparse_moe_block)."""
+    OLMoE and FlexOlmo: mlp is a mixture of experts (sparse_moe_block). Olmo Hybrid: its attention layers
+    are OLMo 3's; its Gated DeltaNet layers ("linear_attention") put their norms where OLMo 1 puts its own:
+    x = x + linear_attn(input_layernorm(x)), and the MLP likewise."""
     layer = f"model.layers.{i}"
     ffn = sparse_moe_block if config.moe else mlp  # OLMoE: experts
-    if config.norm_after:  # OLMo 2: each sublayer's output is normalised, then added
-        x_attn = attention(weights, i, config, x, cos, sin, mask, cache, slots)
+    linear = config.layer_types[i] == "linear_attention"  # Olmo Hybrid
+    attn = gated_delta_net if linear else attention
+    if config.norm_after and not linear:  # OLMo 2: each sublayer's output is normalised, then added
+        x_attn = attn(weights, i, config, x, cos, sin, mask, cache, slots)
         x = x + norm(weights, f"{layer}.post_attention_layernorm", config, x_attn)
         x_ffn = ffn(weights, i, config, x)
         return x + norm(weights, f"{layer}.post_feedforward_layernorm", config, x_ffn)
     x_norm = norm(weights, f"{layer}.input_layernorm", config, x)
-    x = x + attention(weights, i, config, x_norm, cos, sin, mask, cache, slots)
+    x = x + attn(weights, i, config, x_norm, cos, sin, mask, cache, slots)
     return x + ffn(weights, i, config, norm(weights, f"{layer}.post_attention_layernorm", config, x))
 
 
@@ -434,6 +554,9 @@ def olmo_model(weights, config, input_ids, position_ids, key_valid, slots=None, 
     rope = {kind: rotary_emb(config, r, position_ids) for kind, r in config.rope_parameters.items()}
     windows = {"full_attention": None, "sliding_attention": config.sliding_window}  # OLMo 3: the window
     masks = {kind: causal_mask(query_slots, key_valid, windows[kind]) for kind in rope}
+    # Olmo Hybrid: a Gated DeltaNet layer has no RoPE and needs to know only which tokens are padding
+    rope["linear_attention"] = (None, None)
+    masks["linear_attention"] = key_valid[:, query_slots]  # (B, T)
     for i, kind in enumerate(config.layer_types):
         cache = None if caches is None else caches[i]
         x = decoder_layer(weights, i, config, x, *rope[kind], masks[kind], cache, slots)
@@ -464,6 +587,7 @@ class OlmoForCausalLM:
         self.config, self.weights = config, weights
         self.caches = None  # one (k_cache, v_cache) per layer, set by grow_cache
         self.cached_ids = []  # the tokens whose keys and values the cache holds (see reuse_prefix)
+        self.kept_states = {}  # Olmo Hybrid: {tokens fed: each Gated DeltaNet layer's state} (see reuse_prefix)
 
     def __call__(self, input_ids, attention_mask=None):
         """The full forward, no cache: input_ids (B, T) ints, attention_mask (B, T) 1 = token, 0 = left
@@ -482,10 +606,15 @@ class OlmoForCausalLM:
     # then decode_one_token feeds one token per step, attending to the cache. Cache slot s holds the s-th
     # token of the (left-padded) batch row; its RoPE position is s minus the row's padding.
 
+    def linear_caches(self):
+        """Olmo Hybrid: the Gated DeltaNet layers' caches, {"state": (the conv's last inputs, S) or None}."""
+        return [cache for cache, kind in zip(self.caches, self.config.layer_types) if kind == "linear_attention"]
+
     def grow_cache(self, batch_size, needed):
-        """Make every layer's cache hold `needed` slots (a power of two, see setup_cache), keeping what it
-        holds."""
-        k = None if self.caches is None else self.caches[0][0]  # (B, KV, length, D)
+        """Make every attention layer's cache hold `needed` slots (a power of two, see setup_cache), keeping
+        what it holds."""
+        first = [kind != "linear_attention" for kind in self.config.layer_types].index(True)  # Olmo Hybrid
+        k = None if self.caches is None else self.caches[first][0]  # (B, KV, length, D)
         same = k is not None and k.shape[0] == batch_size
         length = k.shape[2] if same else 0  # a new batch size keeps nothing
         if needed <= length:
@@ -496,7 +625,10 @@ class OlmoForCausalLM:
         try:
             old = self.caches
             self.caches = []
-            for i in range(self.config.num_hidden_layers):
+            for i, kind in enumerate(self.config.layer_types):
+                if kind == "linear_attention":  # Olmo Hybrid: a state, not slots (see reuse_prefix)
+                    self.caches.append(old[i] if length else {"state": None})
+                    continue
                 k_cache = np.zeros(shape, np.float32)  # float32, like the weights
                 v_cache = np.zeros(shape, np.float32)
                 if length:
@@ -525,6 +657,9 @@ class OlmoForCausalLM:
         (B, vocab)."""
         T = input_ids.shape[1]
         positions = positions_from_mask(attention_mask)[:, start:]
+        if start == 0:  # Olmo Hybrid: the Gated DeltaNet layers start from zeros (else see reuse_prefix)
+            for cache in self.linear_caches():
+                cache["state"] = None
         # keys past T are later than every query here: attend over the first T slots only
         hidden = olmo_model(self.weights, self.config, input_ids[:, start:], positions, self.key_valid[:, :T],
                             self.slots[start:T], self.caches)
@@ -547,7 +682,15 @@ class OlmoForCausalLM:
 
         When it can't: a batch of several rows, or with padding (a row's slots then depend on the other rows'
         lengths); and with dynamic RoPE past the trained length, whose frequencies change with each call's
-        length: it keeps only calls and tokens within max_position_embeddings."""
+        length: it keeps only calls and tokens within max_position_embeddings.
+
+        Olmo Hybrid: a Gated DeltaNet layer's state sums up every token before it, so unlike keys and values it
+        can't be cut back to a shorter prefix. generate keeps the states at two points of the last call
+        (kept_states): the end of its prompt, and the end of what it fed after it (the reply but its last token,
+        never fed). A chat's next prompt extends that reply (then a turn costs only its new tokens) or at least
+        the last prompt (a chat template may write the reply back differently: then the reply is read again),
+        so a turn's cost doesn't grow with the conversation, and the states are exactly those of recomputing.
+        `start` moves back to the latest kept point at or before it."""
         B, T = input_ids.shape
         keep_up_to = self.config.max_position_embeddings if self.config.dynamic_rope else math.inf
         if B > 1 or not attention_mask.all() or T > keep_up_to:
@@ -557,6 +700,10 @@ class OlmoForCausalLM:
         start = 0
         while start < min(T - 1, len(self.cached_ids)) and ids[start] == self.cached_ids[start]:
             start += 1
+        if self.linear_caches():  # Olmo Hybrid: back to the latest kept states, 0 (zeros) if none
+            start = max((n for n in self.kept_states if n <= start), default=0)
+            for cache, state in zip(self.linear_caches(), self.kept_states.get(start, [])):
+                cache["state"] = state
         self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
         return start, keep_up_to
 
@@ -591,6 +738,7 @@ class OlmoForCausalLM:
             logits = self.prefill(input_ids, attention_mask, start)
             if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
+                self.kept_states = {T: [cache["state"] for cache in self.linear_caches()]}  # Olmo Hybrid
         for i in range(max_new_tokens):
             check_finite(logits, i)
             token = sample(logits, temperature, top_k, top_p, rng)  # (B,)
@@ -609,6 +757,9 @@ class OlmoForCausalLM:
             logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
             if T + i < keep_up_to:  # slot T + i now holds this token
                 self.cached_ids.append(int(token[0]))
+        fed = T + len(tokens) - 2  # Olmo Hybrid: the states hold every token but the last sampled (never fed)
+        if max_new_tokens > 0 and self.cached_ids and len(self.cached_ids) == fed:
+            self.kept_states[fed] = [cache["state"] for cache in self.linear_caches()]
         return np.concatenate(tokens, axis=1)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -624,6 +775,8 @@ class OlmoForCausalLM:
         weights = load_state_dict(path)
         if config.moe:  # OLMoE
             weights = split_fused_experts(weights, config)
+        if "linear_attention" in config.layer_types:  # Olmo Hybrid
+            weights = join_hub_layout(weights)
         expected = weight_shapes(config)
         if config.tie_word_embeddings:  # tied checkpoints may or may not store lm_head.weight (a copy)
             weights.pop("lm_head.weight", None)
@@ -700,6 +853,26 @@ def load_state_dict(path):
     for name in weight_files(path):
         state_dict.update(load_safetensors(os.path.join(path, name)))
     return state_dict
+
+
+def join_hub_layout(state_dict):
+    """Olmo Hybrid: its checkpoints name the Gated DeltaNet layers' norms as OLMo-core does (attention_layer_norm,
+    feedforward_layer_norm) and store their convolution in three parts, q_conv1d, k_conv1d and v_conv1d (the
+    hub's: q's, k's and v's channels; transformers 5's save_pretrained: three equal thirds). As transformers'
+    loader: rename, join the parts in that order (their joined shape is checked with the rest), and drop the
+    multi-token-prediction tensors (mtp.*), which generation doesn't use."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        name = name.replace(".attention_layer_norm.", ".input_layernorm.")
+        if not name.startswith("mtp."):
+            renamed[name.replace(".feedforward_layer_norm.", ".post_attention_layernorm.")] = tensor
+    for name in [name for name in renamed if name.endswith(".q_conv1d.weight")]:
+        prefix = name.removesuffix("q_conv1d.weight")
+        parts = [renamed.pop(f"{prefix}{part}_conv1d.weight", None) for part in "qkv"]
+        if any(part is None or part.shape[1:] != parts[0].shape[1:] for part in parts):
+            raise ValueError(f"checkpoint has {name} but no k_conv1d and v_conv1d of its kernel size beside it")
+        renamed[f"{prefix}conv1d.weight"] = np.concatenate(parts)
+    return renamed
 
 
 def weight_files(path):
@@ -836,13 +1009,8 @@ def weight_shapes(config):
     C, I, D = config.hidden_size, config.intermediate_size, config.head_dim
     H, KV = config.num_attention_heads, config.num_key_value_heads
     shapes = {"model.embed_tokens.weight": (config.vocab_size, C)}
-    for i in range(config.num_hidden_layers):
+    for i, kind in enumerate(config.layer_types):
         layer, attn, mlp = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        for proj, out_features, in_features in (("q_proj", H * D, C), ("k_proj", KV * D, C),
-                                                ("v_proj", KV * D, C), ("o_proj", C, H * D)):
-            shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
-            if config.attention_bias:
-                shapes[f"{attn}.{proj}.bias"] = (out_features,)
         experts = [mlp]
         if config.moe:  # OLMoE: the router, and an MLP per expert
             shapes[f"{mlp}.gate.weight"] = (config.num_experts, C)
@@ -850,6 +1018,23 @@ def weight_shapes(config):
         for expert in experts:
             shapes[f"{expert}.gate_proj.weight"] = shapes[f"{expert}.up_proj.weight"] = (I, C)
             shapes[f"{expert}.down_proj.weight"] = (C, I)
+        if kind == "linear_attention":  # Olmo Hybrid: Gated DeltaNet, with RMSNorms before its sublayers
+            Hk, Hv = config.linear_num_key_heads, config.linear_num_value_heads
+            dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+            for proj, out_features in (("q", Hk * dk), ("k", Hk * dk), ("v", Hv * dv), ("a", Hv), ("b", Hv),
+                                       ("g", Hv * dv)):
+                shapes[f"{layer}.linear_attn.{proj}_proj.weight"] = (out_features, C)
+            shapes[f"{layer}.linear_attn.o_proj.weight"] = (C, Hv * dv)
+            shapes[f"{layer}.linear_attn.conv1d.weight"] = (2 * Hk * dk + Hv * dv, 1, config.linear_conv_kernel_dim)
+            shapes[f"{layer}.linear_attn.A_log"] = shapes[f"{layer}.linear_attn.dt_bias"] = (Hv,)
+            shapes[f"{layer}.linear_attn.o_norm.weight"] = (dv,)
+            shapes[f"{layer}.input_layernorm.weight"] = shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
+            continue
+        for proj, out_features, in_features in (("q_proj", H * D, C), ("k_proj", KV * D, C),
+                                                ("v_proj", KV * D, C), ("o_proj", C, H * D)):
+            shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
+            if config.attention_bias:
+                shapes[f"{attn}.{proj}.bias"] = (out_features,)
         if config.qk_norm:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
             shapes[f"{attn}.q_norm.weight"] = (H * D,)
             shapes[f"{attn}.k_norm.weight"] = (KV * D,)
@@ -924,6 +1109,12 @@ def config_from_dict(cls, d, source):
         d = dict(d)
         if d.get("dtype") is None:  # as transformers 5: dtype, else transformers 4's torch_dtype
             d["dtype"] = d.get("torch_dtype")
+        # Olmo Hybrid: rope_theta given as null (in rope_parameters, else at the top) means no RoPE (NoPE), as
+        # transformers reads it; absent means the default base
+        given = d["rope_parameters"] if isinstance(d.get("rope_parameters"), dict) else {}
+        given = given if "rope_theta" in given else d
+        if d.get("model_type") == "olmo_hybrid" and "rope_theta" in given and given["rope_theta"] is None:
+            d["rope_parameters"] = {"rope_type": "none"}
         theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
         if d.get("rope_parameters") is None:  # transformers 4.x
             if not isinstance(scaling, (dict, type(None))):
@@ -978,13 +1169,15 @@ def with_legacy_rope_keys(rope, theta, scaling, model_type):
     return rope
 
 
-MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")  # the model_types this file reads
-# OLMoE, FlexOlmo: where transformers' OlmoeConfig and FlexOlmoConfig default otherwise than OlmoConfig
+MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "olmo_hybrid")  # the model_types this file reads
+# OLMoE, FlexOlmo, Olmo Hybrid: where transformers' configs for them default otherwise than OlmoConfig
 FAMILY_DEFAULTS = {
     "olmoe": dict(hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
                   max_position_embeddings=4096),
     "flex_olmo": dict(vocab_size=100352, max_position_embeddings=4096, rms_norm_eps=1e-6, pad_token_id=100277,
                       eos_token_id=100257, num_experts=7, num_experts_per_tok=5),
+    "olmo_hybrid": dict(vocab_size=100352, hidden_size=3840, num_attention_heads=30, max_position_embeddings=65536,
+                        rms_norm_eps=1e-6, pad_token_id=100277, eos_token_id=100257),  # Olmo Hybrid
 }
 
 
@@ -1010,7 +1203,7 @@ def check_fields(c):
     require(c, c.model_type in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)} (for 'hf_olmo' or "
             "trainer checkpoints run convert.py first)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings"):
+                 "num_key_value_heads", "max_position_embeddings", "linear_conv_kernel_dim"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
     require(c, c.hidden_size % c.num_attention_heads == 0, "hidden_size",
             f"divisible by num_attention_heads {c.num_attention_heads}")
@@ -1039,11 +1232,14 @@ def check_fields(c):
 
 
 def rope_per_layer_type(c, default_theta):
-    """Checks OLMo 3's layer_types and sliding_window; then rope_parameters, flat or per layer type -> {layer
-    type: its settings checked, every default filled}, for the layer types the model has."""
-    require(c, len(c.layer_types) == c.num_hidden_layers and
-            set(c.layer_types) <= {"full_attention", "sliding_attention"}, "layer_types",
-            f"{c.num_hidden_layers} of 'full_attention' or 'sliding_attention'")
+    """Checks layer_types (OLMo 3's, Olmo Hybrid's) and sliding_window; then rope_parameters, flat or per
+    layer type -> {layer type: its settings checked, every default filled}, for the layer types the model has
+    (but Olmo Hybrid's Gated DeltaNet layers, which have no RoPE)."""
+    kinds = {"full_attention", "linear_attention" if c.model_type == "olmo_hybrid" else "sliding_attention"}
+    require(c, len(c.layer_types) == c.num_hidden_layers and set(c.layer_types) <= kinds, "layer_types",
+            f"{c.num_hidden_layers} of {' or '.join(map(repr, sorted(kinds)))}")
+    # Olmo Hybrid: a layer of each kind, as transformers asks (generation needs a KV cache to size)
+    require(c, c.model_type != "olmo_hybrid" or len(set(c.layer_types)) == 2, "layer_types", "of both kinds")
     # OLMo 3: a window holds at least the query itself
     require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
     rope = c.rope_parameters or {}
@@ -1051,7 +1247,22 @@ def rope_per_layer_type(c, default_theta):
     if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
         rope = {"full_attention": rope, "sliding_attention": {"rope_theta": rope.get("rope_theta")}}
     return {kind: check_rope(rope.get(kind) or {}, default_theta, c.max_position_embeddings, kind)
-            for kind in sorted(set(c.layer_types))}
+            for kind in sorted(set(c.layer_types) - {"linear_attention"})}
+
+
+def fill_linear_attention(c):
+    """Olmo Hybrid: the Gated DeltaNet's sizes, defaulted as transformers' OlmoHybridConfig does, and checked
+    (each before the next default divides by it)."""
+    defaults = {"linear_num_key_heads": lambda: c.num_attention_heads,
+                "linear_num_value_heads": lambda: c.num_attention_heads,
+                "linear_key_head_dim": lambda: int(0.75 * c.hidden_size / c.linear_num_key_heads),
+                "linear_value_head_dim": lambda: 2 * c.linear_key_head_dim}
+    for name, default in defaults.items():
+        if getattr(c, name) is None:
+            setattr(c, name, default())
+        require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")
+    require(c, c.linear_num_value_heads % c.linear_num_key_heads == 0, "linear_num_value_heads",
+            f"a multiple of linear_num_key_heads {c.linear_num_key_heads}")
 
 
 def positive(v):
@@ -1061,7 +1272,7 @@ def positive(v):
 # What each RoPE type takes besides rope_type and rope_theta: key -> (default, test, what it asks); all
 # else is refused. YaRN's defaults are transformers'; those that are None (unset) it computes from the others.
 FACTOR = {"factor": (None, lambda v: positive(v) and v > 1, "a number > 1")}
-ROPE_TYPES = {"default": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
+ROPE_TYPES = {"default": {}, "none": {}, "linear": FACTOR, "dynamic": FACTOR, "yarn": {
     **FACTOR, "original_max_position_embeddings": (None, lambda v: type(v) is int and v >= 1, "an integer >= 1"),
     "attention_factor": (None, positive, "a number > 0"), "beta_fast": (32.0, positive, "a number > 0"),
     "beta_slow": (1.0, positive, "a number > 0"), "mscale": (None, positive, "a number > 0"),
