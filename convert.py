@@ -10,9 +10,11 @@ SRC is a directory in one of three layouts, recognized by its files:
    trainer's fused names (`transformer.blocks.N.att_proj.weight`, ...);
 2. the pre-transformers `hf_olmo` layout: `config.json` with the trainer's field names (`d_model`, ...) and
    the same fused weights under `model.transformer.*`;
-3. a transformers checkpoint (`config.json` with model_type "olmo", "olmo2" or "olmo3"), which is only
-   rewritten: as safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only reader can load
-   a .bin), its config and every tensor kept as they are (only the config's dtype changes).
+3. a transformers checkpoint (`config.json` with model_type "olmo", "olmo2", "olmo3", "olmoe" or "flex_olmo"),
+   which is only rewritten: as safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only
+   reader can load a .bin), its config and every tensor kept as they are (only the config's dtype changes).
+   OLMoE and FlexOlmo are published in this layout only (one tensor per expert, as the hub ships them;
+   transformers 5's fused experts, which olmo.py also loads, are not rewritten).
 
 DST gets `config.json`, `model.safetensors` (or shards and `model.safetensors.index.json`) and whatever
 tokenizer files, chat template and `generation_config.json` SRC has, each checked to be what its name says (a
@@ -216,10 +218,10 @@ def read_checkpoint(src: Path):
         raw = read_json(src / "config.json", src)
         if "d_model" in raw:  # hf_olmo wrote the trainer's fields (its model_type was "olmo" in early versions)
             return "hf_olmo", *read_trainer_layout(src / "config.json", raw, HF_WEIGHT_FILES, "model.transformer.")
-        if raw.get("model_type") in ("olmo", "olmo2", "olmo3"):
+        if raw.get("model_type") in olmo.MODEL_TYPES:
             return "transformers", *read_transformers_layout(src, raw)
-        raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not 'olmo', "
-                              "'olmo2' or 'olmo3'")
+        raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not one of "
+                              f"{', '.join(olmo.MODEL_TYPES)}")
     if os.path.lexists(src / "config.yaml"):
         model = read_yaml_model(src / "config.yaml", src)
         # config.yaml holds only the trainer's settings, so one it doesn't know may be a newer feature.

@@ -1,13 +1,14 @@
-"""OLMo (1, 2 and 3) in one readable NumPy file: olmo.py's twin, with every matrix product written out.
+"""OLMo (1, 2 and 3), OLMoE and FlexOlmo in one readable NumPy file: olmo.py's twin, with every matrix
+product written out.
 
 Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP
-and the KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the
-.safetensors reader is a few lines of header parsing over a memory map. It tells olmo.py's story in olmo.py's
-order, with the same names where the concept is the same (OLMo 2 and 3 again under "OLMo 2:" and "OLMo 3:"
-comments), so the two read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the
-tests check both). It needs only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32;
-float16 and bfloat16 checkpoints are widened to float32 when they load. Local checkpoint directories only (hub
-ids would need huggingface_hub).
+(and OLMoE's router and experts) and the KV cache are plain array code over a dict of weights (named as in
+transformers' checkpoints), and the .safetensors reader is a few lines of header parsing over a memory map. It
+tells olmo.py's story in olmo.py's order, with the same names where the concept is the same (OLMo 2, OLMo 3
+and OLMoE again under "OLMo 2:", "OLMo 3:" and "OLMoE:" comments), so the two read side by side; its logits
+equal olmo.py's and transformers' to float32 rounding (the tests check both). It needs only NumPy (and
+tokenizers for the CLI), no torch. Everything runs in float32; float16 and bfloat16 checkpoints are widened to
+float32 when they load. Local checkpoint directories only (hub ids would need huggingface_hub).
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
 D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
@@ -41,10 +42,10 @@ import numpy as np
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2
-    and 3 add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
+    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
-    model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
+    model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe" or "flex_olmo" (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
@@ -70,6 +71,12 @@ class OlmoConfig:
     sliding_window: int | None = None  # OLMo 3: a query sees this many keys (itself included); None: 4096
     layer_types: list[str] | None = None  # OLMo 3: per layer "full_attention" or "sliding_attention"
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
+    # OLMoE and FlexOlmo: a mixture of experts in each MLP's place (dense models ignore these fields)
+    num_experts: int = 64  # OLMoE: experts per layer, each an MLP of intermediate_size (OLMoE-1B-7B: 64)
+    num_experts_per_tok: int = 8  # OLMoE: how many experts the router sends each token to, its top-k
+    norm_topk_prob: bool = False  # OLMoE: rescale the chosen experts' probabilities to sum to 1
+    output_router_logits: bool = False  # OLMoE: add the router's load-balancing loss to the training loss
+    router_aux_loss_coef: float = 0.01  # OLMoE: that loss's weight
 
     def __post_init__(self):
         """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
@@ -78,6 +85,8 @@ class OlmoConfig:
             self.num_key_value_heads = self.num_attention_heads
         check_fields(self)
         rope_theta = 10000.0  # RoPE's base, where config.json gives none
+        if self.model_type == "flex_olmo":  # FlexOlmo: OLMo 2 7B's base
+            rope_theta = 500000.0
         layer_types = ["full_attention"] * self.num_hidden_layers  # every layer attends to all earlier tokens
         if self.model_type == "olmo3":  # OLMo 3: 3 sliding-window layers in 4, unless config.json lists them
             rope_theta = 500000.0
@@ -93,9 +102,19 @@ class OlmoConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer."""
+    def qk_norm(self):
+        """OLMo 2 and every later model: RMSNorm with weights, and a norm on the queries and keys."""
         return self.model_type != "olmo"
+
+    @property
+    def norm_after(self):
+        """OLMo 2 and 3 (and FlexOlmo): the norm after each sublayer, not before it (see decoder_layer)."""
+        return self.model_type in ("olmo2", "olmo3", "flex_olmo")
+
+    @property
+    def moe(self):
+        """OLMoE and FlexOlmo: a mixture of experts in each MLP's place (see sparse_moe_block)."""
+        return self.model_type in ("olmoe", "flex_olmo")
 
     @property
     def dynamic_rope(self):
@@ -128,6 +147,14 @@ def rms_norm(x, weight, eps):
     """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias), multiplied in the order
     transformers uses."""
     return weight * (x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps)))
+
+
+def norm(weights, name, config, x):
+    """A layer's norm: OLMo 1's layer_norm, or the RMSNorm `name` (with its weight) of OLMo 2 and every later
+    model."""
+    if config.qk_norm:  # OLMo 2
+        return rms_norm(x, weights[f"{name}.weight"], config.rms_norm_eps)
+    return layer_norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,8 +238,12 @@ def apply_rotary_pos_emb(x, cos, sin):
 
 def linear(x, weights, name):
     """x (..., in) -> (..., out): x W^T + b, with W (out, in) as checkpoints store it. The .T is a view:
-    nothing is copied."""
-    y = x @ weights[f"{name}.weight"].T
+    nothing is copied. An int8 W (--quantize int8) stands for W * scale, a scale per row (quantize_rows)."""
+    w = weights[f"{name}.weight"]
+    if w.dtype == np.int8:  # x (W * scale)^T = (x W^T) * scale: each output times its row's scale
+        y = (x @ w.T.astype(np.float32)) * weights[f"{name}.scale"]
+    else:
+        y = x @ w.T
     bias = weights.get(f"{name}.bias")
     return y if bias is None else y + bias
 
@@ -270,10 +301,10 @@ def attention(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
     q = linear(x, weights, f"{name}.q_proj")  # (B, T, H*D)
     k = linear(x, weights, f"{name}.k_proj")  # (B, T, KV*D)
     v = linear(x, weights, f"{name}.v_proj")  # (B, T, KV*D)
-    if config.norm_after:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
-        q = rms_norm(q, weights[f"{name}.q_norm.weight"], config.rms_norm_eps)
-        k = rms_norm(k, weights[f"{name}.k_norm.weight"], config.rms_norm_eps)
-    if config.clip_qkv is not None:  # OLMo-0424+: bounds activations, stabilising training
+    if config.qk_norm:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
+        q = norm(weights, f"{name}.q_norm", config, q)
+        k = norm(weights, f"{name}.k_norm", config, k)
+    if config.clip_qkv is not None:  # OLMo-0424+ and OLMoE: bounds activations, stabilising training
         c = config.clip_qkv
         q, k, v = np.clip(q, -c, c), np.clip(k, -c, c), np.clip(v, -c, c)
     q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
@@ -329,13 +360,35 @@ ACT2FN = {"silu": silu, "swish": silu, "gelu": gelu, "gelu_new": gelu_tanh, "gel
           "relu": lambda x: np.maximum(x, 0.0)}
 
 
-def mlp(weights, i, config, x):
-    """Layer i's gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x))."""
+def mlp(weights, i, config, x, expert=None):
+    """Layer i's gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x)). OLMoE: its expert `expert`."""
     name = f"model.layers.{i}.mlp"
+    if expert is not None:  # OLMoE
+        name = f"{name}.experts.{expert}"
     act = ACT2FN[config.hidden_act]
     gate = act(linear(x, weights, f"{name}.gate_proj"))  # (B, T, hidden) -> (B, T, intermediate)
     up = linear(x, weights, f"{name}.up_proj")
     return linear(gate * up, weights, f"{name}.down_proj")  # (B, T, hidden)
+
+
+def sparse_moe_block(weights, i, config, x):
+    """OLMoE: a mixture of experts in the MLP's place. A router scores the experts for each token; the token
+    goes through its top num_experts_per_tok (each expert an mlp), and their outputs are summed, weighted by
+    the router's probabilities (rescaled to sum to 1 if norm_topk_prob). Only the chosen experts' weights are
+    read: OLMoE-1B-7B holds 64 experts per layer and runs 8 per token, 1.3B of its 6.9B parameters. Each token
+    is routed on its own, so padding can't change a real token's experts. x (B, T, hidden) -> (B, T, hidden)."""
+    B, T, C = x.shape
+    x = x.reshape(B * T, C)  # (N, hidden): the tokens, each routed on its own
+    probs = softmax(linear(x, weights, f"model.layers.{i}.mlp.gate"))  # (N, experts): the router's
+    chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :config.num_experts_per_tok]  # (N, top_k), best first
+    p = np.take_along_axis(probs, chosen, axis=-1)  # (N, top_k)
+    if config.norm_topk_prob:
+        p = p / p.sum(axis=-1, keepdims=True)
+    y = np.zeros_like(x)
+    for e in np.unique(chosen):  # only the experts some token chose
+        token, k = np.nonzero(chosen == e)  # the tokens that chose expert e, as their k-th choice
+        y[token] += mlp(weights, i, config, x[token], expert=e) * p[token, k, None]
+    return y.reshape(B, T, C)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,18 +399,21 @@ def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, slots=None)
     """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its
     output, before the residual add, so the residual stream itself is never rescaled (their stability fix):
 
-        OLMo 1                                        OLMo 2 and 3
+        OLMo 1 (OLMoE)                                OLMo 2 and 3 (FlexOlmo)
         x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
         x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
-    """
+
+    OLMoE and FlexOlmo: mlp is a mixture of experts (sparse_moe_block)."""
     layer = f"model.layers.{i}"
+    ffn = sparse_moe_block if config.moe else mlp  # OLMoE: experts
     if config.norm_after:  # OLMo 2: each sublayer's output is normalised, then added
         x_attn = attention(weights, i, config, x, cos, sin, mask, cache, slots)
-        x = x + rms_norm(x_attn, weights[f"{layer}.post_attention_layernorm.weight"], config.rms_norm_eps)
-        x_ffn = mlp(weights, i, config, x)
-        return x + rms_norm(x_ffn, weights[f"{layer}.post_feedforward_layernorm.weight"], config.rms_norm_eps)
-    x = x + attention(weights, i, config, layer_norm(x), cos, sin, mask, cache, slots)
-    return x + mlp(weights, i, config, layer_norm(x))
+        x = x + norm(weights, f"{layer}.post_attention_layernorm", config, x_attn)
+        x_ffn = ffn(weights, i, config, x)
+        return x + norm(weights, f"{layer}.post_feedforward_layernorm", config, x_ffn)
+    x_norm = norm(weights, f"{layer}.input_layernorm", config, x)
+    x = x + attention(weights, i, config, x_norm, cos, sin, mask, cache, slots)
+    return x + ffn(weights, i, config, norm(weights, f"{layer}.post_attention_layernorm", config, x))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,9 +437,7 @@ def olmo_model(weights, config, input_ids, position_ids, key_valid, slots=None, 
     for i, kind in enumerate(config.layer_types):
         cache = None if caches is None else caches[i]
         x = decoder_layer(weights, i, config, x, *rope[kind], masks[kind], cache, slots)
-    if config.norm_after:  # OLMo 2: the final norm is an RMSNorm with a weight
-        return rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps)
-    return layer_norm(x)
+    return norm(weights, "model.norm", config, x)
 
 
 def positions_from_mask(attention_mask):
@@ -561,12 +615,15 @@ class OlmoForCausalLM:
     # Loading (the readers are in the Loading section below the class)
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path, quantize=None):
         """Load a checkpoint directory as the hub ships it: config.json + model.safetensors, single or
-        sharded. F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32."""
+        sharded. F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32.
+        quantize "int8": every linear layer's weight, the head's included, as 8-bit integers (quantize_rows)."""
         path = resolve_checkpoint(path)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         weights = load_state_dict(path)
+        if config.moe:  # OLMoE
+            weights = split_fused_experts(weights, config)
         expected = weight_shapes(config)
         if config.tie_word_embeddings:  # tied checkpoints may or may not store lm_head.weight (a copy)
             weights.pop("lm_head.weight", None)
@@ -574,6 +631,9 @@ class OlmoForCausalLM:
         check_state_dict(weights, expected)
         if config.tie_word_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # the same array, not a copy
+        if quantize == "int8":  # the linear layers' weights: 2-D, all but the embedding (a tied head: its copy)
+            for name in [n for n, w in weights.items() if w.ndim == 2 and n != "model.embed_tokens.weight"]:
+                weights[name], weights[name.removesuffix("weight") + "scale"] = quantize_rows(weights[name])
         return cls(config, weights)
 
 
@@ -783,14 +843,20 @@ def weight_shapes(config):
             shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
             if config.attention_bias:
                 shapes[f"{attn}.{proj}.bias"] = (out_features,)
-        shapes[f"{mlp}.gate_proj.weight"] = shapes[f"{mlp}.up_proj.weight"] = (I, C)
-        shapes[f"{mlp}.down_proj.weight"] = (C, I)
-        if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
+        experts = [mlp]
+        if config.moe:  # OLMoE: the router, and an MLP per expert
+            shapes[f"{mlp}.gate.weight"] = (config.num_experts, C)
+            experts = [f"{mlp}.experts.{e}" for e in range(config.num_experts)]
+        for expert in experts:
+            shapes[f"{expert}.gate_proj.weight"] = shapes[f"{expert}.up_proj.weight"] = (I, C)
+            shapes[f"{expert}.down_proj.weight"] = (C, I)
+        if config.qk_norm:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
             shapes[f"{attn}.q_norm.weight"] = (H * D,)
             shapes[f"{attn}.k_norm.weight"] = (KV * D,)
-            shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
-            shapes[f"{layer}.post_feedforward_layernorm.weight"] = (C,)
-    if config.norm_after:  # OLMo 2: the final RMSNorm's weight
+            norms = ["post_attention", "post_feedforward"] if config.norm_after else ["input", "post_attention"]
+            for where in norms:
+                shapes[f"{layer}.{where}_layernorm.weight"] = (C,)
+    if config.qk_norm:  # OLMo 2: the final RMSNorm's weight
         shapes["model.norm.weight"] = (C,)
     shapes["lm_head.weight"] = (config.vocab_size, C)
     return shapes
@@ -807,6 +873,38 @@ def check_state_dict(state_dict, expected):
     for name in state_dict:
         if name not in expected:
             raise ValueError(f"checkpoint has unexpected tensor {name}")
+
+
+def split_fused_experts(state_dict, config):
+    """OLMoE: the hub (and transformers' save_pretrained, by default) stores one tensor per expert, named as
+    here; transformers 5 holds each layer's experts fused, and saves them so with save_original_format=False:
+    mlp.experts.gate_up_proj (experts, 2 * intermediate, hidden), the gate's rows first, and
+    mlp.experts.down_proj (experts, hidden, intermediate). Those are split into per-expert views (no copy),
+    whose names and shapes are then checked as any tensor's."""
+    I = config.intermediate_size
+    for name in [n for n in state_dict if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+        prefix, proj = name.rsplit(".", 1)  # model.layers.N.mlp.experts, gate_up_proj or down_proj
+        fused = state_dict.pop(name)
+        parts = {"down_proj": fused}
+        if proj == "gate_up_proj":
+            parts = {"gate_proj": fused[:, :I], "up_proj": fused[:, I:]}  # (experts, intermediate, hidden) each
+        for part, tensors in parts.items():
+            for e, tensor in enumerate(tensors):
+                state_dict[f"{prefix}.{e}.{part}.weight"] = tensor
+    return state_dict
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8-bit weights (--quantize int8): weight-only, symmetric, one scale per output row
+
+
+def quantize_rows(w):
+    """w (out, in) -> int8 q (out, in), float32 scale (out,): scale = max |row| / 127, q = round(w / scale), so
+    |w - q * scale| <= scale / 2. The same float32 operations as olmo.py's, so both twins get the same q and
+    scale; the product (linear) dequantizes, where olmo.py's CPU kernel rounds its inputs to bfloat16."""
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1))  # a row of zeros: any scale (1 avoids 0/0)
+    return np.round(w / scale[:, None]).astype(np.int8), scale
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -834,6 +932,12 @@ def config_from_dict(cls, d, source):
         else:  # transformers 5's key, maybe with 4.x's beside it
             d["rope_parameters"] = with_legacy_rope_keys(d["rope_parameters"], theta, scaling, d.get("model_type"))
         known = {f.name: f.type for f in fields(cls)}
+        # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; router settings this
+        # file doesn't implement (or spells otherwise, as num_local_experts) are refused, not ignored
+        d = {**FAMILY_DEFAULTS.get(d.get("model_type"), {}), **d}
+        for key in d.keys() - known.keys():
+            if any(word in key for word in ("expert", "router", "moe", "topk")):
+                raise ValueError(f"{key} is a router setting this file doesn't implement")
         for key, value in d.items():
             if key in known and not fits(value, known[key]):
                 kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
@@ -874,6 +978,16 @@ def with_legacy_rope_keys(rope, theta, scaling, model_type):
     return rope
 
 
+MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")  # the model_types this file reads
+# OLMoE, FlexOlmo: where transformers' OlmoeConfig and FlexOlmoConfig default otherwise than OlmoConfig
+FAMILY_DEFAULTS = {
+    "olmoe": dict(hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                  max_position_embeddings=4096),
+    "flex_olmo": dict(vocab_size=100352, max_position_embeddings=4096, rms_norm_eps=1e-6, pad_token_id=100277,
+                      eos_token_id=100257, num_experts=7, num_experts_per_tok=5),
+}
+
+
 def fits(value, annotation):
     """Whether a JSON value has a field's type: a bool is not an int, an int is a float, a string is
     neither."""
@@ -893,8 +1007,8 @@ def require(config, ok, name, what):
 
 def check_fields(c):
     """The ranges of the fields every generation has, and how they fit together (OlmoConfig.__post_init__)."""
-    require(c, c.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
-            "'hf_olmo' or trainer checkpoints run convert.py first)")
+    require(c, c.model_type in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)} (for 'hf_olmo' or "
+            "trainer checkpoints run convert.py first)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
@@ -914,9 +1028,14 @@ def check_fields(c):
     # OLMo 2: the epsilon of its RMSNorms
     require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
     require(c, c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0, "clip_qkv", "None or > 0")
-    # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead)
-    require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
+    # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead); OLMoE has both
+    require(c, c.clip_qkv is None or c.model_type in ("olmo", "olmoe"), "clip_qkv", "None but in OLMo 1 and OLMoE")
     require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
+    if c.moe:  # OLMoE
+        require(c, 1 <= c.num_experts < 2 ** 31, "num_experts", "in [1, 2**31)")
+        require(c, 1 <= c.num_experts_per_tok <= c.num_experts, "num_experts_per_tok",
+                f"in [1, num_experts {c.num_experts}]")
+        require(c, math.isfinite(c.router_aux_loss_coef), "router_aux_loss_coef", "a finite number")
 
 
 def rope_per_layer_type(c, default_theta):
@@ -973,7 +1092,9 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: cli.py holds the command line both twins share; this is what it needs from NumPy.
+# CLI
+#
+# cli.py holds the command line both twins share; this is what it needs from NumPy.
 
 
 class Backend:
@@ -982,11 +1103,13 @@ class Backend:
     def add_arguments(self, p):
         p.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, "
                                                       "tokenizer.json); required")
+        p.add_argument("--quantize", choices=["int8"], help="int8: linear weights as 8-bit integers, quantized at "
+                                                          "load, a quarter of float32's memory (default: off)")
 
     def load(self, args):
         self.rng = np.random.default_rng(args.seed)
         path = resolve_checkpoint(args.model)
-        return OlmoForCausalLM.from_pretrained(path), path
+        return OlmoForCausalLM.from_pretrained(path, quantize=args.quantize), path
 
     def generate(self, model, ids, max_new_tokens, callback, **settings):
         model.generate(np.array([ids]), max_new_tokens, rng=self.rng, callback=lambda t: callback(int(t[0])),

@@ -140,3 +140,83 @@ def test_bench_olmo2_shape(tmp_path, monkeypatch):
 
 SHAPES_OLMO2_TINY = dict(model_type="olmo2", num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                          num_attention_heads=2, vocab_size=50304, rms_norm_eps=1e-6, rope_theta=500000.0)
+
+
+def test_bench_olmoe_shape(tmp_path, monkeypatch):
+    """An OLMoE shape is written as the hub ships it (one tensor per expert), transformers reads it with nothing
+    missing or left over; a step reads top_k of num_experts experts' weights (weight_bytes and the floor's
+    products count exactly those), and bench's olmo.py and the twin give transformers' greedy tokens on it."""
+    monkeypatch.setitem(bench.SHAPES, "tiny-olmoe", SHAPES_OLMOE_TINY)
+    bench.build_checkpoint("tiny-olmoe", tmp_path)
+    assert "model.layers.0.mlp.experts.5.down_proj.weight" in load_keys(tmp_path)
+    ref, info = transformers.OlmoeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    total, per_step = bench.weight_bytes(bench.checkpoint_numels(tmp_path), False, torch.float32, 2 / 6)
+    # q, k, v, o; q_norm, k_norm; the two layer norms; the router. 6 experts' gate, up, down. The head.
+    attention, experts, head = 4 * 32 * 32 + 2 * 32 + 2 * 32 + 6 * 32, 6 * 3 * 32 * 16, 50304 * 32
+    assert total == 4 * (attention + experts + 2 * head + 32)
+    assert per_step == 4 * (attention + experts * 2 // 6 + head + 32)
+    seen, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: seen.append(w) or linear(x, w))
+    bench.floor_step_s(str(tmp_path), "cpu", torch.float32, reps=1)
+    per_pass = 4 + 1 + 2 * 3 + 1  # q, k, v, o; the router; 2 experts' gate, up, down; the head
+    assert len(seen) == 3 * 2 * per_pass
+    out = tmp_path / "bench.json"
+    proc = run_cli("--model", str(tmp_path), "--device", "cpu", "--impl", "olmo.py", "--impl", "olmo_numpy.py",
+                   "--impl", "transformers", "--reps", "1", "--new-tokens", "3", "--budgets", "none",
+                   "--prompt-len", "4", "--json", str(out), script="bench.py", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["weight_bytes_per_step"]["float32"] == per_step
+    for impl in ("olmo.py", "olmo_numpy.py"):
+        assert report["results"][impl]["same_tokens"], report["results"][impl]
+
+
+SHAPES_OLMOE_TINY = dict(model_type="olmoe", num_hidden_layers=1, hidden_size=32, intermediate_size=16,
+                         num_attention_heads=2, num_experts=6, num_experts_per_tok=2)
+# ----------------------------------------------------------------------------------------------------------------
+# bench.py's 8-bit rows (--quantize int8) and its peer (--peer llama.cpp)
+
+
+def test_bench_int8_rows(tmp_path):
+    """--quantize int8: both twins again with int8 weights (transformers skipped, named), each row's bytes those
+    of its int8 model, and the int8 weights alone timed in a process of its own with the kernels it tried."""
+    out = tmp_path / "bench.json"
+    proc = run_cli("--shape", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1", "--budgets", "none",
+                   "--quantize", "int8", "--json", str(out), script="bench.py", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert {"olmo.py int8", "olmo_numpy.py int8", "olmo.py", "transformers"} <= set(results), results
+    assert "transformers int8" in report["skipped"]
+    for label in ("olmo.py int8", "olmo_numpy.py int8"):
+        assert "error" not in results[label] and results[label]["decode_tok_s"] > 0, results[label]
+    # tiny: 2 layers of q, k, v, o (64 x 64), gate, up (256 x 64), down (64 x 256), and the 50304 x 64 head read
+    # as int8 with a float32 scale per row; the untied embedding stays float32 and is not read per step
+    numel = 2 * (4 * 64 * 64 + 3 * 256 * 64) + 50304 * 64
+    rows = 2 * (4 * 64 + 2 * 256 + 64) + 50304
+    assert report["weight_bytes_per_step"]["int8 float32"] == numel + 4 * rows
+    assert report["weight_bytes"]["int8 float32"] == numel + 4 * rows + 4 * 50304 * 64  # OLMo 1: no norm weights
+    floor = report["floor"]["int8 float32"]
+    assert floor["step_s"] > 0 and "olmo.py's Int8Linear" in floor["kernels"], floor
+    assert "weights alone in int8 float32" in proc.stdout
+
+
+def test_bench_q8_0_bytes():
+    """llama.cpp's q8_0: 34 bytes per block of 32 weights (32 int8 and a float16 scale), the embedding too, norms
+    float32; a step reads the linear weights and the head (the embedding when tied)."""
+    shapes = {"model.embed_tokens.weight": [64, 32], "model.layers.0.mlp.up_proj.weight": [96, 32],
+              "model.norm.weight": [32], "lm_head.weight": [64, 32]}
+    total, step = bench.quantized_bytes(shapes, False, "q8_0")
+    assert step == (96 * 32 + 64 * 32) // 32 * 34 and total == step + 64 * 32 // 32 * 34 + 4 * 32
+    del shapes["lm_head.weight"]
+    total, step = bench.quantized_bytes(shapes, True, "q8_0")
+    assert step == (96 * 32 + 64 * 32) // 32 * 34 and total == step + 4 * 32
+
+
+def test_bench_peer_missing_is_one_line(tmp_path):
+    """--peer llama.cpp without the binding, or without its source tree: one line, exit status 2, before any
+    checkpoint is built."""
+    proc = run_cli("--shape", "tiny", "--peer", "llama.cpp", "--llama-cpp-src", str(tmp_path), script="bench.py")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --peer llama.cpp needs ") and \
+        proc.stderr.count("\n") == 1, proc.stderr
