@@ -45,10 +45,13 @@ import time
 
 import torch
 
+import cli
 import olmo
 
-# The shapes of OLMo 1 (with the real 50304-token vocabulary; "tiny" measures per-token overhead only) and of
-# OLMo-2-0425-1B, written as transformers' Olmo2Config describes it.
+# The shapes of OLMo 1 (with the real 50304-token vocabulary; "tiny" measures per-token overhead only), of
+# OLMo-2-0425-1B, written as transformers' Olmo2Config describes it, and of OLMoE-1B-7B (64 experts of width 1024
+# per layer, 8 run per token: 1.3B of its 6.9B parameters read per token; 28 GB in float32, 14 in bfloat16),
+# with a smaller shape in its proportions (1 expert in 8 read, 0.6 GB in float32) for a laptop's CPU.
 SHAPES = {
     "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=256, num_attention_heads=4),
     "160m": dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, num_attention_heads=12),
@@ -59,6 +62,10 @@ SHAPES = {
                      num_attention_heads=16, num_key_value_heads=16, vocab_size=100352, rms_norm_eps=1e-6,
                      rope_theta=500000.0, max_position_embeddings=4096, tie_word_embeddings=False,
                      pad_token_id=100277, bos_token_id=100257, eos_token_id=100257),
+    "olmoe-1b-7b": dict(model_type="olmoe", num_hidden_layers=16, hidden_size=2048, intermediate_size=1024,
+                        num_attention_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096),
+    "olmoe-small": dict(model_type="olmoe", num_hidden_layers=8, hidden_size=512, intermediate_size=256,
+                        num_attention_heads=8, num_experts=32, num_experts_per_tok=4, max_position_embeddings=4096),
 }
 IMPLS = ["olmo.py", "olmo.py compiled", "olmo_numpy.py", "transformers"]
 
@@ -81,17 +88,17 @@ def build_checkpoint(shape, directory, dtype=torch.float32, device="cpu", seed=0
     from safetensors.torch import save_file
 
     spec = dict(SHAPES[shape])
-    if spec.pop("model_type", "olmo") == "olmo":
-        config = olmo.OlmoConfig(**spec)
-        with torch.device("meta"):
-            model = olmo.OlmoForCausalLM(config)
-        config_json = {"architectures": ["OlmoForCausalLM"], "model_type": "olmo", **dataclasses.asdict(config)}
-    else:  # olmo2: transformers writes the reference config
+    kind = spec.pop("model_type", "olmo")
+    if kind == "olmo":
+        config_json = {"architectures": ["OlmoForCausalLM"], "model_type": "olmo",
+                       **dataclasses.asdict(olmo.OlmoConfig(**spec))}
+    else:  # olmo2, olmoe: transformers writes the reference config
         import transformers
-        config = transformers.Olmo2Config(**spec)
-        with torch.device("meta"):
-            model = transformers.Olmo2ForCausalLM(config)
-        config_json = {**config.to_dict(), "architectures": ["Olmo2ForCausalLM"]}  # to_dict() has it None
+        family = {"olmo2": "Olmo2", "olmoe": "Olmoe"}[kind]
+        config = getattr(transformers, f"{family}Config")(**spec)
+        config_json = {**config.to_dict(), "architectures": [f"{family}ForCausalLM"]}  # to_dict() has it None
+    with torch.device("meta"):  # olmo.py's names are the hub's (OLMoE: one tensor per expert)
+        model = olmo.OlmoForCausalLM(olmo.OlmoConfig.from_dict(config_json))
     config_json.pop("dtype", None)  # the dtype written below, as torch_dtype
     generator = torch.Generator(device).manual_seed(seed)
     tensors = {}
@@ -133,12 +140,14 @@ def checkpoint_shapes(path):
     return shapes
 
 
-def weight_bytes(numels, tied, dtype):
+def weight_bytes(numels, tied, dtype, experts_read=1.0):
     """(every weight, weights read per decode step): the step reads each parameter once except the embedding
-    table, of which it reads one row per token; the head counts, also when it is the (tied) embedding."""
+    table, of which it reads one row per token; the head counts, also when it is the (tied) embedding. OLMoE:
+    of the experts' weights, a batch-1 step reads the fraction experts_read (num_experts_per_tok / num_experts)."""
     size = torch.finfo(dtype).bits // 8
     total = sum(n for name, n in numels.items() if not (tied and name == "lm_head.weight"))  # tied ones once
-    return total * size, (total - (0 if tied else numels["model.embed_tokens.weight"])) * size
+    unread = sum(n for name, n in numels.items() if ".mlp.experts." in name) * (1 - experts_read)
+    return total * size, round(total - (0 if tied else numels["model.embed_tokens.weight"]) - unread) * size
 
 
 def quantized_bytes(shapes, tied, precision):
@@ -413,13 +422,22 @@ def floor_kernels(path, device, dtype, quantize=None, reps=7):
     does not pick by itself. quantize "int8": each weight quantized as olmo.py does, multiplied by olmo.py's
     Int8Linear, and on the CPU by fbgemm's int8 linear, which quantizes the activations too (as q8_0 does). At
     batch 1 that is the step's memory traffic, so the fastest bounds any implementation's step here, whatever its
-    overheads, and transformers' step time / it bounds what one can gain over transformers."""
+    overheads, and transformers' step time / it bounds what one can gain over transformers. OLMoE: of each
+    layer's experts, num_experts_per_tok (the first ones: every expert is as large as the ones a token picks;
+    fused experts, as transformers 5 can save them, are left out: bench writes one tensor per expert, as the hub
+    does)."""
     from safetensors import safe_open
+    config = olmo.OlmoConfig.from_json(os.path.join(path, "config.json"))
+    top_k = config.num_experts_per_tok if config.moe else None
+
+    def read_by_a_step(name):  # OLMoE: "model.layers.N.mlp.experts.E.gate_proj.weight", E < top_k
+        parts = name.split(".")
+        return top_k is None or "experts" not in parts or int(parts[parts.index("experts") + 1]) < top_k
     weights = {}
     for file in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
         with safe_open(os.path.join(path, file), "pt") as f:  # each a copy in memory, not the file's mapping
             weights.update((n, f.get_tensor(n).to(device, dtype)) for n in f.keys()
-                           if len(f.get_slice(n).get_shape()) == 2)
+                           if len(f.get_slice(n).get_shape()) == 2 and read_by_a_step(n))
     head = "model.embed_tokens.weight"  # tied: the embedding is the head
     if "lm_head.weight" in weights:  # untied: the head is read, the embedding is not
         head = "lm_head.weight"
@@ -724,8 +742,10 @@ def run_bench(args, path, name, device, dtypes, long_prompts, peer, scratch):
         unreadable["transformers"] = "not installed"
     shapes = checkpoint_shapes(path)
     tied = bool(config.get("tie_word_embeddings", False))
+    parsed = olmo.OlmoConfig.from_json(config_file)
+    experts_read = parsed.num_experts_per_tok / parsed.num_experts if parsed.moe else 1.0  # OLMoE, at batch 1
     chosen, skipped = variants(args, device, dtypes, unreadable)
-    sizes = {d: weight_bytes(checkpoint_numels(path), tied, olmo.DTYPES[d]) for d in dtypes}
+    sizes = {d: weight_bytes(checkpoint_numels(path), tied, olmo.DTYPES[d], experts_read) for d in dtypes}
     sizes |= {v.precision: quantized_bytes(shapes, tied, v.precision) for v in chosen if v.quantize}
     total_bytes, step_bytes = {d: s[0] for d, s in sizes.items()}, {d: s[1] for d, s in sizes.items()}
     gguf = {}
@@ -887,7 +907,7 @@ def table(report):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark olmo.py against transformers (and olmo_numpy.py).")
+    p = cli.Parser(description="Benchmark olmo.py against transformers (and olmo_numpy.py).")  # errors: one line
     p.add_argument("--shape", choices=SHAPES,
                    help="random weights of this shape (default 160m; with --peer, olmo2-1b)")
     p.add_argument("--model", help="a checkpoint directory (safetensors) instead of --shape")

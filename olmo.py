@@ -1,4 +1,4 @@
-"""OLMo (1, 2 and 3) in one readable PyTorch file.
+"""OLMo (1, 2 and 3), OLMoE and FlexOlmo in one readable PyTorch file.
 
 OLMo (Groeneveld et al., 2024, https://arxiv.org/abs/2402.00838) is a decoder-only transformer: token
 embeddings, N blocks of (norm -> attention with rotary positions -> residual, norm -> gated MLP -> residual),
@@ -11,10 +11,16 @@ OLMo 3 adds sliding-window attention on three layers in four, and YaRN to stretc
 is written once, where it happens, under a comment starting "OLMo 2:" or "OLMo 3:"; a reader of OLMo 1 can
 skip those lines.
 
+OLMoE (Muennighoff et al., 2024, https://arxiv.org/abs/2409.02060) is a mixture of experts: each MLP becomes
+many (64 in OLMoE-1B-7B), and a router sends each token to a few of them (8), so a token runs through a
+fifth of the weights. Its block is OLMo 1's order with OLMo 2's RMSNorm and QK-norm. FlexOlmo (Shi et al.,
+2025, https://arxiv.org/abs/2507.07024) puts the same experts into OLMo 2's block. Their lines are marked "OLMoE:".
+
 It reads top to bottom: config -> norm -> RoPE -> attention -> MLP -> block -> model -> generation ->
-loading -> reading config.json -> CLI. Names match transformers' `OlmoForCausalLM`, `Olmo2ForCausalLM` and
-`Olmo3ForCausalLM`, so their checkpoints load with strict name and shape checks and no renaming, and the
-logits equal transformers' (see the tests). It is meant to be read and copied, not configured: no framework.
+loading -> reading config.json -> CLI. Names match transformers' `OlmoForCausalLM`, `Olmo2ForCausalLM`,
+`Olmo3ForCausalLM`, `OlmoeForCausalLM` and `FlexOlmoForCausalLM`, so their checkpoints load with strict name
+and shape checks and no renaming, and the logits equal transformers' (see the tests). It is meant to be read
+and copied, not configured: no framework.
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
 D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
@@ -27,6 +33,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import sys
 import types
 import typing
@@ -42,10 +49,10 @@ import torch.nn.functional as F
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2
-    and 3 add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
+    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
-    model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
+    model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe" or "flex_olmo" (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
@@ -71,6 +78,12 @@ class OlmoConfig:
     sliding_window: int | None = None  # OLMo 3: a query sees this many keys (itself included); None: 4096
     layer_types: list[str] | None = None  # OLMo 3: per layer "full_attention" or "sliding_attention"
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
+    # OLMoE and FlexOlmo: a mixture of experts in each MLP's place (dense models ignore these fields)
+    num_experts: int = 64  # OLMoE: experts per layer, each an MLP of intermediate_size (OLMoE-1B-7B: 64)
+    num_experts_per_tok: int = 8  # OLMoE: how many experts the router sends each token to, its top-k
+    norm_topk_prob: bool = False  # OLMoE: rescale the chosen experts' probabilities to sum to 1
+    output_router_logits: bool = False  # OLMoE: add the router's load-balancing loss to the training loss
+    router_aux_loss_coef: float = 0.01  # OLMoE: that loss's weight
 
     def __post_init__(self):
         """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
@@ -79,6 +92,8 @@ class OlmoConfig:
             self.num_key_value_heads = self.num_attention_heads
         check_fields(self)
         rope_theta = 10000.0  # RoPE's base, where config.json gives none
+        if self.model_type == "flex_olmo":  # FlexOlmo: OLMo 2 7B's base
+            rope_theta = 500000.0
         layer_types = ["full_attention"] * self.num_hidden_layers  # every layer attends to all earlier tokens
         if self.model_type == "olmo3":  # OLMo 3: 3 sliding-window layers in 4, unless config.json lists them
             rope_theta = 500000.0
@@ -94,9 +109,19 @@ class OlmoConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer."""
+    def qk_norm(self):
+        """OLMo 2 and every later model: RMSNorm with weights, and a norm on the queries and keys."""
         return self.model_type != "olmo"
+
+    @property
+    def norm_after(self):
+        """OLMo 2 and 3 (and FlexOlmo): the norm after each sublayer, not before it (see OlmoDecoderLayer)."""
+        return self.model_type in ("olmo2", "olmo3", "flex_olmo")
+
+    @property
+    def moe(self):
+        """OLMoE and FlexOlmo: a mixture of experts in each MLP's place (see OlmoeSparseMoeBlock)."""
+        return self.model_type in ("olmoe", "flex_olmo")
 
     @property
     def dynamic_rope(self):
@@ -145,6 +170,15 @@ class OlmoRMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * h).to(x.dtype)
+
+
+def make_norm(config, size=None):
+    """A layer's norm over `size` numbers (default hidden_size): OLMo 1's LayerNorm without weights, or the
+    RMSNorm of OLMo 2 and every later model. (transformers' OlmoeRMSNorm casts back to bf16 before multiplying
+    by the weight; in bf16 that moves a rounding, as the order of a kernel's sums does.)"""
+    if config.qk_norm:  # OLMo 2
+        return OlmoRMSNorm(size or config.hidden_size, config.rms_norm_eps)
+    return OlmoLayerNorm(config.hidden_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,9 +321,9 @@ class OlmoAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
-        if config.norm_after:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
-            self.q_norm = OlmoRMSNorm(self.num_heads * self.head_dim, config.rms_norm_eps)
-            self.k_norm = OlmoRMSNorm(self.num_kv_heads * self.head_dim, config.rms_norm_eps)
+        if config.qk_norm:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
+            self.q_norm = make_norm(config, self.num_heads * self.head_dim)
+            self.k_norm = make_norm(config, self.num_kv_heads * self.head_dim)
         self.kv_cache = None  # set by OlmoForCausalLM.grow_cache
 
     def forward(self, x, cos, sin, mask, slots=None):
@@ -298,9 +332,9 @@ class OlmoAttention(nn.Module):
         cache's first S; None: no cache, attend only within x (S = T)."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.config.norm_after:  # OLMo 2: QK-norm
+        if self.config.qk_norm:  # OLMo 2: QK-norm
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.config.clip_qkv is not None:  # OLMo-0424+: bounds activations, stabilising training
+        if self.config.clip_qkv is not None:  # OLMo-0424+ and OLMoE: bounds activations, stabilising training
             c = self.config.clip_qkv
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -341,6 +375,35 @@ class OlmoMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class OlmoeSparseMoeBlock(nn.Module):
+    """OLMoE: a mixture of experts in the MLP's place. A router scores the experts for each token; the token
+    goes through its top num_experts_per_tok (each expert an OlmoMLP), and their outputs are summed, weighted
+    by the router's probabilities (rescaled to sum to 1 if norm_topk_prob). Only the chosen experts' weights
+    are read: OLMoE-1B-7B holds 64 experts per layer and runs 8 per token, 1.3B of its 6.9B parameters. Each
+    token is routed on its own, so padding can't change a real token's experts."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(OlmoMLP(config) for _ in range(config.num_experts))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, hidden): the tokens, each routed on its own
+        self.router_logits = self.gate(x)  # (N, experts), kept for the load-balancing loss
+        probs = self.router_logits.float().softmax(dim=-1)  # float32 whatever the model's dtype, as transformers
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, top_k): each token's best experts, best first
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        y = torch.zeros_like(x)
+        for e in chosen.unique().tolist():  # only the experts some token chose
+            token, k = torch.where(chosen == e)  # the tokens that chose expert e, as their k-th choice
+            y[token] += self.experts[e](x[token]) * weights[token, k, None]  # a token picks e at most once
+        return y.view(B, T, C)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Block
 
@@ -349,22 +412,23 @@ class OlmoDecoderLayer(nn.Module):
     """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its
     output, before the residual add, so the residual stream itself is never rescaled (their stability fix):
 
-        OLMo 1                                        OLMo 2 and 3
+        OLMo 1 (OLMoE)                                OLMo 2 and 3 (FlexOlmo)
         x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
         x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
-    """
+
+    OLMoE and FlexOlmo: mlp is a mixture of experts (OlmoeSparseMoeBlock)."""
 
     def __init__(self, config):
         super().__init__()
         self.norm_after = config.norm_after
         self.self_attn = OlmoAttention(config)
-        self.mlp = OlmoMLP(config)
-        if self.norm_after:  # OLMo 2: RMSNorms after the sublayers, none before
-            self.post_attention_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.post_feedforward_layernorm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = OlmoeSparseMoeBlock(config) if config.moe else OlmoMLP(config)  # OLMoE: experts
+        if self.norm_after:  # OLMo 2: norms after the sublayers, none before
+            self.post_attention_layernorm = make_norm(config)
+            self.post_feedforward_layernorm = make_norm(config)
             return
-        self.input_layernorm = OlmoLayerNorm(config.hidden_size)
-        self.post_attention_layernorm = OlmoLayerNorm(config.hidden_size)
+        self.input_layernorm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
 
     def forward(self, x, cos, sin, mask, slots=None):
         if self.norm_after:  # OLMo 2: normalise each sublayer's output
@@ -388,9 +452,7 @@ class OlmoModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(OlmoDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = OlmoLayerNorm(config.hidden_size)
-        if config.norm_after:  # OLMo 2: an RMSNorm with weights
-            self.norm = OlmoRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = make_norm(config)
         # Per layer type, a RoPE and a mask window: "full_attention" sees every earlier key; OLMo 3 adds
         # "sliding_attention", which sees the last sliding_window keys (and RoPE scaling leaves alone)
         self.rotary_emb = nn.ModuleDict({kind: OlmoRotaryEmbedding(config, kind) for kind in config.rope_parameters})
@@ -409,6 +471,20 @@ class OlmoModel(nn.Module):
         for layer, kind in zip(self.layers, self.config.layer_types):
             x = layer(x, *rope[kind], masks[kind], slots)
         return self.norm(x)
+
+
+def load_balancing_loss_func(router_logits, attention_mask, top_k):
+    """OLMoE: Switch Transformer's auxiliary loss (Fedus et al., 2021, eq. 4-6), least when the tokens spread
+    evenly over the experts: num_experts * sum over experts e of f_e P_e, where f_e is the share of (token,
+    choice) pairs that went to e and P_e the mean router probability of e, both over every layer's real tokens
+    (padding left out), as transformers computes it. router_logits: one (B*T, experts) per layer."""
+    mask = attention_mask.reshape(1, -1, 1).float()  # (1, N, 1)
+    probs = torch.stack(router_logits).softmax(dim=-1)  # (layers, N, experts)
+    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, probs.shape[-1]).sum(-2)  # 1 where chosen, else 0
+    rows = mask.sum() * len(router_logits)
+    f = (chosen * mask).sum((0, 1)) / rows  # (experts,)
+    P = (probs.float() * mask).sum((0, 1)) / rows
+    return probs.shape[-1] * (f * P).sum()
 
 
 def positions_from_mask(attention_mask):
@@ -445,11 +521,13 @@ class OlmoForCausalLM(nn.Module):
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             module.weight.data[module.padding_idx].zero_()
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, output_router_logits=None):
         """The full forward, no cache: input_ids (B, T), attention_mask (B, T) 1 = token, 0 = left padding.
         Returns logits (B, T, vocab); with labels (B, T) returns (logits, loss), where loss is the mean
         cross-entropy of predicting token t+1 from positions <= t, over labels that aren't -100 (as
-        transformers). Logits at padding positions are meaningless."""
+        transformers). OLMoE: with output_router_logits (None: the config's), the loss adds
+        router_aux_loss_coef times the router's load-balancing loss. Logits at padding positions are
+        meaningless."""
         check_ids(input_ids, self.config.vocab_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -458,6 +536,12 @@ class OlmoForCausalLM(nn.Module):
         if labels is None:
             return logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        if output_router_logits is None:  # OLMoE
+            output_router_logits = self.config.output_router_logits
+        if self.config.moe and output_router_logits:  # OLMoE
+            router_logits = [layer.mlp.router_logits for layer in self.model.layers]
+            aux = load_balancing_loss_func(router_logits, attention_mask, self.config.num_experts_per_tok)
+            loss = loss + self.config.router_aux_loss_coef * aux
         return logits, loss
 
     # ------------------------------------------------------------------------------------------------------------
@@ -479,6 +563,7 @@ class OlmoForCausalLM(nn.Module):
         if needed <= length:
             return
         self.cached_ids = self.cached_ids if same else []
+        self.slots = torch.arange(needed, device=weight.device)
         try:
             for layer in self.model.layers:
                 old = layer.self_attn.kv_cache
@@ -487,11 +572,12 @@ class OlmoForCausalLM(nn.Module):
                 if length:
                     new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
                 layer.self_attn.kv_cache = new
-        except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as a RuntimeError
+        except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             for layer in self.model.layers:
                 layer.self_attn.kv_cache = None
-            raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
-        self.slots = torch.arange(needed, device=weight.device)
+            if isinstance(e, (RuntimeError, MemoryError)):  # torch reports a failed allocation as a RuntimeError
+                raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+            raise
 
     def setup_cache(self, attention_mask, length):
         """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
@@ -570,6 +656,7 @@ class OlmoForCausalLM(nn.Module):
             if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
         for i in range(max_new_tokens):
+            check_finite(logits, i)
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad)
             tokens.append(token[:, None])
@@ -594,8 +681,8 @@ class OlmoForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, revision=None, quantize=None):
         """Load a checkpoint directory as the hub ships it (config.json + safetensors or pytorch_model.bin,
-        single or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded with huggingface_hub, at
-        `revision`: a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints
+        single or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded by cli.py with huggingface_hub,
+        at `revision`: a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints
         "step1000-tokens4B"). dtype None keeps the checkpoint's own (config.json's dtype or torch_dtype), as
         transformers 5 does. quantize "int8": every linear layer's weight, the head's included, as 8-bit integers
         (see Int8Linear)."""
@@ -605,6 +692,8 @@ class OlmoForCausalLM(nn.Module):
         with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
             model = cls(config)
         state_dict = load_state_dict(path)
+        if config.moe:  # OLMoE
+            state_dict = split_fused_experts(state_dict, config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         if config.tie_word_embeddings:  # tied checkpoints may or may not store lm_head.weight (a copy)
             state_dict.pop("lm_head.weight", None)
@@ -647,9 +736,20 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
         # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop_sorted[:, 0] = False  # and keep it when top_p is below float32's range (1e-46 rounds to 0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, -math.inf)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def check_finite(logits, step):
+    """logits (B, vocab) holding NaN or infinity (corrupt weights, or activations past the dtype's range) would
+    sample garbage, or make sampling fail: stop, naming the step. One max per step is all it costs: NaN and
+    +inf carry through a max, and all -inf leaves it -inf."""
+    top = logits.max(dim=-1).values
+    if not torch.isfinite(top).all():
+        kind = "NaN" if top.isnan().any() else "infinite"
+        raise ValueError(f"the model produced {kind} logits at token {step + 1}: are the weights corrupt?")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -657,27 +757,13 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 
 def resolve_checkpoint(path, revision=None):
-    """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub."""
-    if os.path.isdir(path):
+    """A local directory is used as is. Anything else (a hub id such as "allenai/OLMo-1B-hf", at `revision`)
+    is the command line's business: cli.py, beside this file, fetches it from the Hugging Face hub for both
+    twins, and says in words what went wrong (no such repository or revision, a login needed, no network)."""
+    if os.path.isdir(path) and revision is None:
         return path
-    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
-        raise ValueError(f"{path} is not a checkpoint directory")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub") from None
-    try:  # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
-        files = huggingface_hub.list_repo_files(path, revision=revision)
-        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
-    except Exception:  # offline (HF_HUB_OFFLINE): whatever the cache holds; other errors come back below
-        weights = ["*.safetensors", "*.bin"]
-    patterns = ["*.json", "tokenizer*", "*.jinja", *weights]  # config, tokenizer, chat template, weights
-    try:
-        return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=patterns)
-    except Exception as e:  # offline, unknown repo or revision, no network: one line, not a traceback
-        at_revision = f" at revision {revision!r}" if revision else ""
-        raise ValueError(f"cannot fetch {path}{at_revision} from the hub ({type(e).__name__}); check the name "
-                         "and revision, or pass a local directory") from None
+    import cli
+    return cli.fetch_checkpoint(path, revision)
 
 
 def load_state_dict(path):
@@ -705,18 +791,42 @@ def weight_files(path):
     raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")
 
 
-def read_json_object(path):
+def read_json_object(path, limit=2**27):
+    """A JSON object from a regular file of at most `limit` bytes (128 MiB: config files are kilobytes, index
+    files a few megabytes). A FIFO would wait forever for a writer and /dev/zero never ends: refused unread
+    (O_NONBLOCK lets even a FIFO's open return at once; the checks look at what was opened)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        status = os.fstat(f.fileno())
+        check_regular_file(path, status)
+        if status.st_size > limit:
+            raise ValueError(f"{path} is {status.st_size / 1e6:,.0f} MB, far more than a JSON file of a "
+                             f"checkpoint holds (at most {limit / 1e6:,.0f} MB is read)")
+        data = f.read(limit + 1)
+    try:
+        d = json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ValueError(f"cannot read {path}: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return d
 
 
+def check_regular_file(path, status):
+    """Weights and configs are regular files (or links to them, as in the hub's cache): a FIFO, a device or a
+    directory named like one is refused before anything waits on it or reads it forever."""
+    if not stat.S_ISREG(status.st_mode):
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device or a directory)")
+
+
 def load_file(file):
+    try:
+        check_regular_file(file, os.stat(file))
+    except OSError as e:
+        raise ValueError(f"cannot read {file}: {e.strerror}") from None
     try:
         if file.endswith(".safetensors"):
             from safetensors import safe_open
@@ -747,6 +857,25 @@ def check_state_dict(state_dict, expected):
     for name in state_dict:
         if name not in expected:
             raise ValueError(f"checkpoint has unexpected tensor {name}")
+
+
+def split_fused_experts(state_dict, config):
+    """OLMoE: the hub (and transformers' save_pretrained, by default) stores one tensor per expert, named as
+    here; transformers 5 holds each layer's experts fused, and saves them so with save_original_format=False:
+    mlp.experts.gate_up_proj (experts, 2 * intermediate, hidden), the gate's rows first, and
+    mlp.experts.down_proj (experts, hidden, intermediate). Those are split into per-expert views (no copy),
+    whose names and shapes are then checked as any tensor's."""
+    I = config.intermediate_size
+    for name in [n for n in state_dict if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+        prefix, proj = name.rsplit(".", 1)  # model.layers.N.mlp.experts, gate_up_proj or down_proj
+        fused = state_dict.pop(name)
+        parts = {"down_proj": fused}
+        if proj == "gate_up_proj":
+            parts = {"gate_proj": fused[:, :I], "up_proj": fused[:, I:]}  # (experts, intermediate, hidden) each
+        for part, tensors in parts.items():
+            for e, tensor in enumerate(tensors):
+                state_dict[f"{prefix}.{e}.{part}.weight"] = tensor
+    return state_dict
 
 
 def column_major(tensor, dtype):
@@ -844,7 +973,15 @@ def config_from_dict(cls, d, source):
             if not isinstance(scaling, (dict, type(None))):
                 raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
             d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
+        else:  # transformers 5's key, maybe with 4.x's beside it
+            d["rope_parameters"] = with_legacy_rope_keys(d["rope_parameters"], theta, scaling, d.get("model_type"))
         known = {f.name: f.type for f in fields(cls)}
+        # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; router settings this
+        # file doesn't implement (or spells otherwise, as num_local_experts) are refused, not ignored
+        d = {**FAMILY_DEFAULTS.get(d.get("model_type"), {}), **d}
+        for key in d.keys() - known.keys():
+            if any(word in key for word in ("expert", "router", "moe", "topk")):
+                raise ValueError(f"{key} is a router setting this file doesn't implement")
         for key, value in d.items():
             if key in known and not fits(value, known[key]):
                 kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
@@ -852,6 +989,47 @@ def config_from_dict(cls, d, source):
         return cls(**{k: v for k, v in d.items() if k in known})
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def with_legacy_rope_keys(rope, theta, scaling, model_type):
+    """rope_parameters with transformers 4's rope_theta or rope_scaling beside it (what a user gets who follows
+    an old guide and adds "rope_scaling" to a transformers 5 config), read as transformers 5 reads them
+    (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling takes rope_parameters' place, and rope_theta
+    is the base wherever none is given (10000 if none is). Where that would drop a setting rope_parameters
+    makes (a scaling of its own, a different base), or where transformers has no reading (OLMo 3's RoPE per
+    layer type: it keeps a half-merged dict, or fails), the file contradicts itself: refused, naming both keys."""
+    if not isinstance(rope, dict) or not isinstance(scaling, (dict, type(None))):
+        return rope  # not objects: the field checks name them
+    if scaling:
+        replaced = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
+        wanted = {"rope_type" if k == "type" else k: v for k, v in scaling.items() if k != "rope_theta"}
+        base = scaling.get("rope_theta", 10000.0 if theta is None else theta)
+        lost = replaced not in ({}, {"rope_type": "default"}, wanted) or rope.get("rope_theta", base) != base
+        if lost or model_type == "olmo3":
+            raise ValueError(f"rope_parameters {rope} and rope_scaling {scaling} disagree (transformers 5 would "
+                             "take rope_scaling in place of rope_parameters); keep one of them")
+        return {**scaling, "rope_theta": base}
+    if theta is None:
+        return rope
+    rope = {key: dict(value) if isinstance(value, dict) else value for key, value in rope.items()}
+    per_type = [rope[kind] for kind in ("full_attention", "sliding_attention") if isinstance(rope.get(kind), dict)]
+    for settings in per_type or [rope]:
+        if settings.get("rope_theta") is None:
+            settings["rope_theta"] = theta
+        if settings["rope_theta"] != theta:
+            raise ValueError(f"rope_theta {theta} and rope_parameters' rope_theta {settings['rope_theta']} "
+                             "disagree (transformers 5 would ignore rope_theta); keep one of them")
+    return rope
+
+
+MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")  # the model_types this file reads
+# OLMoE, FlexOlmo: where transformers' OlmoeConfig and FlexOlmoConfig default otherwise than OlmoConfig
+FAMILY_DEFAULTS = {
+    "olmoe": dict(hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                  max_position_embeddings=4096),
+    "flex_olmo": dict(vocab_size=100352, max_position_embeddings=4096, rms_norm_eps=1e-6, pad_token_id=100277,
+                      eos_token_id=100257, num_experts=7, num_experts_per_tok=5),
+}
 
 
 def fits(value, annotation):
@@ -873,8 +1051,8 @@ def require(config, ok, name, what):
 
 def check_fields(c):
     """The ranges of the fields every generation has, and how they fit together (OlmoConfig.__post_init__)."""
-    require(c, c.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
-            "'hf_olmo' or trainer checkpoints run convert.py first)")
+    require(c, c.model_type in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)} (for 'hf_olmo' or "
+            "trainer checkpoints run convert.py first)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
@@ -894,9 +1072,14 @@ def check_fields(c):
     # OLMo 2: the epsilon of its RMSNorms
     require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
     require(c, c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0, "clip_qkv", "None or > 0")
-    # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead)
-    require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
+    # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead); OLMoE has both
+    require(c, c.clip_qkv is None or c.model_type in ("olmo", "olmoe"), "clip_qkv", "None but in OLMo 1 and OLMoE")
     require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
+    if c.moe:  # OLMoE
+        require(c, 1 <= c.num_experts < 2 ** 31, "num_experts", "in [1, 2**31)")
+        require(c, 1 <= c.num_experts_per_tok <= c.num_experts, "num_experts_per_tok",
+                f"in [1, num_experts {c.num_experts}]")
+        require(c, math.isfinite(c.router_aux_loss_coef), "router_aux_loss_coef", "a finite number")
 
 
 def rope_per_layer_type(c, default_theta):
@@ -953,7 +1136,9 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: cli.py holds the command line both twins share; this is what it needs from torch.
+# CLI
+#
+# cli.py holds the command line both twins share; this is what it needs from torch.
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype's names
@@ -983,6 +1168,8 @@ class Backend:
 
     def load(self, args):
         available = available_devices()
+        if args.device == "":
+            raise ValueError(f"--device is empty; give one of {', '.join(available)}, or leave it out")
         device = args.device or available[0]
         if device not in available:
             raise ValueError(f"--device {device} is not available here (available: {', '.join(available)})")
@@ -998,7 +1185,9 @@ class Backend:
             # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps; rounding
             # after every op as eager does keeps bf16's tokens (fused kernels would round once)
             options = {"triton.cudagraphs": device.startswith("cuda"), "emulate_precision_casts": True}
-            model.decode_one_token = torch.compile(model.decode_one_token, fullgraph=True, options=options)
+            # OLMoE: which experts run depends on the router's values, so the step compiles in pieces
+            model.decode_one_token = torch.compile(model.decode_one_token, fullgraph=not model.config.moe,
+                                                   options=options)
         return model, path
 
     def generate(self, model, ids, max_new_tokens, callback, **settings):

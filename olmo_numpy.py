@@ -1,13 +1,14 @@
-"""OLMo (1, 2 and 3) in one readable NumPy file: olmo.py's twin, with every matrix product written out.
+"""OLMo (1, 2 and 3), OLMoE and FlexOlmo in one readable NumPy file: olmo.py's twin, with every matrix
+product written out.
 
 Frameworks hide the arithmetic; this file shows it. The norms, the rotation, the attention softmax, the MLP
-and the KV cache are plain array code over a dict of weights (named as in transformers' checkpoints), and the
-.safetensors reader is a few lines of header parsing over a memory map. It tells olmo.py's story in olmo.py's
-order, with the same names where the concept is the same (OLMo 2 and 3 again under "OLMo 2:" and "OLMo 3:"
-comments), so the two read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the
-tests check both). It needs only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32;
-float16 and bfloat16 checkpoints are widened to float32 when they load. Local checkpoint directories only (hub
-ids would need huggingface_hub).
+(and OLMoE's router and experts) and the KV cache are plain array code over a dict of weights (named as in
+transformers' checkpoints), and the .safetensors reader is a few lines of header parsing over a memory map. It
+tells olmo.py's story in olmo.py's order, with the same names where the concept is the same (OLMo 2, OLMo 3
+and OLMoE again under "OLMo 2:", "OLMo 3:" and "OLMoE:" comments), so the two read side by side; its logits
+equal olmo.py's and transformers' to float32 rounding (the tests check both). It needs only NumPy (and
+tokenizers for the CLI), no torch. Everything runs in float32; float16 and bfloat16 checkpoints are widened to
+float32 when they load. Local checkpoint directories only (hub ids would need huggingface_hub).
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
 D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
@@ -20,6 +21,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import sys
 import types
 import typing
@@ -40,10 +42,10 @@ import numpy as np
 
 @dataclass
 class OlmoConfig:
-    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2
-    and 3 add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
+    """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
+    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
 
-    model_type: str = "olmo"  # "olmo", "olmo2" or "olmo3": the generation (config.json says which)
+    model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe" or "flex_olmo" (config.json says which)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
@@ -69,6 +71,12 @@ class OlmoConfig:
     sliding_window: int | None = None  # OLMo 3: a query sees this many keys (itself included); None: 4096
     layer_types: list[str] | None = None  # OLMo 3: per layer "full_attention" or "sliding_attention"
     dtype: str | None = None  # the checkpoint's dtype ("torch_dtype" in transformers 4), e.g. "bfloat16"
+    # OLMoE and FlexOlmo: a mixture of experts in each MLP's place (dense models ignore these fields)
+    num_experts: int = 64  # OLMoE: experts per layer, each an MLP of intermediate_size (OLMoE-1B-7B: 64)
+    num_experts_per_tok: int = 8  # OLMoE: how many experts the router sends each token to, its top-k
+    norm_topk_prob: bool = False  # OLMoE: rescale the chosen experts' probabilities to sum to 1
+    output_router_logits: bool = False  # OLMoE: add the router's load-balancing loss to the training loss
+    router_aux_loss_coef: float = 0.01  # OLMoE: that loss's weight
 
     def __post_init__(self):
         """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
@@ -77,6 +85,8 @@ class OlmoConfig:
             self.num_key_value_heads = self.num_attention_heads
         check_fields(self)
         rope_theta = 10000.0  # RoPE's base, where config.json gives none
+        if self.model_type == "flex_olmo":  # FlexOlmo: OLMo 2 7B's base
+            rope_theta = 500000.0
         layer_types = ["full_attention"] * self.num_hidden_layers  # every layer attends to all earlier tokens
         if self.model_type == "olmo3":  # OLMo 3: 3 sliding-window layers in 4, unless config.json lists them
             rope_theta = 500000.0
@@ -92,9 +102,19 @@ class OlmoConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def norm_after(self):
-        """OLMo 2 and 3: RMSNorm with weights, QK-norm, and the norm after each sublayer."""
+    def qk_norm(self):
+        """OLMo 2 and every later model: RMSNorm with weights, and a norm on the queries and keys."""
         return self.model_type != "olmo"
+
+    @property
+    def norm_after(self):
+        """OLMo 2 and 3 (and FlexOlmo): the norm after each sublayer, not before it (see decoder_layer)."""
+        return self.model_type in ("olmo2", "olmo3", "flex_olmo")
+
+    @property
+    def moe(self):
+        """OLMoE and FlexOlmo: a mixture of experts in each MLP's place (see sparse_moe_block)."""
+        return self.model_type in ("olmoe", "flex_olmo")
 
     @property
     def dynamic_rope(self):
@@ -127,6 +147,14 @@ def rms_norm(x, weight, eps):
     """OLMo 2: RMSNorm with a learned weight (no mean subtraction, no bias), multiplied in the order
     transformers uses."""
     return weight * (x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps)))
+
+
+def norm(weights, name, config, x):
+    """A layer's norm: OLMo 1's layer_norm, or the RMSNorm `name` (with its weight) of OLMo 2 and every later
+    model."""
+    if config.qk_norm:  # OLMo 2
+        return rms_norm(x, weights[f"{name}.weight"], config.rms_norm_eps)
+    return layer_norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,10 +301,10 @@ def attention(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
     q = linear(x, weights, f"{name}.q_proj")  # (B, T, H*D)
     k = linear(x, weights, f"{name}.k_proj")  # (B, T, KV*D)
     v = linear(x, weights, f"{name}.v_proj")  # (B, T, KV*D)
-    if config.norm_after:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
-        q = rms_norm(q, weights[f"{name}.q_norm.weight"], config.rms_norm_eps)
-        k = rms_norm(k, weights[f"{name}.k_norm.weight"], config.rms_norm_eps)
-    if config.clip_qkv is not None:  # OLMo-0424+: bounds activations, stabilising training
+    if config.qk_norm:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
+        q = norm(weights, f"{name}.q_norm", config, q)
+        k = norm(weights, f"{name}.k_norm", config, k)
+    if config.clip_qkv is not None:  # OLMo-0424+ and OLMoE: bounds activations, stabilising training
         c = config.clip_qkv
         q, k, v = np.clip(q, -c, c), np.clip(k, -c, c), np.clip(v, -c, c)
     q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
@@ -332,13 +360,35 @@ ACT2FN = {"silu": silu, "swish": silu, "gelu": gelu, "gelu_new": gelu_tanh, "gel
           "relu": lambda x: np.maximum(x, 0.0)}
 
 
-def mlp(weights, i, config, x):
-    """Layer i's gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x))."""
+def mlp(weights, i, config, x, expert=None):
+    """Layer i's gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x)). OLMoE: its expert `expert`."""
     name = f"model.layers.{i}.mlp"
+    if expert is not None:  # OLMoE
+        name = f"{name}.experts.{expert}"
     act = ACT2FN[config.hidden_act]
     gate = act(linear(x, weights, f"{name}.gate_proj"))  # (B, T, hidden) -> (B, T, intermediate)
     up = linear(x, weights, f"{name}.up_proj")
     return linear(gate * up, weights, f"{name}.down_proj")  # (B, T, hidden)
+
+
+def sparse_moe_block(weights, i, config, x):
+    """OLMoE: a mixture of experts in the MLP's place. A router scores the experts for each token; the token
+    goes through its top num_experts_per_tok (each expert an mlp), and their outputs are summed, weighted by
+    the router's probabilities (rescaled to sum to 1 if norm_topk_prob). Only the chosen experts' weights are
+    read: OLMoE-1B-7B holds 64 experts per layer and runs 8 per token, 1.3B of its 6.9B parameters. Each token
+    is routed on its own, so padding can't change a real token's experts. x (B, T, hidden) -> (B, T, hidden)."""
+    B, T, C = x.shape
+    x = x.reshape(B * T, C)  # (N, hidden): the tokens, each routed on its own
+    probs = softmax(linear(x, weights, f"model.layers.{i}.mlp.gate"))  # (N, experts): the router's
+    chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :config.num_experts_per_tok]  # (N, top_k), best first
+    p = np.take_along_axis(probs, chosen, axis=-1)  # (N, top_k)
+    if config.norm_topk_prob:
+        p = p / p.sum(axis=-1, keepdims=True)
+    y = np.zeros_like(x)
+    for e in np.unique(chosen):  # only the experts some token chose
+        token, k = np.nonzero(chosen == e)  # the tokens that chose expert e, as their k-th choice
+        y[token] += mlp(weights, i, config, x[token], expert=e) * p[token, k, None]
+    return y.reshape(B, T, C)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,18 +399,21 @@ def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, slots=None)
     """A residual block. OLMo 1 normalises each sublayer's input (pre-norm); OLMo 2 and 3 normalise its
     output, before the residual add, so the residual stream itself is never rescaled (their stability fix):
 
-        OLMo 1                                        OLMo 2 and 3
+        OLMo 1 (OLMoE)                                OLMo 2 and 3 (FlexOlmo)
         x = x + attn(input_layernorm(x))              x = x + post_attention_layernorm(attn(x))
         x = x + mlp(post_attention_layernorm(x))      x = x + post_feedforward_layernorm(mlp(x))
-    """
+
+    OLMoE and FlexOlmo: mlp is a mixture of experts (sparse_moe_block)."""
     layer = f"model.layers.{i}"
+    ffn = sparse_moe_block if config.moe else mlp  # OLMoE: experts
     if config.norm_after:  # OLMo 2: each sublayer's output is normalised, then added
         x_attn = attention(weights, i, config, x, cos, sin, mask, cache, slots)
-        x = x + rms_norm(x_attn, weights[f"{layer}.post_attention_layernorm.weight"], config.rms_norm_eps)
-        x_ffn = mlp(weights, i, config, x)
-        return x + rms_norm(x_ffn, weights[f"{layer}.post_feedforward_layernorm.weight"], config.rms_norm_eps)
-    x = x + attention(weights, i, config, layer_norm(x), cos, sin, mask, cache, slots)
-    return x + mlp(weights, i, config, layer_norm(x))
+        x = x + norm(weights, f"{layer}.post_attention_layernorm", config, x_attn)
+        x_ffn = ffn(weights, i, config, x)
+        return x + norm(weights, f"{layer}.post_feedforward_layernorm", config, x_ffn)
+    x_norm = norm(weights, f"{layer}.input_layernorm", config, x)
+    x = x + attention(weights, i, config, x_norm, cos, sin, mask, cache, slots)
+    return x + ffn(weights, i, config, norm(weights, f"{layer}.post_attention_layernorm", config, x))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,9 +437,7 @@ def olmo_model(weights, config, input_ids, position_ids, key_valid, slots=None, 
     for i, kind in enumerate(config.layer_types):
         cache = None if caches is None else caches[i]
         x = decoder_layer(weights, i, config, x, *rope[kind], masks[kind], cache, slots)
-    if config.norm_after:  # OLMo 2: the final norm is an RMSNorm with a weight
-        return rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps)
-    return layer_norm(x)
+    return norm(weights, "model.norm", config, x)
 
 
 def positions_from_mask(attention_mask):
@@ -441,9 +492,10 @@ class OlmoForCausalLM:
             return
         self.cached_ids = self.cached_ids if same else []
         shape = (batch_size, self.config.num_key_value_heads, needed, self.config.head_dim)
-        old = self.caches
-        self.caches = []
+        self.slots = np.arange(needed)
         try:
+            old = self.caches
+            self.caches = []
             for i in range(self.config.num_hidden_layers):
                 k_cache = np.zeros(shape, np.float32)  # float32, like the weights
                 v_cache = np.zeros(shape, np.float32)
@@ -451,10 +503,11 @@ class OlmoForCausalLM:
                     k_cache[:, :, :length], v_cache[:, :, :length] = old[i]
                     old[i] = None  # free each layer's old cache once copied
                 self.caches.append((k_cache, v_cache))
-        except MemoryError as e:
+        except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             self.caches = None
-            raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
-        self.slots = np.arange(needed)
+            if isinstance(e, MemoryError):
+                raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+            raise
 
     def setup_cache(self, attention_mask, length):
         """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
@@ -507,6 +560,9 @@ class OlmoForCausalLM:
         self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
         return start, keep_up_to
 
+    # NaN and overflow are caught where they matter, in the logits (check_finite names the step), instead of
+    # warned about at each operation they pass through
+    @np.errstate(invalid="ignore", over="ignore")
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
                  attention_mask=None, rng=None, callback=None):
         """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding). Returns
@@ -536,6 +592,7 @@ class OlmoForCausalLM:
             if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
         for i in range(max_new_tokens):
+            check_finite(logits, i)
             token = sample(logits, temperature, top_k, top_p, rng)  # (B,)
             token = np.where(finished, pad, token)
             tokens.append(token[:, None])
@@ -565,6 +622,8 @@ class OlmoForCausalLM:
         path = resolve_checkpoint(path)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         weights = load_state_dict(path)
+        if config.moe:  # OLMoE
+            weights = split_fused_experts(weights, config)
         expected = weight_shapes(config)
         if config.tie_word_embeddings:  # tied checkpoints may or may not store lm_head.weight (a copy)
             weights.pop("lm_head.weight", None)
@@ -601,12 +660,23 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
         sorted_probs = np.take_along_axis(probs, order, axis=-1)
         # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
         drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
+        drop_sorted[:, 0] = False  # and keep it whatever top_p is (as olmo.py must, where 1e-46 rounds to 0)
         drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to vocabulary order
         logits = np.where(drop, -np.inf, logits)
     probs = softmax(logits)
     rng = rng if rng is not None else np.random.default_rng()
     return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+def check_finite(logits, step):
+    """logits (B, vocab) holding NaN or infinity (corrupt weights, or activations past float32's range) would
+    sample garbage, or make sampling fail: stop, naming the step. One max per step is all it costs: NaN and
+    +inf carry through a max, and all -inf leaves it -inf."""
+    top = logits.max(axis=-1)
+    if not np.isfinite(top).all():
+        kind = "NaN" if np.isnan(top).any() else "infinite"
+        raise ValueError(f"the model produced {kind} logits at token {step + 1}: are the weights corrupt?")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -621,7 +691,7 @@ def resolve_checkpoint(path):
     if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):  # not "org/name"
         raise ValueError(f"{path} is not a checkpoint directory")
     raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
-                     f"`huggingface-cli download {path} --local-dir DIR`)")
+                     f"`hf download {path} --local-dir DIR`)")
 
 
 def load_state_dict(path):
@@ -651,15 +721,36 @@ def weight_files(path):
     raise ValueError(f"{path} has no model.safetensors")
 
 
-def read_json_object(path):
+def read_json_object(path, limit=2**27):
+    """A JSON object from a regular file of at most `limit` bytes (128 MiB: config files are kilobytes, index
+    files a few megabytes). A FIFO would wait forever for a writer and /dev/zero never ends: refused unread
+    (O_NONBLOCK lets even a FIFO's open return at once; the checks look at what was opened)."""
+    with open_regular_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ValueError(f"{path} is {size / 1e6:,.0f} MB, far more than a JSON file of a checkpoint holds (at "
+                             f"most {limit / 1e6:,.0f} MB is read)")
+        data = f.read(limit + 1)
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        d = json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ValueError(f"cannot read {path}: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return d
+
+
+def open_regular_file(path):
+    """path opened for reading if it is a regular file (or a link to one, as in the hub's cache); a FIFO, a device
+    or a directory named like a checkpoint file is refused before anything waits on it or reads it forever."""
+    try:
+        f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device or a directory)")
+    return f
 
 
 # A .safetensors file is: 8 bytes, the little-endian length N of a JSON header; the header, mapping each
@@ -680,8 +771,9 @@ def load_safetensors(file):
     def fail(message):
         raise ValueError(f"cannot read {file}: {message}")
 
+    f = open_regular_file(file)
     try:
-        with open(file, "rb") as f:
+        with f:
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays open while arrays view it
     except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
         fail(e)
@@ -751,14 +843,20 @@ def weight_shapes(config):
             shapes[f"{attn}.{proj}.weight"] = (out_features, in_features)
             if config.attention_bias:
                 shapes[f"{attn}.{proj}.bias"] = (out_features,)
-        shapes[f"{mlp}.gate_proj.weight"] = shapes[f"{mlp}.up_proj.weight"] = (I, C)
-        shapes[f"{mlp}.down_proj.weight"] = (C, I)
-        if config.norm_after:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
+        experts = [mlp]
+        if config.moe:  # OLMoE: the router, and an MLP per expert
+            shapes[f"{mlp}.gate.weight"] = (config.num_experts, C)
+            experts = [f"{mlp}.experts.{e}" for e in range(config.num_experts)]
+        for expert in experts:
+            shapes[f"{expert}.gate_proj.weight"] = shapes[f"{expert}.up_proj.weight"] = (I, C)
+            shapes[f"{expert}.down_proj.weight"] = (C, I)
+        if config.qk_norm:  # OLMo 2: the RMSNorms have weights (OLMo 1's LayerNorms have none)
             shapes[f"{attn}.q_norm.weight"] = (H * D,)
             shapes[f"{attn}.k_norm.weight"] = (KV * D,)
-            shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
-            shapes[f"{layer}.post_feedforward_layernorm.weight"] = (C,)
-    if config.norm_after:  # OLMo 2: the final RMSNorm's weight
+            norms = ["post_attention", "post_feedforward"] if config.norm_after else ["input", "post_attention"]
+            for where in norms:
+                shapes[f"{layer}.{where}_layernorm.weight"] = (C,)
+    if config.qk_norm:  # OLMo 2: the final RMSNorm's weight
         shapes["model.norm.weight"] = (C,)
     shapes["lm_head.weight"] = (config.vocab_size, C)
     return shapes
@@ -775,6 +873,25 @@ def check_state_dict(state_dict, expected):
     for name in state_dict:
         if name not in expected:
             raise ValueError(f"checkpoint has unexpected tensor {name}")
+
+
+def split_fused_experts(state_dict, config):
+    """OLMoE: the hub (and transformers' save_pretrained, by default) stores one tensor per expert, named as
+    here; transformers 5 holds each layer's experts fused, and saves them so with save_original_format=False:
+    mlp.experts.gate_up_proj (experts, 2 * intermediate, hidden), the gate's rows first, and
+    mlp.experts.down_proj (experts, hidden, intermediate). Those are split into per-expert views (no copy),
+    whose names and shapes are then checked as any tensor's."""
+    I = config.intermediate_size
+    for name in [n for n in state_dict if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+        prefix, proj = name.rsplit(".", 1)  # model.layers.N.mlp.experts, gate_up_proj or down_proj
+        fused = state_dict.pop(name)
+        parts = {"down_proj": fused}
+        if proj == "gate_up_proj":
+            parts = {"gate_proj": fused[:, :I], "up_proj": fused[:, I:]}  # (experts, intermediate, hidden) each
+        for part, tensors in parts.items():
+            for e, tensor in enumerate(tensors):
+                state_dict[f"{prefix}.{e}.{part}.weight"] = tensor
+    return state_dict
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -812,7 +929,15 @@ def config_from_dict(cls, d, source):
             if not isinstance(scaling, (dict, type(None))):
                 raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
             d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
+        else:  # transformers 5's key, maybe with 4.x's beside it
+            d["rope_parameters"] = with_legacy_rope_keys(d["rope_parameters"], theta, scaling, d.get("model_type"))
         known = {f.name: f.type for f in fields(cls)}
+        # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; router settings this
+        # file doesn't implement (or spells otherwise, as num_local_experts) are refused, not ignored
+        d = {**FAMILY_DEFAULTS.get(d.get("model_type"), {}), **d}
+        for key in d.keys() - known.keys():
+            if any(word in key for word in ("expert", "router", "moe", "topk")):
+                raise ValueError(f"{key} is a router setting this file doesn't implement")
         for key, value in d.items():
             if key in known and not fits(value, known[key]):
                 kind = str(known[key]).replace("NoneType", "null").replace("<class '", "").replace("'>", "")
@@ -820,6 +945,47 @@ def config_from_dict(cls, d, source):
         return cls(**{k: v for k, v in d.items() if k in known})
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def with_legacy_rope_keys(rope, theta, scaling, model_type):
+    """rope_parameters with transformers 4's rope_theta or rope_scaling beside it (what a user gets who follows
+    an old guide and adds "rope_scaling" to a transformers 5 config), read as transformers 5 reads them
+    (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling takes rope_parameters' place, and rope_theta
+    is the base wherever none is given (10000 if none is). Where that would drop a setting rope_parameters
+    makes (a scaling of its own, a different base), or where transformers has no reading (OLMo 3's RoPE per
+    layer type: it keeps a half-merged dict, or fails), the file contradicts itself: refused, naming both keys."""
+    if not isinstance(rope, dict) or not isinstance(scaling, (dict, type(None))):
+        return rope  # not objects: the field checks name them
+    if scaling:
+        replaced = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
+        wanted = {"rope_type" if k == "type" else k: v for k, v in scaling.items() if k != "rope_theta"}
+        base = scaling.get("rope_theta", 10000.0 if theta is None else theta)
+        lost = replaced not in ({}, {"rope_type": "default"}, wanted) or rope.get("rope_theta", base) != base
+        if lost or model_type == "olmo3":
+            raise ValueError(f"rope_parameters {rope} and rope_scaling {scaling} disagree (transformers 5 would "
+                             "take rope_scaling in place of rope_parameters); keep one of them")
+        return {**scaling, "rope_theta": base}
+    if theta is None:
+        return rope
+    rope = {key: dict(value) if isinstance(value, dict) else value for key, value in rope.items()}
+    per_type = [rope[kind] for kind in ("full_attention", "sliding_attention") if isinstance(rope.get(kind), dict)]
+    for settings in per_type or [rope]:
+        if settings.get("rope_theta") is None:
+            settings["rope_theta"] = theta
+        if settings["rope_theta"] != theta:
+            raise ValueError(f"rope_theta {theta} and rope_parameters' rope_theta {settings['rope_theta']} "
+                             "disagree (transformers 5 would ignore rope_theta); keep one of them")
+    return rope
+
+
+MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")  # the model_types this file reads
+# OLMoE, FlexOlmo: where transformers' OlmoeConfig and FlexOlmoConfig default otherwise than OlmoConfig
+FAMILY_DEFAULTS = {
+    "olmoe": dict(hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                  max_position_embeddings=4096),
+    "flex_olmo": dict(vocab_size=100352, max_position_embeddings=4096, rms_norm_eps=1e-6, pad_token_id=100277,
+                      eos_token_id=100257, num_experts=7, num_experts_per_tok=5),
+}
 
 
 def fits(value, annotation):
@@ -841,8 +1007,8 @@ def require(config, ok, name, what):
 
 def check_fields(c):
     """The ranges of the fields every generation has, and how they fit together (OlmoConfig.__post_init__)."""
-    require(c, c.model_type in ("olmo", "olmo2", "olmo3"), "model_type", "'olmo', 'olmo2' or 'olmo3' (for "
-            "'hf_olmo' or trainer checkpoints run convert.py first)")
+    require(c, c.model_type in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)} (for 'hf_olmo' or "
+            "trainer checkpoints run convert.py first)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
@@ -862,9 +1028,14 @@ def check_fields(c):
     # OLMo 2: the epsilon of its RMSNorms
     require(c, math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0, "rms_norm_eps", ">= 0")
     require(c, c.clip_qkv is None or math.isfinite(c.clip_qkv) and c.clip_qkv > 0, "clip_qkv", "None or > 0")
-    # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead)
-    require(c, c.clip_qkv is None or c.model_type == "olmo", "clip_qkv", "None for OLMo 2 and 3")
+    # OLMo 2: no clip_qkv (QK-norm bounds the attention logits instead); OLMoE has both
+    require(c, c.clip_qkv is None or c.model_type in ("olmo", "olmoe"), "clip_qkv", "None but in OLMo 1 and OLMoE")
     require(c, c.dtype in (None, "float32", "float16", "bfloat16", "float64"), "dtype", "a float type")
+    if c.moe:  # OLMoE
+        require(c, 1 <= c.num_experts < 2 ** 31, "num_experts", "in [1, 2**31)")
+        require(c, 1 <= c.num_experts_per_tok <= c.num_experts, "num_experts_per_tok",
+                f"in [1, num_experts {c.num_experts}]")
+        require(c, math.isfinite(c.router_aux_loss_coef), "router_aux_loss_coef", "a finite number")
 
 
 def rope_per_layer_type(c, default_theta):
@@ -921,7 +1092,9 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: cli.py holds the command line both twins share; this is what it needs from NumPy.
+# CLI
+#
+# cli.py holds the command line both twins share; this is what it needs from NumPy.
 
 
 class Backend:

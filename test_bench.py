@@ -142,6 +142,38 @@ SHAPES_OLMO2_TINY = dict(model_type="olmo2", num_hidden_layers=1, hidden_size=32
                          num_attention_heads=2, vocab_size=50304, rms_norm_eps=1e-6, rope_theta=500000.0)
 
 
+def test_bench_olmoe_shape(tmp_path, monkeypatch):
+    """An OLMoE shape is written as the hub ships it (one tensor per expert), transformers reads it with nothing
+    missing or left over; a step reads top_k of num_experts experts' weights (weight_bytes and the floor's
+    products count exactly those), and bench's olmo.py and the twin give transformers' greedy tokens on it."""
+    monkeypatch.setitem(bench.SHAPES, "tiny-olmoe", SHAPES_OLMOE_TINY)
+    bench.build_checkpoint("tiny-olmoe", tmp_path)
+    assert "model.layers.0.mlp.experts.5.down_proj.weight" in load_keys(tmp_path)
+    ref, info = transformers.OlmoeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    total, per_step = bench.weight_bytes(bench.checkpoint_numels(tmp_path), False, torch.float32, 2 / 6)
+    # q, k, v, o; q_norm, k_norm; the two layer norms; the router. 6 experts' gate, up, down. The head.
+    attention, experts, head = 4 * 32 * 32 + 2 * 32 + 2 * 32 + 6 * 32, 6 * 3 * 32 * 16, 50304 * 32
+    assert total == 4 * (attention + experts + 2 * head + 32)
+    assert per_step == 4 * (attention + experts * 2 // 6 + head + 32)
+    seen, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: seen.append(w) or linear(x, w))
+    bench.floor_step_s(str(tmp_path), "cpu", torch.float32, reps=1)
+    per_pass = 4 + 1 + 2 * 3 + 1  # q, k, v, o; the router; 2 experts' gate, up, down; the head
+    assert len(seen) == 3 * 2 * per_pass
+    out = tmp_path / "bench.json"
+    proc = run_cli("--model", str(tmp_path), "--device", "cpu", "--impl", "olmo.py", "--impl", "olmo_numpy.py",
+                   "--impl", "transformers", "--reps", "1", "--new-tokens", "3", "--budgets", "none",
+                   "--prompt-len", "4", "--json", str(out), script="bench.py", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["weight_bytes_per_step"]["float32"] == per_step
+    for impl in ("olmo.py", "olmo_numpy.py"):
+        assert report["results"][impl]["same_tokens"], report["results"][impl]
+
+
+SHAPES_OLMOE_TINY = dict(model_type="olmoe", num_hidden_layers=1, hidden_size=32, intermediate_size=16,
+                         num_attention_heads=2, num_experts=6, num_experts_per_tok=2)
 # ----------------------------------------------------------------------------------------------------------------
 # bench.py's 8-bit rows (--quantize int8) and its peer (--peer llama.cpp)
 
