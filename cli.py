@@ -13,23 +13,30 @@ knows its framework:
 
     backend.name                    for --help and the "loaded" line ("PyTorch", "NumPy"); load() may add detail
     backend.add_arguments(parser)   the twin's own flags, --model first (olmo.py adds --device, --dtype, ...)
-    backend.load(args)              -> (model, checkpoint_dir); of model.config (the twin's OlmoConfig) this file
-                                    reads vocab_size, eos_token_id, max_position_embeddings and dynamic_rope
+    backend.load(args)              -> (model, checkpoint_dir), its random numbers seeded with args.seed (always
+                                    an int here: drawn, and printed, when --seed is not given); of model.config
+                                    (the twin's OlmoConfig) this file reads vocab_size, eos_token_id,
+                                    max_position_embeddings and dynamic_rope
     backend.generate(model, ids, max_new_tokens, callback, temperature, top_k, top_p, eos_token_id)
                                     ids: list[int]; callback(token_id: int) for each new token
 
-`main(backend, argv=None)` returns the exit status: 0; 2 after an `error: ...` line (bad flags, files, checkpoints:
-the user's to fix); 130 after Ctrl-C; 141 when whoever reads stdout stops reading (`| head`).
+`main(backend, argv=None)` returns the exit status: 0; 2 after an `error: ...` line (bad flags, files, checkpoints,
+a closed stdout: the user's to fix); 130 after Ctrl-C; 141 when whoever reads stdout stops reading (`| head`).
+The checkpoint's files are read only when they are regular files of sane size (read_file): a FIFO or /dev/zero
+in a checkpoint directory is an error, never a wait or a read without end.
 
 Chat mode (`--chat`) is `chat_session(backend, model, path, tokenizer, args, settings)` in the Chat section at the
 end; it reuses the pieces of a --prompt run: `load_tokenizer`, `Stream` and `sampling_settings`.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import secrets
 import signal
+import stat
 import sys
 import time
 
@@ -47,9 +54,12 @@ def make_parser(backend):
     p = Parser(description=f"Generate text with OLMo ({backend.name}). Sampling flags left out take "
                            "generation_config.json's values, as transformers does.")
     backend.add_arguments(p)
-    p.add_argument("--prompt", help="the text to continue (no default: give --prompt or --chat)")
+    p.add_argument("--prompt", help="the text to continue (no default: give --prompt, --prompt-file or --chat)")
+    p.add_argument("--prompt-file", metavar="PATH", help="the text to continue, read from a file (- for stdin; "
+                                                         "one line end at its end is dropped) (default: none)")
     p.add_argument("--chat", action="store_true",
-                   help="talk to an Instruct model: one message per line of stdin (default: off)")
+                   help="talk to an Instruct model: one message per line of stdin; a line ending in \\ goes on "
+                        "on the next line (default: off)")
     p.add_argument("--system", help="chat mode: a system message (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="at most this many new tokens (default: 100)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json's if it sets "
@@ -58,7 +68,8 @@ def make_parser(backend):
                                              "generation_config.json's if it sets do_sample, else off)")
     p.add_argument("--top-p", type=float, help="sample from the most likely tokens up to this probability mass "
                                                "(default: generation_config.json's if it sets do_sample, else off)")
-    p.add_argument("--seed", type=int, help="seed for sampling, 0 <= seed < 2**64 (default: a random seed)")
+    p.add_argument("--seed", type=int, help="seed for sampling, 0 <= seed < 2**64 (default: a random seed, "
+                                            "printed on stderr)")
     return p
 
 
@@ -66,8 +77,12 @@ def parse_args(backend, argv=None):
     p = make_parser(backend)
     args = p.parse_args(argv)
 
-    if args.chat == (args.prompt is not None):
-        p.error("give either --prompt TEXT or --chat" if args.chat else "--prompt (or --chat) is required")
+    inputs = {"--prompt TEXT": args.prompt, "--prompt-file PATH": args.prompt_file, "--chat": args.chat or None}
+    given = [flag for flag, value in inputs.items() if value is not None]
+    if not given:
+        p.error("--prompt TEXT, --prompt-file PATH or --chat is required")
+    if len(given) > 1:
+        p.error(f"give either {' or '.join(given)}")
     if args.system is not None and not args.chat:
         p.error("--system is for --chat")
     for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
@@ -103,14 +118,95 @@ def is_utf8(text):
 # key (transformers 5 writes its defaults that way). Flags win over the file.
 
 
+# Config, tokenizer and template files run to tens of megabytes at most (tokenizer.json of the largest vocabularies);
+# one of gigabytes (a sparse file, /dev/zero linked in) would only exhaust memory while it is read.
+MAX_FILE_BYTES = 2**27  # 128 MiB
+
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
+              (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_file(file, limit=MAX_FILE_BYTES):
+    """The text of file, which must be a regular file (a symbolic link to one is fine: the hub's cache is made of
+    them) of at most `limit` bytes, in UTF-8. Anything else raises ValueError naming the file: a FIFO would wait
+    forever for a writer and /dev/zero never ends. O_NONBLOCK lets even a FIFO's open() return at once, and the
+    checks look at what was opened, so nothing can be swapped in between."""
+    try:
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ValueError(f"cannot read {file}: {e.strerror}") from None
+    with open(fd, "rb") as f:  # closes fd
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            kind = next((what for test, what in FILE_KINDS if test(status.st_mode)), "not a regular file")
+            raise ValueError(f"{file} is {kind}; expected a regular file")
+        if status.st_size > limit:
+            raise ValueError(f"{file} is {status.st_size / 1e6:,.0f} MB, far more than a file of its kind holds "
+                             f"(at most {limit / 1e6:,.0f} MB is read)")
+        data = f.read(limit + 1)  # a file that grew since fstat is cut off here, and refused below
+    if len(data) > limit:
+        raise ValueError(f"{file} grew past {limit / 1e6:,.0f} MB while it was read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"cannot read {file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def fetch_checkpoint(path, revision=None):
+    """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub (olmo.py's
+    from_pretrained hands hub ids here). What goes wrong is said in words: no such repository, no such revision,
+    a login needed, no network."""
+    if os.path.isdir(path):
+        if revision is not None:
+            raise ValueError(f"{path} is a local directory: a revision ({revision}) is for hub ids only")
+        return path
+    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
+        raise ValueError(f"{path} is not a checkpoint directory")
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors
+    except ImportError:
+        raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub") from None
+    at = f" at revision {revision!r}" if revision else ""
+    try:  # one request, not retried (listing the files would retry a dead network for half a minute)
+        files = [f.rfilename for f in huggingface_hub.model_info(path, revision=revision).siblings or []]
+    except errors.GatedRepoError:
+        raise ValueError(f"{path} is gated: accept its terms on huggingface.co, then `hf auth login`") from None
+    except errors.RepositoryNotFoundError:
+        raise ValueError(f"the hub has no repository {path} (a private one needs `hf auth login`)") from None
+    except errors.RevisionNotFoundError:
+        raise ValueError(f"{path} has no revision {revision!r} on the hub") from None
+    except Exception as e:  # no network, HF_HUB_OFFLINE, the hub down: whatever the cache holds
+        try:
+            return huggingface_hub.snapshot_download(path, revision=revision, local_files_only=True)
+        except Exception:
+            why = "HF_HUB_OFFLINE is set" if isinstance(e, errors.OfflineModeIsEnabled) else first_line(e)
+            raise ValueError(f"cannot fetch {path}{at}: the hub can't be reached ({why}) and the local cache "
+                             "doesn't have it; check the network, or pass a local directory") from None
+    # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
+    weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+    patterns = ["*.json", "tokenizer*", "*.jinja", *weights]  # config, tokenizer, chat template, weights
+    try:
+        return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=patterns)
+    except Exception as e:  # the connection lost on the way, a full disk: one line, not a traceback
+        raise ValueError(f"cannot fetch {path}{at} from the hub ({first_line(e)})") from None
+
+
+def first_line(e):
+    """An exception as an error message shows it: its type and the first line of its text (the hub's run to
+    many lines)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def read_json_object(file):
     """A JSON object from file, {} if there is no such file."""
-    if not os.path.exists(file):
+    if not os.path.lexists(file):  # a dangling symbolic link is an error below, not a missing file
         return {}
+    text = read_file(file)
     try:
-        with open(file, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        d = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ValueError(f"cannot read {file}: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{file} does not hold a JSON object")
@@ -147,13 +243,19 @@ def read_generation_config(path, vocab_size):
     return gen
 
 
-def shown(value):
-    """A JSON value (or YAML: a date is shown as its text) as an error message shows it: short."""
+def shown(value, limit=60):
+    """A JSON value (or YAML: a date is shown as its text) as an error message shows it: short. Encoded only as far
+    as it is shown (iterencode's pure-Python encoder is lazy), so a value built to be huge -- a YAML alias nested
+    ten deep is 10**9 values -- costs no more than its first line."""
+    text = ""
     try:
-        text = json.dumps(value, default=str)
+        for piece in json.JSONEncoder(default=str).iterencode(value):
+            text += piece
+            if len(text) > limit:
+                return text[:limit - 3] + "..."
     except (RecursionError, ValueError):
-        text = type(value).__name__
-    return text if len(text) <= 60 else text[:57] + "..."
+        return type(value).__name__
+    return text
 
 
 def sampling_settings(args, path, config):
@@ -190,8 +292,9 @@ def load_tokenizer(path):
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 
     file = os.path.join(path, "tokenizer.json")
+    text = read_file(file)  # not Tokenizer.from_file: it would wait forever on a FIFO, with Ctrl-C ignored
     try:
-        tokenizer = Tokenizer.from_file(file)
+        tokenizer = Tokenizer.from_str(text)
     except Exception as e:  # the tokenizers library raises its own exception types
         raise ValueError(f"cannot read {file}: {e}") from None
     settings_file = os.path.join(path, "tokenizer_config.json")
@@ -261,12 +364,45 @@ class Stream:
 # One run
 
 
+def read_prompt_file(file):
+    """--prompt-file: the text of a file, or of stdin for "-", without one line end at its end (the one an editor
+    or `echo` adds), as llama-cli's -f reads it. Unlike a checkpoint's files, a pipe is fine here (`<(command)`);
+    Ctrl-C stops a wait for its writer."""
+    try:
+        if file == "-":
+            data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+        else:
+            with open(file, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read --prompt-file {file}: {e.strerror or e}") from None
+    name = "stdin" if file == "-" else file
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"--prompt-file {name} holds more than {MAX_FILE_BYTES / 1e6:,.0f} MB: far more than a "
+                         "prompt")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
 def run(backend, args):
+    if args.prompt_file is not None:
+        args.prompt = read_prompt_file(args.prompt_file)
+    # Sampling without --seed draws a seed of its own and says which, so that a good sample can be had again.
+    drawn = args.seed is None
+    if drawn:
+        args.seed = secrets.randbits(64)
     t0 = time.perf_counter()
-    model, path = backend.load(args)
+    model, path = backend.load(args)  # seeds the backend's random numbers with args.seed
     tokenizer = load_tokenizer(path)
     settings = sampling_settings(args, path, model.config)
     print(f"loaded {args.model} ({backend.name}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if drawn and settings["temperature"] > 0:
+        print(f"sampling with seed {args.seed} (--seed {args.seed} gives this sample again)", file=sys.stderr)
+    if getattr(args, "compile", False):
+        print("compiling the decode step (torch.compile): the first tokens wait for it", file=sys.stderr)
     if args.chat:
         return chat_session(backend, model, path, tokenizer, args, settings)
 
@@ -319,6 +455,10 @@ def stats(t0, times, compiled):
 def main(backend, argv=None):
     """Parse argv (default: sys.argv[1:]), run, and return the exit status: 0, 2 for an error the user can fix,
     130 after Ctrl-C, 141 when the reader of stdout went away (as for a process killed by SIGPIPE)."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to print the text
+        if sys.stderr is not None:
+            print("error: stdout is closed, so there is nowhere to print the text", file=sys.stderr)
+        return 2
     try:
         args = parse_args(backend, argv)
     except SystemExit as e:  # --help (0) or a bad flag (2, its error line already printed)
@@ -352,14 +492,6 @@ def main(backend, argv=None):
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def read_text(file):
-    try:
-        with open(file, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {file}: {e}") from None
-
-
 def find_chat_template(path):
     """(template source, the file it came from), found by transformers' rules (AutoTokenizer.from_pretrained and
     get_chat_template): chat_template.jinja, with any additional_chat_templates/NAME.jinja, takes priority over
@@ -371,12 +503,12 @@ def find_chat_template(path):
     if os.path.isdir(extra):
         files.update({name.removesuffix(".jinja"): os.path.join(extra, name)
                       for name in sorted(os.listdir(extra)) if name.endswith(".jinja")})
-    files = {name: file for name, file in files.items() if os.path.isfile(file)}
+    files = {name: file for name, file in files.items() if os.path.lexists(file)}  # read_file refuses a FIFO
     if files:
         if "default" not in files:
             raise ValueError(f"{extra} holds chat templates {', '.join(files)} but none named 'default' (and there "
                              "is no chat_template.jinja)")
-        return read_text(files["default"]), files["default"]
+        return read_file(files["default"]), files["default"]
     config_file = os.path.join(path, "tokenizer_config.json")
     template = read_json_object(config_file).get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": "..."}, {"name": "tool_use", ...}]
@@ -393,7 +525,7 @@ def find_chat_template(path):
             raise ValueError(f"{config_file}: chat_template is {shown(template)}, not a string")
         return template, config_file
     json_file = os.path.join(path, "chat_template.json")
-    if os.path.isfile(json_file):
+    if os.path.lexists(json_file):
         template = read_json_object(json_file).get("chat_template")
         if not isinstance(template, str):
             raise ValueError(f"{json_file}: chat_template is {shown(template)}, not a string")
@@ -482,9 +614,65 @@ def compile_chat_template(source, file):
         raise ValueError(f"{file}: the chat template does not compile: {e}") from None
 
 
+# What one render may build. A template is code from a download, and the sandbox stops it reaching Python's
+# internals but not making `'{:>999999999}'.format('x')` or `'x'.center(10**9)`: a gigabyte that the tokenizer then
+# aborts the process on. So a render may produce at most ten times its messages' text plus a megabyte (a template
+# adds markup around the messages, never that much); while it runs the process may take only so much more memory
+# (Linux's address-space limit, lowered for the render and restored after: the one bound that covers every way of
+# building a string); and all its range() calls together may count at most MAX_RANGE numbers (nested loops over
+# jinja2's own per-call limit of 100000 would run for hours).
+MAX_RANGE = 100_000
+
+
 def render_chat(template, messages, variables):
-    """The conversation as the prompt text, ending with the header of the assistant's reply."""
-    return template.render(messages=messages, tools=None, documents=None, add_generation_prompt=True, **variables)
+    """The conversation as the prompt text, ending with the header of the assistant's reply. Raises ValueError
+    when the template builds more than a prompt can be (see above)."""
+    limit = 10 * sum(len(str(m["content"])) for m in messages) + 10**6  # characters
+    counted = []
+
+    def bounded_range(*args):  # shadows jinja2's range for this render
+        numbers = range(*args)
+        try:
+            counted.append(len(numbers))
+        except OverflowError:  # more numbers than an index can count
+            counted.append(math.inf)
+        if sum(counted) > MAX_RANGE:
+            raise ValueError(f"its range() calls count more than {MAX_RANGE} numbers in one render")
+        return numbers
+
+    pieces, size = [], 0
+    with memory_limit(256 * 2**20 + 16 * limit):
+        for piece in template.generate(messages=messages, tools=None, documents=None, add_generation_prompt=True,
+                                       range=bounded_range, **variables):
+            size += len(piece)
+            if size > limit:
+                raise ValueError(f"it renders more than {limit:,} characters for {len(messages)} messages: "
+                                 "far more than a prompt")
+            pieces.append(piece)
+    return "".join(pieces)
+
+
+@contextlib.contextmanager
+def memory_limit(extra):
+    """`with memory_limit(n):` the process may map at most n more bytes than it has now, else MemoryError (Linux's
+    RLIMIT_AS; where there is no /proc/self/statm or no resource module, no limit)."""
+    try:
+        import resource
+        with open("/proc/self/statm") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        yield
+        return
+    limit = mapped + extra
+    for bound in (soft, hard):
+        if bound != resource.RLIM_INFINITY:
+            limit = min(limit, bound)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def chat_messages(system, turns, message):
@@ -502,6 +690,9 @@ def chat_prompt(template, file, variables, tokenizer, messages):
     one)."""
     try:
         text = render_chat(template, messages, variables)
+    except MemoryError:
+        raise ValueError(f"{file}: the chat template builds a string of hundreds of megabytes: no prompt is "
+                         "that long") from None
     except Exception as e:  # the template's own refusal (raise_exception), a sandbox violation, or a bug in it
         raise ValueError(f"{file}: the chat template failed: {' '.join(str(e).split())}") from None
     ids = tokenizer.encode(text, add_special_tokens=False).ids
@@ -510,37 +701,71 @@ def chat_prompt(template, file, variables, tokenizer, messages):
     return ids
 
 
-def read_message(interactive):
-    """The next line of stdin without its line end, or None at the end of input. On a terminal, prompt with "> "
-    on stderr. A line that isn't UTF-8 is skipped with a notice."""
+def read_line(prompt, terminal, editing):
+    """One line of stdin without its line end, or None at the end of input (Ctrl-D). editing: input() edits the
+    line through readline (Left/Right, Up/Down through this session's lines; a paste of several lines is one
+    line), which it does only when stdin and stdout are both the terminal, and it writes the prompt there.
+    Otherwise the prompt goes to stderr on a terminal, and to nowhere from a pipe. A line that isn't UTF-8 is
+    skipped with a notice."""
     while True:
-        if interactive:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.buffer.readline()
-        if not line:
-            if interactive:
-                print(file=sys.stderr)  # Ctrl-D: end the prompt's line
+        if editing:
+            try:
+                line = input(prompt)
+            except EOFError:
+                line = None
+            except UnicodeDecodeError:
+                line = "\udcff"  # not UTF-8: refused below like a line read as bytes
+        else:
+            if terminal:
+                print(prompt, end="", file=sys.stderr, flush=True)
+            raw = sys.stdin.buffer.readline()
+            line = raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "surrogateescape") if raw else None
+        if line is None:
+            if terminal:
+                print(file=sys.stderr)  # end the prompt's line
             return None
-        try:
-            return line.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
-        except UnicodeDecodeError:
-            print("that line is not UTF-8 text; skipped", file=sys.stderr)
+        if is_utf8(line):
+            return line
+        print("that line is not UTF-8 text; skipped", file=sys.stderr)
 
 
-def stream_reply(backend, model, ids, tokenizer, max_new_tokens, settings):
-    """Generate one reply to the prompt ids, streaming it to stdout; returns its text as printed.
+def read_message(terminal, editing):
+    """The next message: a line of stdin, and the lines after it while a line ends in a backslash (llama-cli's
+    convention: the backslash becomes a line break); None at the end of input."""
+    lines = []
+    while True:
+        line = read_line("... " if lines else "> ", terminal, editing)
+        if line is None:
+            return "\n".join(lines) if lines else None
+        if not line.endswith("\\"):
+            return "\n".join(lines + [line])
+        lines.append(line[:-1])
 
-    Ctrl-C only sets a flag, and the next token's callback raises KeyboardInterrupt out of generate, so the reply
-    stops between two steps (an interrupt at any point inside the model could leave the cache half written). An
-    interrupted reply ends with the last whole text printed: the tokens of a character cut off are dropped."""
-    stream, interrupted = Stream(tokenizer), []
+
+def stream_reply(backend, model, ids, tokenizer, max_new_tokens, settings, compiled=False):
+    """Generate one reply to the prompt ids, streaming it to stdout; returns its text as printed. Then on stderr:
+    its tokens and speed, and a note when --max-new-tokens cut it off.
+
+    Ctrl-C while the prompt is being read (prefill: minutes for a long paste to a big model) stops it at once:
+    generate leaves its cache consistent wherever it is stopped (it counts tokens as cached only once their keys
+    and values are written). Once tokens flow, Ctrl-C only sets a flag that the next token's callback turns into
+    KeyboardInterrupt, so that what was printed and what is kept as the reply stay the same. An interrupted reply
+    ends with the last whole text printed: the tokens of a character cut off are dropped."""
+    stream, interrupted, times = Stream(tokenizer), [], []
 
     def on_token(token_id):
         if interrupted:
             raise KeyboardInterrupt
+        times.append(time.perf_counter())
         stream(token_id)
 
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(True))
+    def on_ctrl_c(signum, frame):
+        if not stream.ids:  # still reading the prompt, nothing printed: stop now
+            raise KeyboardInterrupt
+        interrupted.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    t0 = time.perf_counter()
     try:
         backend.generate(model, ids, max_new_tokens, on_token, **settings)
         stream.finish()
@@ -551,6 +776,11 @@ def stream_reply(backend, model, ids, tokenizer, max_new_tokens, settings):
         raise ValueError(f"out of memory after {len(stream.ids)} tokens of this reply") from None
     finally:
         signal.signal(signal.SIGINT, previous)
+    print(stats(t0, times, compiled), file=sys.stderr)
+    eos = settings.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not interrupted and len(stream.ids) == max_new_tokens > 0 and stream.ids[-1] not in eos:
+        print(f"(the reply was cut off at --max-new-tokens {max_new_tokens})", file=sys.stderr)
     return stream.decode(stream.ids[:stream.read])  # what was printed (byte-level BPE decodes alike in pieces)
 
 
@@ -567,20 +797,27 @@ def chat_session(backend, model, path, tokenizer, args, settings):
     def prompt(turns, message):
         return chat_prompt(template, file, variables, tokenizer, chat_messages(args.system, turns, message))
 
-    interactive = sys.stdin.isatty()
+    terminal = sys.stdin.isatty()
+    editing = terminal and sys.stdout.isatty()  # see read_line
+    if editing:
+        try:
+            import readline  # noqa: F401 -- once imported, input() edits lines through it
+        except ImportError:  # Python built without it (Windows)
+            editing = False
+    compiled = getattr(args, "compile", False)  # only the first reply's first decode step compiles
     turns = []  # [(user message, reply as printed)], oldest first
     while True:
         try:
-            message = read_message(interactive)
+            message = read_message(terminal, editing)
         except KeyboardInterrupt:  # Ctrl-C at the prompt ends the session
-            if interactive:
+            if terminal:
                 print(file=sys.stderr)  # end the prompt's line
             return 130
         if message is None:
             return 0
         if message.strip() == "/reset":  # a new conversation; --system stays
             turns = []
-            if interactive:
+            if terminal:
                 print("(new conversation)", file=sys.stderr)
             continue
         if not message.strip():
@@ -600,4 +837,6 @@ def chat_session(backend, model, path, tokenizer, args, settings):
             print(f"dropped the oldest {dropped} turn{'s' * (dropped > 1)} of the conversation to fit the "
                   f"{context} positions the model was trained on", file=sys.stderr)
             turns = turns[dropped:]
-        turns.append((message, stream_reply(backend, model, ids, tokenizer, args.max_new_tokens, settings)))
+        reply = stream_reply(backend, model, ids, tokenizer, args.max_new_tokens, settings, compiled)
+        turns.append((message, reply))
+        compiled = False

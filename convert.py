@@ -1,4 +1,5 @@
-"""Convert an OLMo or OLMo 2 trainer checkpoint into a transformers checkpoint (config.json + safetensors).
+"""Convert an OLMo or OLMo 2 trainer checkpoint into a transformers checkpoint (config.json + safetensors), or
+rewrite a transformers-layout OLMo, OLMo 2 or OLMo 3 checkpoint (as safetensors, in another dtype or shard size).
 
     python convert.py SRC DST [--dtype float32|float16|bfloat16] [--shard-size 5GB]
 
@@ -16,18 +17,24 @@ SRC is a directory in one of three layouts, recognized by its files:
    transformers 5's fused experts, which olmo.py also loads, are not rewritten).
 
 DST gets `config.json`, `model.safetensors` (or shards and `model.safetensors.index.json`) and whatever
-tokenizer files and `generation_config.json` SRC has. Settings neither transformers' OLMo nor OLMo 2 can
-express (MLP biases, ALiBi, LayerNorm weights, ...) are refused, never converted into a different model. The
-model's tensors and config checks come from olmo.py (this repo's copy of transformers' OLMo models). (OLMo 3
-was trained with olmo-core, whose distributed checkpoints its own converter turns into layout 3.) Tensors are
-streamed one at a time, so a 7B model converts in far less memory than two copies of it, and DST appears only
-when complete: everything is written into a directory beside it, renamed at the end, and removed on failure
-or when the process is asked to stop (SIGINT, SIGTERM, SIGHUP).
+tokenizer files, chat template and `generation_config.json` SRC has, each checked to be what its name says (a
+JSON object, UTF-8 text). Every file read must be a regular file inside SRC (or, for a snapshot of the hub's
+cache, in its blobs): a link out of SRC, a FIFO, a device, an index naming `../` or absolute paths are
+refused. Settings neither transformers' OLMo nor OLMo 2 can express (MLP biases, ALiBi, LayerNorm weights,
+...) are refused, never converted into a different model. The model's tensors and config checks come from
+olmo.py (this repo's copy of transformers' OLMo models). (OLMo 3 was trained with olmo-core, whose distributed
+checkpoints its own converter turns into layout 3.) Tensors are streamed one at a time, so a 7B model converts
+in far less memory than two copies of it, and DST appears only when complete: everything is written into a
+directory beside it, renamed at the end, and removed on failure or when the process is asked to stop (SIGINT,
+SIGTERM, SIGHUP); one left by a conversion that was killed (SIGKILL, a power cut) is removed by the next
+conversion to the same DST. Tensors holding NaN or infinity are refused by name: a checkpoint with them is
+corrupt, and would only generate garbage.
 """
 
 import argparse
 import base64
 import dataclasses
+import glob
 import io
 import json
 import math
@@ -36,6 +43,7 @@ import pickle
 import re
 import shutil
 import signal
+import stat
 import struct
 import sys
 from pathlib import Path
@@ -45,7 +53,7 @@ import torch
 from safetensors import safe_open
 
 import olmo
-from cli import shown  # the shared command line's way to show a value in an error (cli.py imports no torch)
+from cli import Parser, read_file, shown  # the shared command line's pieces (cli.py imports no torch)
 
 # safetensors' names for the dtypes we read and write.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -53,8 +61,10 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 TRAINER_WEIGHT_FILES = ["model.safetensors", "model.pt"]
 HF_WEIGHT_FILES = ["model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
                    "pytorch_model.bin"]
-EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-               "generation_config.json")
+# The other files of a checkpoint, copied when SRC has them: JSON objects, and text.
+EXTRA_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+              "generation_config.json")
+EXTRA_TEXT = ("merges.txt", "chat_template.jinja")
 
 
 class ConversionError(ValueError):
@@ -87,24 +97,108 @@ def convert(src, dst, dtype=None, shard_size="5GB"):
         raise ConversionError(f"{dst}: can't be created, since {not_dirs[0]} is a file, not a directory")
 
     layout, config, tensors = read_checkpoint(src)
+    extras = read_extra_files(src)
     # float64 is no model's dtype (and the NumPy twin refuses it): such sources become float32.
     out_dtype = out_dtype or (torch.float32 if tensors[0].dtype == torch.float64 else tensors[0].dtype)
     log(f"converting {src} ({layout} layout, {len(tensors)} tensors) to {str(out_dtype).removeprefix('torch.')}")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(dst)
     staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     staging.mkdir()
     try:
         write_weights(staging, tensors, out_dtype, max_shard_bytes)
         write_config(staging, config, out_dtype)
-        for name in EXTRA_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, staging / name)
+        for name, data in extras.items():
+            (staging / name).write_bytes(data)
         os.replace(staging, dst)  # atomic; on POSIX it also replaces an empty directory
     except BaseException:  # Stopped and KeyboardInterrupt too: never leave a half-written result behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log(f"wrote {dst}")
+
+
+def remove_stale_staging(dst):
+    """Remove the staging directories (.DST.partial-PID) that conversions to dst left when they were killed too
+    hard to clean up (SIGKILL); name those of a conversion still running, and leave them."""
+    for old in dst.parent.glob(f".{glob.escape(dst.name)}.partial-*"):
+        pid = old.name.rpartition("-")[2]
+        if not pid.isdigit() or old.is_symlink() or not old.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(old)
+            log(f"removed {old}, left by a conversion (process {pid}) that was killed before it finished")
+            continue
+        except (PermissionError, OverflowError):  # someone else's process (or no possible pid): not ours to judge
+            pass
+        log(f"note: {old} is the staging directory of a conversion (process {pid}) that is still running")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading SRC's files: only regular files inside SRC.
+
+
+def checked_path(src, path):
+    """path, if it is a regular file inside src (a symbolic link may point to one there); else ConversionError.
+    A checkpoint is often a download: a link to ~/.ssh/id_rsa or an index naming ../../secret must not make this
+    program copy that file into DST. The hub's own cache links snapshots/COMMIT/NAME to ../../blobs/HASH, so for
+    a snapshot directory the repository's blobs count as inside."""
+    root = src.resolve()
+    real = path.resolve()
+    inside = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(real.is_relative_to(place) for place in inside):
+        raise ConversionError(f"{path} links to {real}, outside {src}; copy the file into {src} if it belongs to "
+                              "the checkpoint")
+    try:
+        mode = real.stat().st_mode
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ConversionError(f"{path} is not a regular file (a FIFO, a device or a directory), so it can't be "
+                              "part of a checkpoint")
+    return path
+
+
+def read_text(src, path):
+    """The text of a small file of src (config, tokenizer, template), read with the same checks as the CLIs'."""
+    checked_path(src, path)
+    try:
+        return read_file(str(path))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+
+
+def read_extra_files(src):
+    """{name: bytes} of the tokenizer files, chat template and generation_config.json that src has, each checked:
+    a JSON file must hold a JSON object, a text file UTF-8. Read before anything is written, copied as read."""
+    extras = {}
+    for name in EXTRA_JSON + EXTRA_TEXT:
+        if os.path.lexists(src / name):
+            text = read_text(src, src / name)
+            if name in EXTRA_JSON:
+                check_json_object(text, src / name)
+            extras[name] = text.encode("utf-8")  # strict UTF-8 decodes and encodes back to the same bytes
+    return extras
+
+
+def read_json(path, src):
+    """A JSON object of src, read by olmo.py; a file we can't read is the input's fault (a ConversionError)."""
+    checked_path(src, path)
+    try:
+        return olmo.read_json_object(path)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+
+
+def check_json_object(text, path):
+    try:
+        d = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,16 +214,16 @@ def read_checkpoint(src: Path):
     if (src / "model_and_optim").is_dir():  # olmo-core (OLMo 3's trainer) writes distributed checkpoints
         raise ConversionError(f"{src} is an olmo-core checkpoint; convert it with olmo-core's own "
                               "src/examples/huggingface/convert_checkpoint_to_hf.py")
-    if (src / "config.json").is_file():
-        raw = read_json(src / "config.json")
+    if os.path.lexists(src / "config.json"):  # not is_file(): a FIFO or a broken link is an error, not absent
+        raw = read_json(src / "config.json", src)
         if "d_model" in raw:  # hf_olmo wrote the trainer's fields (its model_type was "olmo" in early versions)
             return "hf_olmo", *read_trainer_layout(src / "config.json", raw, HF_WEIGHT_FILES, "model.transformer.")
         if raw.get("model_type") in olmo.MODEL_TYPES:
             return "transformers", *read_transformers_layout(src, raw)
         raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not one of "
                               f"{', '.join(olmo.MODEL_TYPES)}")
-    if (src / "config.yaml").is_file():
-        model = read_yaml_model(src / "config.yaml")
+    if os.path.lexists(src / "config.yaml"):
+        model = read_yaml_model(src / "config.yaml", src)
         # config.yaml holds only the trainer's settings, so one it doesn't know may be a newer feature.
         # (hf_olmo's config.json also holds transformers' own fields: architectures, torch_dtype, ...)
         unknown = set(model) - set(TRAINER_DEFAULTS) - TRAINER_IGNORED
@@ -140,26 +234,45 @@ def read_checkpoint(src: Path):
     raise ConversionError(f"{src}: neither config.json nor config.yaml found; not an OLMo checkpoint")
 
 
-def read_json(path):
-    """A JSON object, read by olmo.py; a file we can't read is the input's fault (a ConversionError)."""
-    try:
-        return olmo.read_json_object(path)
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
-
-
-def read_yaml_model(path):
+def read_yaml_model(path, src):
+    """config.yaml's `model:` section. Anchors and aliases (&a / *a) are refused: ten nested aliases expand a
+    small file into billions of values, and OmegaConf, which writes the trainer's configs, never writes them.
+    A key written twice is refused too (YAML would silently keep the last), and a syntax error is one line."""
     import yaml  # only trainer checkpoints need it
 
     class Loader(yaml.SafeLoader):  # numbers as the trainer reads them (OmegaConf): 1e-5 is a float (YAML 1.2)
-        pass
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"the alias *{event.anchor} is not supported (write "
+                                                  "the value out)", event.start_mark)
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    twice = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: PyYAML refuses it below
+                    continue
+                if twice:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {shown(key)} appears twice",
+                                                            key_node.start_mark)
+            return super().construct_mapping(node, deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
                                  list("-+0123456789"))
+    text = read_text(src, path)
     try:
-        model = (yaml.load(path.read_text(), Loader) or {}).get("model")
-    except (yaml.YAMLError, OSError, AttributeError, RecursionError) as e:
-        raise ConversionError(f"cannot read {path}: {e}") from None
+        model = (yaml.load(text, Loader) or {}).get("model")
+    except yaml.MarkedYAMLError as e:  # one line: where, and what (PyYAML's own message adds the line and a caret)
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConversionError(f"{path}: {where}{e.problem or e.context}") from None
+    except (yaml.YAMLError, AttributeError, RecursionError) as e:
+        raise ConversionError(f"cannot read {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
     if not isinstance(model, dict):
         raise ConversionError(f"{path}: no `model:` section")
     return model
@@ -337,13 +450,17 @@ def weight_files(src, candidates):
     """The weight files of `src`: the first candidate present; an index names its shards."""
     for name in candidates:
         path = src / name
-        if path.is_file():
-            if name.endswith(".index.json"):
-                weight_map = read_json(path).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise ConversionError(f"{path}: no weight_map")
-                return [src / shard for shard in sorted(set(weight_map.values()))]
-            return [path]
+        if os.path.lexists(path):
+            if not name.endswith(".index.json"):
+                return [checked_path(src, path)]
+            weight_map = read_json(path, src).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{path}: no weight_map of tensor names to file names")
+            shards = sorted(set(weight_map.values()))
+            if not all(shard and os.path.basename(shard) == shard and shard not in (".", "..") for shard in shards):
+                raise ConversionError(f"{path}: weight_map names files outside {src} (the values must be file "
+                                      "names in the same directory)")
+            return [checked_path(src, src / shard) for shard in shards]
     raise ConversionError(f"{src}: no weights found (looked for {', '.join(candidates)})")
 
 
@@ -517,7 +634,15 @@ def write_safetensors(path, tensors, dtype, done, total):
         f.write(struct.pack("<Q", len(raw)) + raw)
         for i, t in enumerate(tensors, start=done + 1):
             log(f"[{i}/{total}] {t.name} {list(t.shape)} -> {path.name}")
-            data = t.read().to(dtype).contiguous()
+            source = t.read()
+            # NaN or infinity in a weight is a corrupt checkpoint (its model generates garbage): refuse it here,
+            # where every tensor is read anyway; a finite value the new dtype can't hold is refused alike.
+            if not torch.isfinite(source).all():
+                raise ConversionError(f"tensor {t.name} holds NaN or infinite values: the checkpoint is corrupt")
+            data = source.to(dtype).contiguous()
+            if not torch.isfinite(data).all():
+                raise ConversionError(f"tensor {t.name} has values beyond {str(dtype).removeprefix('torch.')}'s "
+                                      "range; convert to float32 or bfloat16 instead")
             assert tuple(data.shape) == t.shape, (t.name, data.shape, t.shape)
             f.write(data.reshape(-1).view(torch.uint8).numpy().data)
 
@@ -569,7 +694,7 @@ def stop(signum, frame):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])  # a bad flag: one `error:` line, exit status 2
     parser.add_argument("src", help="checkpoint directory (OLMo trainer, hf_olmo or transformers layout)")
     parser.add_argument("dst", help="new or empty output directory")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: keep the source's)")
@@ -587,6 +712,9 @@ def main(argv=None):
         log(f"error: {e}")
         sys.exit(1)
     except Stopped as e:  # the shell's convention for "ended by signal N": 128 + N (SIGINT 130, SIGTERM 143)
+        # The stop signals stay ignored from here on: the process is on its way out, and a third quick Ctrl-C
+        # must not land, as a KeyboardInterrupt, in the interpreter's own shutdown ("Exception ignored in ...").
+        previous = {}
         log(f"error: stopped by {signal.Signals(e.signum).name}; nothing was written")
         sys.exit(128 + e.signum)
     finally:

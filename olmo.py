@@ -33,6 +33,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import sys
 import types
 import typing
@@ -553,7 +554,8 @@ class OlmoForCausalLM(nn.Module):
     def grow_cache(self, batch_size, needed):
         """Make every layer's cache hold `needed` slots (a power of two, see setup_cache), keeping what it
         holds."""
-        weight = self.lm_head.weight  # the cache takes the model's dtype and device
+        weight = self.model.embed_tokens.weight  # the cache takes the model's dtype and device (not the head's:
+        # it may be int8)
         cache = self.model.layers[0].self_attn.kv_cache
         k = None if cache is None else cache.k_cache  # (B, KV, length, D)
         same = k is not None and (k.shape[0], k.dtype, k.device) == (batch_size, weight.dtype, weight.device)
@@ -561,6 +563,7 @@ class OlmoForCausalLM(nn.Module):
         if needed <= length:
             return
         self.cached_ids = self.cached_ids if same else []
+        self.slots = torch.arange(needed, device=weight.device)
         try:
             for layer in self.model.layers:
                 old = layer.self_attn.kv_cache
@@ -569,11 +572,12 @@ class OlmoForCausalLM(nn.Module):
                 if length:
                     new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
                 layer.self_attn.kv_cache = new
-        except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as a RuntimeError
+        except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             for layer in self.model.layers:
                 layer.self_attn.kv_cache = None
-            raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
-        self.slots = torch.arange(needed, device=weight.device)
+            if isinstance(e, (RuntimeError, MemoryError)):  # torch reports a failed allocation as a RuntimeError
+                raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+            raise
 
     def setup_cache(self, attention_mask, length):
         """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
@@ -652,6 +656,7 @@ class OlmoForCausalLM(nn.Module):
             if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
         for i in range(max_new_tokens):
+            check_finite(logits, i)
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad)
             tokens.append(token[:, None])
@@ -674,12 +679,13 @@ class OlmoForCausalLM(nn.Module):
     # Loading (the readers are in the Loading section below the class)
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, revision=None):
+    def from_pretrained(cls, path, device=None, dtype=None, revision=None, quantize=None):
         """Load a checkpoint directory as the hub ships it (config.json + safetensors or pytorch_model.bin,
-        single or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded with huggingface_hub, at
-        `revision`: a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints
+        single or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded by cli.py with huggingface_hub,
+        at `revision`: a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints
         "step1000-tokens4B"). dtype None keeps the checkpoint's own (config.json's dtype or torch_dtype), as
-        transformers 5 does."""
+        transformers 5 does. quantize "int8": every linear layer's weight, the head's included, as 8-bit integers
+        (see Int8Linear)."""
         path = resolve_checkpoint(path, revision)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         dtype = dtype or getattr(torch, config.dtype or "float32")
@@ -693,15 +699,17 @@ class OlmoForCausalLM(nn.Module):
             state_dict.pop("lm_head.weight", None)
             del expected["lm_head.weight"]
         check_state_dict(state_dict, expected)
+        if quantize == "int8":  # the linear layers' weights leave state_dict, as int8 in the model
+            quantize_int8(model, state_dict, device)
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        cpu = torch.device(device or "cpu").type == "cpu"
+        by_columns = torch.device(device or "cpu").type == "cpu" and dtype == torch.float32 and not quantize
         for name, tensor in state_dict.items():
-            if cpu and name == head:
-                state_dict[name] = column_major(path, name, tensor, dtype)
+            if by_columns and name == head:
+                state_dict[name] = column_major(tensor, dtype)
             else:
                 state_dict[name] = tensor.to(device=device, dtype=dtype)  # a no-op if they already match
         model.load_state_dict(state_dict, strict=False, assign=True)  # checked above, with clearer errors
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and not quantize:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.model.rotary_emb.to(device or "cpu")  # its buffers aren't in the checkpoint: built on the CPU
         return model.eval()
@@ -728,9 +736,20 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
         # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop_sorted[:, 0] = False  # and keep it when top_p is below float32's range (1e-46 rounds to 0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, -math.inf)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def check_finite(logits, step):
+    """logits (B, vocab) holding NaN or infinity (corrupt weights, or activations past the dtype's range) would
+    sample garbage, or make sampling fail: stop, naming the step. One max per step is all it costs: NaN and
+    +inf carry through a max, and all -inf leaves it -inf."""
+    top = logits.max(dim=-1).values
+    if not torch.isfinite(top).all():
+        kind = "NaN" if top.isnan().any() else "infinite"
+        raise ValueError(f"the model produced {kind} logits at token {step + 1}: are the weights corrupt?")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -738,27 +757,13 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 
 def resolve_checkpoint(path, revision=None):
-    """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub."""
-    if os.path.isdir(path):
+    """A local directory is used as is. Anything else (a hub id such as "allenai/OLMo-1B-hf", at `revision`)
+    is the command line's business: cli.py, beside this file, fetches it from the Hugging Face hub for both
+    twins, and says in words what went wrong (no such repository or revision, a login needed, no network)."""
+    if os.path.isdir(path) and revision is None:
         return path
-    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
-        raise ValueError(f"{path} is not a checkpoint directory")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub") from None
-    try:  # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
-        files = huggingface_hub.list_repo_files(path, revision=revision)
-        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
-    except Exception:  # offline (HF_HUB_OFFLINE): whatever the cache holds; other errors come back below
-        weights = ["*.safetensors", "*.bin"]
-    patterns = ["*.json", "tokenizer*", "*.jinja", *weights]  # config, tokenizer, chat template, weights
-    try:
-        return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=patterns)
-    except Exception as e:  # offline, unknown repo or revision, no network: one line, not a traceback
-        at_revision = f" at revision {revision!r}" if revision else ""
-        raise ValueError(f"cannot fetch {path}{at_revision} from the hub ({type(e).__name__}); check the name "
-                         "and revision, or pass a local directory") from None
+    import cli
+    return cli.fetch_checkpoint(path, revision)
 
 
 def load_state_dict(path):
@@ -786,22 +791,50 @@ def weight_files(path):
     raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")
 
 
-def read_json_object(path):
+def read_json_object(path, limit=2**27):
+    """A JSON object from a regular file of at most `limit` bytes (128 MiB: config files are kilobytes, index
+    files a few megabytes). A FIFO would wait forever for a writer and /dev/zero never ends: refused unread
+    (O_NONBLOCK lets even a FIFO's open return at once; the checks look at what was opened)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        status = os.fstat(f.fileno())
+        check_regular_file(path, status)
+        if status.st_size > limit:
+            raise ValueError(f"{path} is {status.st_size / 1e6:,.0f} MB, far more than a JSON file of a "
+                             f"checkpoint holds (at most {limit / 1e6:,.0f} MB is read)")
+        data = f.read(limit + 1)
+    try:
+        d = json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ValueError(f"cannot read {path}: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return d
 
 
+def check_regular_file(path, status):
+    """Weights and configs are regular files (or links to them, as in the hub's cache): a FIFO, a device or a
+    directory named like one is refused before anything waits on it or reads it forever."""
+    if not stat.S_ISREG(status.st_mode):
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device or a directory)")
+
+
 def load_file(file):
     try:
+        check_regular_file(file, os.stat(file))
+    except OSError as e:
+        raise ValueError(f"cannot read {file}: {e.strerror}") from None
+    try:
         if file.endswith(".safetensors"):
-            from safetensors.torch import load_file as load_safetensors
-            return load_safetensors(file)  # memory-mapped by safetensors
+            from safetensors import safe_open
+            with safe_open(file, "pt") as f:
+                names = list(f.keys())
+            # each tensor memory-mapped on its own, the mapping closed when the tensor is freed: a tensor replaced
+            # by its copy in another dtype or layout, or by int8, leaves memory (one mapping would keep them all)
+            return {name: safe_open(file, "pt").get_tensor(name) for name in names}
         # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run arbitrary code
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError:
@@ -845,19 +878,77 @@ def split_fused_experts(state_dict, config):
     return state_dict
 
 
-def column_major(path, name, tensor, dtype):
+def column_major(tensor, dtype):
     """The CPU BLAS multiplies one token by the (vocab, hidden) head faster when the matrix is stored
-    column by column (15-30% on an Intel Xeon, 1.5x and more on an AMD EPYC; same shape, same values). The
-    copy reads the head through a mapping of its own that closes right after, so the original's pages
-    leave memory: one copy."""
-    from safetensors import safe_open
-    for file in weight_files(path):
-        if file.endswith(".safetensors"):
-            with safe_open(os.path.join(path, file), "pt") as f:
-                if name in f.keys():
-                    tensor = f.get_tensor(name)
-                    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
+    column by column (15-30% on an Intel Xeon, 1.2-1.5x on an AMD EPYC; same shape, same values). float32 only:
+    torch's bfloat16 product goes the other way, half as fast by columns (7-8 GB/s against 17 on one core of an
+    AMD EPYC). The original's pages leave memory with it (load_file maps each tensor on its own): one copy."""
     return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8-bit weights (--quantize int8): weight-only, symmetric, one scale per output row
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is kept as int8 with a scale per output row, weight ~ int8 * scale: a quarter
+    of float32's bytes to read per token. The activations stay in the model's dtype."""
+
+    def __init__(self, weight, scale, bias):
+        super().__init__()
+        self.register_buffer("weight", weight)  # (out, in) int8
+        # (out,) in bfloat16, as the CPU kernel takes it (int8_matmul): casting it in the step instead breaks
+        # torch.compile (torch 2.13's lowering of _weight_int8pack_mm wants its inputs stored, not computed)
+        self.register_buffer("scale", scale.bfloat16())
+        self.bias = bias  # nn.Linear's parameter (loaded with the other tensors) or None
+
+    def forward(self, x):
+        y = int8_matmul(x, self.weight, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+def int8_matmul(x, weight, scale):
+    """x (..., in) @ (weight * scale).T -> (..., out) in x's dtype: the one place that picks the kernel.
+    On the CPU, torch's _weight_int8pack_mm streams the int8 weight, but only with bfloat16 activations (17-18 GB/s
+    of int8 on one core of an AMD EPYC, about what bfloat16 weights reach); with float32 ones it takes a path 10x
+    slower (1.6 GB/s), and dequantizing the weight for each product is slower still (0.5-1 GB/s). So a float32
+    model's activations enter the product as bfloat16 (8 significant bits, as many as the weight has), and the
+    result returns as float32. Elsewhere: dequantize in the product (on CUDA torch.compile fuses it, as gpt-fast)."""
+    if x.device.type == "cpu":
+        rows = x.reshape(-1, x.shape[-1]).bfloat16()  # (N, in)
+        y = torch.ops.aten._weight_int8pack_mm(rows, weight, scale)  # (N, out) bfloat16
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+
+
+def quantize_rows(w):
+    """w (out, in) float -> int8 q (out, in), float32 scale (out,): scale = max |row| / 127, q = round(w / scale),
+    so |w - q * scale| <= scale / 2. Blocks of rows, 2^18 numbers or one row, keep the temporaries at 1 MB."""
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0])
+    block = max(1, 2 ** 18 // w.shape[1])
+    for i in range(0, len(w), block):
+        rows = w[i:i + block].float()
+        amax = rows.abs().amax(dim=1)
+        scale[i:i + block] = torch.where(amax > 0, amax / 127, 1.0)  # a row of zeros: any scale (1 avoids 0/0)
+        q[i:i + block] = (rows / scale[i:i + block, None]).round()
+    return q, scale
+
+
+def quantize_int8(model, state_dict, device):
+    """Every nn.Linear of the (meta) model, the head included, becomes an Int8Linear quantized from the
+    checkpoint one weight at a time, each float weight freed (unmapped, see load_file) once quantized: memory
+    holds the int8 weights and one float tensor. The embedding stays in dtype (a token reads one row of it); a
+    tied head is quantized from it, so only the head's copy is int8."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        tied_head = name == "lm_head" and model.config.tie_word_embeddings
+        key = "model.embed_tokens.weight" if tied_head else f"{name}.weight"
+        weight = state_dict[key] if tied_head else state_dict.pop(key)  # the embedding stays, for its lookup
+        q, scale = quantize_rows(weight)
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, Int8Linear(q.to(device), scale.to(device), module.bias))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -882,6 +973,8 @@ def config_from_dict(cls, d, source):
             if not isinstance(scaling, (dict, type(None))):
                 raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
             d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
+        else:  # transformers 5's key, maybe with 4.x's beside it
+            d["rope_parameters"] = with_legacy_rope_keys(d["rope_parameters"], theta, scaling, d.get("model_type"))
         known = {f.name: f.type for f in fields(cls)}
         # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; router settings this
         # file doesn't implement (or spells otherwise, as num_local_experts) are refused, not ignored
@@ -896,6 +989,37 @@ def config_from_dict(cls, d, source):
         return cls(**{k: v for k, v in d.items() if k in known})
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def with_legacy_rope_keys(rope, theta, scaling, model_type):
+    """rope_parameters with transformers 4's rope_theta or rope_scaling beside it (what a user gets who follows
+    an old guide and adds "rope_scaling" to a transformers 5 config), read as transformers 5 reads them
+    (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling takes rope_parameters' place, and rope_theta
+    is the base wherever none is given (10000 if none is). Where that would drop a setting rope_parameters
+    makes (a scaling of its own, a different base), or where transformers has no reading (OLMo 3's RoPE per
+    layer type: it keeps a half-merged dict, or fails), the file contradicts itself: refused, naming both keys."""
+    if not isinstance(rope, dict) or not isinstance(scaling, (dict, type(None))):
+        return rope  # not objects: the field checks name them
+    if scaling:
+        replaced = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
+        wanted = {"rope_type" if k == "type" else k: v for k, v in scaling.items() if k != "rope_theta"}
+        base = scaling.get("rope_theta", 10000.0 if theta is None else theta)
+        lost = replaced not in ({}, {"rope_type": "default"}, wanted) or rope.get("rope_theta", base) != base
+        if lost or model_type == "olmo3":
+            raise ValueError(f"rope_parameters {rope} and rope_scaling {scaling} disagree (transformers 5 would "
+                             "take rope_scaling in place of rope_parameters); keep one of them")
+        return {**scaling, "rope_theta": base}
+    if theta is None:
+        return rope
+    rope = {key: dict(value) if isinstance(value, dict) else value for key, value in rope.items()}
+    per_type = [rope[kind] for kind in ("full_attention", "sliding_attention") if isinstance(rope.get(kind), dict)]
+    for settings in per_type or [rope]:
+        if settings.get("rope_theta") is None:
+            settings["rope_theta"] = theta
+        if settings["rope_theta"] != theta:
+            raise ValueError(f"rope_theta {theta} and rope_parameters' rope_theta {settings['rope_theta']} "
+                             "disagree (transformers 5 would ignore rope_theta); keep one of them")
+    return rope
 
 
 MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")  # the model_types this file reads
@@ -1012,7 +1136,9 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: cli.py holds the command line both twins share; this is what it needs from torch.
+# CLI
+#
+# cli.py holds the command line both twins share; this is what it needs from torch.
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype's names
@@ -1037,9 +1163,13 @@ class Backend:
         p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU; on the CPU the checkpoint's "
                                                        "own (config.json's dtype or torch_dtype, else float32)")
         p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
+        p.add_argument("--quantize", choices=["int8"], help="int8: linear weights as 8-bit integers, quantized at "
+                                                          "load, a quarter of float32's memory (default: off)")
 
     def load(self, args):
         available = available_devices()
+        if args.device == "":
+            raise ValueError(f"--device is empty; give one of {', '.join(available)}, or leave it out")
         device = args.device or available[0]
         if device not in available:
             raise ValueError(f"--device {device} is not available here (available: {', '.join(available)})")
@@ -1047,8 +1177,10 @@ class Backend:
         if args.seed is not None:
             torch.manual_seed(args.seed)
         path = resolve_checkpoint(args.model, args.revision)
-        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES.get(args.dtype or default_dtype))
-        self.name = f"PyTorch on {device}, {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
+        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES.get(args.dtype or default_dtype),
+                                                quantize=args.quantize)
+        dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        self.name = f"PyTorch on {device}, {dtype}" + (f", {args.quantize} weights" if args.quantize else "")
         if args.compile:
             # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps; rounding
             # after every op as eager does keeps bf16's tokens (fused kernels would round once)

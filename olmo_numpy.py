@@ -21,6 +21,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import sys
 import types
 import typing
@@ -237,8 +238,12 @@ def apply_rotary_pos_emb(x, cos, sin):
 
 def linear(x, weights, name):
     """x (..., in) -> (..., out): x W^T + b, with W (out, in) as checkpoints store it. The .T is a view:
-    nothing is copied."""
-    y = x @ weights[f"{name}.weight"].T
+    nothing is copied. An int8 W (--quantize int8) stands for W * scale, a scale per row (quantize_rows)."""
+    w = weights[f"{name}.weight"]
+    if w.dtype == np.int8:  # x (W * scale)^T = (x W^T) * scale: each output times its row's scale
+        y = (x @ w.T.astype(np.float32)) * weights[f"{name}.scale"]
+    else:
+        y = x @ w.T
     bias = weights.get(f"{name}.bias")
     return y if bias is None else y + bias
 
@@ -487,9 +492,10 @@ class OlmoForCausalLM:
             return
         self.cached_ids = self.cached_ids if same else []
         shape = (batch_size, self.config.num_key_value_heads, needed, self.config.head_dim)
-        old = self.caches
-        self.caches = []
+        self.slots = np.arange(needed)
         try:
+            old = self.caches
+            self.caches = []
             for i in range(self.config.num_hidden_layers):
                 k_cache = np.zeros(shape, np.float32)  # float32, like the weights
                 v_cache = np.zeros(shape, np.float32)
@@ -497,10 +503,11 @@ class OlmoForCausalLM:
                     k_cache[:, :, :length], v_cache[:, :, :length] = old[i]
                     old[i] = None  # free each layer's old cache once copied
                 self.caches.append((k_cache, v_cache))
-        except MemoryError as e:
+        except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             self.caches = None
-            raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
-        self.slots = np.arange(needed)
+            if isinstance(e, MemoryError):
+                raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+            raise
 
     def setup_cache(self, attention_mask, length):
         """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
@@ -553,6 +560,9 @@ class OlmoForCausalLM:
         self.cached_ids = self.cached_ids[:start]  # slots from start on are about to be overwritten
         return start, keep_up_to
 
+    # NaN and overflow are caught where they matter, in the logits (check_finite names the step), instead of
+    # warned about at each operation they pass through
+    @np.errstate(invalid="ignore", over="ignore")
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
                  attention_mask=None, rng=None, callback=None):
         """input_ids (B, T), left-padded when prompts differ in length (attention_mask 0 on padding). Returns
@@ -582,6 +592,7 @@ class OlmoForCausalLM:
             if T <= keep_up_to:  # the cache holds the prompt now: record it for the next call
                 self.cached_ids = input_ids[0].tolist()
         for i in range(max_new_tokens):
+            check_finite(logits, i)
             token = sample(logits, temperature, top_k, top_p, rng)  # (B,)
             token = np.where(finished, pad, token)
             tokens.append(token[:, None])
@@ -604,9 +615,10 @@ class OlmoForCausalLM:
     # Loading (the readers are in the Loading section below the class)
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path, quantize=None):
         """Load a checkpoint directory as the hub ships it: config.json + model.safetensors, single or
-        sharded. F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32."""
+        sharded. F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32.
+        quantize "int8": every linear layer's weight, the head's included, as 8-bit integers (quantize_rows)."""
         path = resolve_checkpoint(path)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         weights = load_state_dict(path)
@@ -619,6 +631,9 @@ class OlmoForCausalLM:
         check_state_dict(weights, expected)
         if config.tie_word_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # the same array, not a copy
+        if quantize == "int8":  # the linear layers' weights: 2-D, all but the embedding (a tied head: its copy)
+            for name in [n for n, w in weights.items() if w.ndim == 2 and n != "model.embed_tokens.weight"]:
+                weights[name], weights[name.removesuffix("weight") + "scale"] = quantize_rows(weights[name])
         return cls(config, weights)
 
 
@@ -645,12 +660,23 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
         sorted_probs = np.take_along_axis(probs, order, axis=-1)
         # drop a token when the more likely ones before it already reach top_p (so the top token always stays)
         drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
+        drop_sorted[:, 0] = False  # and keep it whatever top_p is (as olmo.py must, where 1e-46 rounds to 0)
         drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to vocabulary order
         logits = np.where(drop, -np.inf, logits)
     probs = softmax(logits)
     rng = rng if rng is not None else np.random.default_rng()
     return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+def check_finite(logits, step):
+    """logits (B, vocab) holding NaN or infinity (corrupt weights, or activations past float32's range) would
+    sample garbage, or make sampling fail: stop, naming the step. One max per step is all it costs: NaN and
+    +inf carry through a max, and all -inf leaves it -inf."""
+    top = logits.max(axis=-1)
+    if not np.isfinite(top).all():
+        kind = "NaN" if np.isnan(top).any() else "infinite"
+        raise ValueError(f"the model produced {kind} logits at token {step + 1}: are the weights corrupt?")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -665,7 +691,7 @@ def resolve_checkpoint(path):
     if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):  # not "org/name"
         raise ValueError(f"{path} is not a checkpoint directory")
     raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
-                     f"`huggingface-cli download {path} --local-dir DIR`)")
+                     f"`hf download {path} --local-dir DIR`)")
 
 
 def load_state_dict(path):
@@ -695,15 +721,36 @@ def weight_files(path):
     raise ValueError(f"{path} has no model.safetensors")
 
 
-def read_json_object(path):
+def read_json_object(path, limit=2**27):
+    """A JSON object from a regular file of at most `limit` bytes (128 MiB: config files are kilobytes, index
+    files a few megabytes). A FIFO would wait forever for a writer and /dev/zero never ends: refused unread
+    (O_NONBLOCK lets even a FIFO's open return at once; the checks look at what was opened)."""
+    with open_regular_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ValueError(f"{path} is {size / 1e6:,.0f} MB, far more than a JSON file of a checkpoint holds (at "
+                             f"most {limit / 1e6:,.0f} MB is read)")
+        data = f.read(limit + 1)
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        d = json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ValueError(f"cannot read {path}: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return d
+
+
+def open_regular_file(path):
+    """path opened for reading if it is a regular file (or a link to one, as in the hub's cache); a FIFO, a device
+    or a directory named like a checkpoint file is refused before anything waits on it or reads it forever."""
+    try:
+        f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device or a directory)")
+    return f
 
 
 # A .safetensors file is: 8 bytes, the little-endian length N of a JSON header; the header, mapping each
@@ -724,8 +771,9 @@ def load_safetensors(file):
     def fail(message):
         raise ValueError(f"cannot read {file}: {message}")
 
+    f = open_regular_file(file)
     try:
-        with open(file, "rb") as f:
+        with f:
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays open while arrays view it
     except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
         fail(e)
@@ -847,6 +895,19 @@ def split_fused_experts(state_dict, config):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 8-bit weights (--quantize int8): weight-only, symmetric, one scale per output row
+
+
+def quantize_rows(w):
+    """w (out, in) -> int8 q (out, in), float32 scale (out,): scale = max |row| / 127, q = round(w / scale), so
+    |w - q * scale| <= scale / 2. The same float32 operations as olmo.py's, so both twins get the same q and
+    scale; the product (linear) dequantizes, where olmo.py's CPU kernel rounds its inputs to bfloat16."""
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1))  # a row of zeros: any scale (1 avoids 0/0)
+    return np.round(w / scale[:, None]).astype(np.int8), scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reading config.json
 #
 # OlmoConfig.from_json reads the file as it comes: transformers 4.x writes a top-level rope_theta and
@@ -868,6 +929,8 @@ def config_from_dict(cls, d, source):
             if not isinstance(scaling, (dict, type(None))):
                 raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
             d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
+        else:  # transformers 5's key, maybe with 4.x's beside it
+            d["rope_parameters"] = with_legacy_rope_keys(d["rope_parameters"], theta, scaling, d.get("model_type"))
         known = {f.name: f.type for f in fields(cls)}
         # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; router settings this
         # file doesn't implement (or spells otherwise, as num_local_experts) are refused, not ignored
@@ -882,6 +945,37 @@ def config_from_dict(cls, d, source):
         return cls(**{k: v for k, v in d.items() if k in known})
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def with_legacy_rope_keys(rope, theta, scaling, model_type):
+    """rope_parameters with transformers 4's rope_theta or rope_scaling beside it (what a user gets who follows
+    an old guide and adds "rope_scaling" to a transformers 5 config), read as transformers 5 reads them
+    (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling takes rope_parameters' place, and rope_theta
+    is the base wherever none is given (10000 if none is). Where that would drop a setting rope_parameters
+    makes (a scaling of its own, a different base), or where transformers has no reading (OLMo 3's RoPE per
+    layer type: it keeps a half-merged dict, or fails), the file contradicts itself: refused, naming both keys."""
+    if not isinstance(rope, dict) or not isinstance(scaling, (dict, type(None))):
+        return rope  # not objects: the field checks name them
+    if scaling:
+        replaced = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
+        wanted = {"rope_type" if k == "type" else k: v for k, v in scaling.items() if k != "rope_theta"}
+        base = scaling.get("rope_theta", 10000.0 if theta is None else theta)
+        lost = replaced not in ({}, {"rope_type": "default"}, wanted) or rope.get("rope_theta", base) != base
+        if lost or model_type == "olmo3":
+            raise ValueError(f"rope_parameters {rope} and rope_scaling {scaling} disagree (transformers 5 would "
+                             "take rope_scaling in place of rope_parameters); keep one of them")
+        return {**scaling, "rope_theta": base}
+    if theta is None:
+        return rope
+    rope = {key: dict(value) if isinstance(value, dict) else value for key, value in rope.items()}
+    per_type = [rope[kind] for kind in ("full_attention", "sliding_attention") if isinstance(rope.get(kind), dict)]
+    for settings in per_type or [rope]:
+        if settings.get("rope_theta") is None:
+            settings["rope_theta"] = theta
+        if settings["rope_theta"] != theta:
+            raise ValueError(f"rope_theta {theta} and rope_parameters' rope_theta {settings['rope_theta']} "
+                             "disagree (transformers 5 would ignore rope_theta); keep one of them")
+    return rope
 
 
 MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo")  # the model_types this file reads
@@ -998,7 +1092,9 @@ def check_rope(rope, default_theta, max_position_embeddings, kind):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: cli.py holds the command line both twins share; this is what it needs from NumPy.
+# CLI
+#
+# cli.py holds the command line both twins share; this is what it needs from NumPy.
 
 
 class Backend:
@@ -1007,11 +1103,13 @@ class Backend:
     def add_arguments(self, p):
         p.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, "
                                                       "tokenizer.json); required")
+        p.add_argument("--quantize", choices=["int8"], help="int8: linear weights as 8-bit integers, quantized at "
+                                                          "load, a quarter of float32's memory (default: off)")
 
     def load(self, args):
         self.rng = np.random.default_rng(args.seed)
         path = resolve_checkpoint(args.model)
-        return OlmoForCausalLM.from_pretrained(path), path
+        return OlmoForCausalLM.from_pretrained(path, quantize=args.quantize), path
 
     def generate(self, model, ids, max_new_tokens, callback, **settings):
         model.generate(np.array([ids]), max_new_tokens, rng=self.rng, callback=lambda t: callback(int(t[0])),

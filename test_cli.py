@@ -148,7 +148,7 @@ def test_cli_bad_flags_one_line_exit_2(cli_checkpoint, capsys, script, flags, me
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_cli_no_prompt_is_an_error(cli_checkpoint, capsys, script):
     status, out, err = main_in_process(MODULES[script].main, ["--model", cli_checkpoint[0]], capsys)
-    assert out == "" and "--prompt (or --chat) is required" in error_line(status, err)
+    assert out == "" and "--prompt TEXT, --prompt-file PATH or --chat is required" in error_line(status, err)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

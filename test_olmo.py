@@ -12,6 +12,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import types
 from dataclasses import asdict
 
 import numpy as np
@@ -812,7 +813,8 @@ def test_hub_ids_fetch_one_weight_format_at_a_revision(small_checkpoint, monkeyp
     import huggingface_hub
     path, ref = small_checkpoint
     asked = []
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None: listing)
+    info = types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=name) for name in listing])
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo, revision=None: info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append((repo, kw)) or path)
     ids = ids_for(SMALL, 1, 5, 0)
     model = olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf", revision="step1000-tokens4B")
@@ -821,21 +823,20 @@ def test_hub_ids_fetch_one_weight_format_at_a_revision(small_checkpoint, monkeyp
     assert repo == "allenai/OLMo-1B-hf" and kw["revision"] == "step1000-tokens4B"
     assert weights in kw["allow_patterns"] and {"*.safetensors", "*.bin"} - {weights} - set(kw["allow_patterns"])
 
-    def offline(repo, revision=None):  # what list_repo_files does with HF_HUB_OFFLINE set
-        raise OSError("offline mode is enabled")
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    def offline(repo, revision=None):  # what model_info does with HF_HUB_OFFLINE set
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline mode is enabled")
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
     asked.clear()
     assert_close(olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")(ids), expected_logits(ref, ids))
-    assert {"*.safetensors", "*.bin"} <= set(asked[0][1]["allow_patterns"])  # whichever the cache holds
+    assert asked[0][1]["local_files_only"]  # whatever the cache holds, without asking the network again
 
-    class RevisionNotFoundError(Exception):
-        pass
+    import httpx2  # huggingface_hub's HTTP client: its errors carry the response
 
     def unknown(repo, revision=None, **kw):
-        raise RevisionNotFoundError("404 Client Error\n(many lines)")
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", unknown)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", unknown)
-    with pytest.raises(ValueError, match="revision 'step0'.*RevisionNotFoundError") as error:
+        response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+        raise huggingface_hub.errors.RevisionNotFoundError("404 Client Error\n(many lines)", response=response)
+    monkeypatch.setattr(huggingface_hub, "model_info", unknown)
+    with pytest.raises(ValueError, match="allenai/OLMo-1B-hf has no revision 'step0' on the hub") as error:
         olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf", revision="step0")
     assert "\n" not in str(error.value)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
@@ -858,7 +859,7 @@ def test_numpy_missing_paths_and_bin_checkpoints(tmp_path, monkeypatch):
     for path in (str(tmp_path / "nope"), "./foo/bar", "foo/bar/baz", "nope"):  # not shaped like a hub id
         with pytest.raises(ValueError, match="not a checkpoint directory$"):
             olmo_numpy.OlmoForCausalLM.from_pretrained(path)
-    with pytest.raises(ValueError, match="`huggingface-cli download allenai/OLMo-1B-hf --local-dir DIR`"):
+    with pytest.raises(ValueError, match="`hf download allenai/OLMo-1B-hf --local-dir DIR`"):
         olmo_numpy.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")
     with pytest.raises(ValueError, match="config.json"):
         olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))
@@ -868,6 +869,18 @@ def test_numpy_missing_paths_and_bin_checkpoints(tmp_path, monkeypatch):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match="pytorch_model.bin .* `python convert.py "):
         olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))
+
+
+def test_cpu_head_layout_by_dtype(small_checkpoint):
+    """On the CPU the float32 head is stored column by column (column_major: torch's float32 product is faster
+    so), the bfloat16 one by rows (its product is faster by rows) and the int8 one as its kernel takes it; the
+    values are the checkpoint's in every layout."""
+    path, ref = small_checkpoint
+    for dtype, by_columns in ((torch.float32, True), (torch.bfloat16, False)):
+        head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype).lm_head.weight
+        assert (head.stride(0) == 1) == by_columns, dtype
+        assert torch.equal(head, ref.lm_head.weight.detach().to(dtype))
+    assert olmo.OlmoForCausalLM.from_pretrained(path, quantize="int8").lm_head.weight.is_contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
