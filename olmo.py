@@ -1133,9 +1133,10 @@ def quantize_int8(model, state_dict, device):
     """Every nn.Linear of the (meta) model, the head included, becomes an Int8Linear quantized from the
     checkpoint one weight at a time, each float weight freed (unmapped, see load_file) once quantized: memory
     holds the int8 weights and one float tensor. The embedding stays in dtype (a token reads one row of it); a
-    tied head is quantized from it, so only the head's copy is int8."""
+    tied head is quantized from it, so only the head's copy is int8. OLMoE: the router stays too (as llama.cpp
+    keeps it): it is tiny, and a rounding there can send a token to other experts."""
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or name.endswith(".mlp.gate"):  # OLMoE: the router stays as it was
             continue
         tied_head = name == "lm_head" and model.config.tie_word_embeddings
         key = "model.embed_tokens.weight" if tied_head else f"{name}.weight"

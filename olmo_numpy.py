@@ -785,7 +785,8 @@ class OlmoForCausalLM:
         if config.tie_word_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # the same array, not a copy
         if quantize == "int8":  # the linear layers' weights: 2-D, all but the embedding (a tied head: its copy)
-            for name in [n for n, w in weights.items() if w.ndim == 2 and n != "model.embed_tokens.weight"]:
+            kept = ("model.embed_tokens.weight", ".mlp.gate.weight")  # OLMoE: the router too, as olmo.py's
+            for name in [n for n, w in weights.items() if w.ndim == 2 and not n.endswith(kept)]:
                 weights[name], weights[name.removesuffix("weight") + "scale"] = quantize_rows(weights[name])
         return cls(config, weights)
 
