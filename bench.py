@@ -51,7 +51,9 @@ import olmo
 # The shapes of OLMo 1 (with the real 50304-token vocabulary; "tiny" measures per-token overhead only), of
 # OLMo-2-0425-1B, written as transformers' Olmo2Config describes it, and of OLMoE-1B-7B (64 experts of width 1024
 # per layer, 8 run per token: 1.3B of its 6.9B parameters read per token; 28 GB in float32, 14 in bfloat16),
-# with a smaller shape in its proportions (1 expert in 8 read, 0.6 GB in float32) for a laptop's CPU.
+# with a smaller shape in its proportions (1 expert in 8 read, 0.6 GB in float32) for a laptop's CPU; and of
+# Olmo-Hybrid-7B (transformers' OlmoHybridConfig defaults), with a smaller one of its head sizes (dk 96, dv 192)
+# for the CPU: a long prompt's prefill is where its chunked Gated DeltaNet shows (--long-prompt 2048).
 SHAPES = {
     "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=256, num_attention_heads=4),
     "160m": dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, num_attention_heads=12),
@@ -66,6 +68,9 @@ SHAPES = {
                         num_attention_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096),
     "olmoe-small": dict(model_type="olmoe", num_hidden_layers=8, hidden_size=512, intermediate_size=256,
                         num_attention_heads=8, num_experts=32, num_experts_per_tok=4, max_position_embeddings=4096),
+    "olmo-hybrid-7b": dict(model_type="olmo_hybrid"),  # transformers' defaults: Olmo-Hybrid-7B's shape
+    "olmo-hybrid-small": dict(model_type="olmo_hybrid", num_hidden_layers=8, hidden_size=1536, intermediate_size=4096,
+                              num_attention_heads=12, linear_key_head_dim=96, linear_value_head_dim=192),
 }
 IMPLS = ["olmo.py", "olmo.py compiled", "olmo_numpy.py", "transformers"]
 
@@ -92,12 +97,14 @@ def build_checkpoint(shape, directory, dtype=torch.float32, device="cpu", seed=0
     if kind == "olmo":
         config_json = {"architectures": ["OlmoForCausalLM"], "model_type": "olmo",
                        **dataclasses.asdict(olmo.OlmoConfig(**spec))}
-    else:  # olmo2, olmoe: transformers writes the reference config
+    else:  # olmo2, olmoe, olmo_hybrid: transformers writes the reference config
         import transformers
-        family = {"olmo2": "Olmo2", "olmoe": "Olmoe"}[kind]
+        family = {"olmo2": "Olmo2", "olmoe": "Olmoe", "olmo_hybrid": "OlmoHybrid"}[kind]
         config = getattr(transformers, f"{family}Config")(**spec)
         config_json = {**config.to_dict(), "architectures": [f"{family}ForCausalLM"]}  # to_dict() has it None
-    with torch.device("meta"):  # olmo.py's names are the hub's (OLMoE: one tensor per expert)
+    # olmo.py's names are the hub's (OLMoE: one tensor per expert), or (Olmo Hybrid) transformers' own, which it
+    # reads as well: the convolution in one tensor, the norms named as its attention layers' are
+    with torch.device("meta"):
         model = olmo.OlmoForCausalLM(olmo.OlmoConfig.from_dict(config_json))
     config_json.pop("dtype", None)  # the dtype written below, as torch_dtype
     generator = torch.Generator(device).manual_seed(seed)

@@ -220,3 +220,25 @@ def test_bench_peer_missing_is_one_line(tmp_path):
     proc = run_cli("--shape", "tiny", "--peer", "llama.cpp", "--llama-cpp-src", str(tmp_path), script="bench.py")
     assert proc.returncode == 2 and proc.stderr.startswith("error: --peer llama.cpp needs ") and \
         proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_bench_olmo_hybrid_shape(tmp_path, monkeypatch):
+    """An Olmo Hybrid shape is written in transformers' own layout (the convolution in one tensor), which
+    transformers reads with nothing missing or left over; bench's olmo.py and the twin give transformers' greedy
+    tokens on it, and time a long prompt in each (70 tokens: two chunks of the Gated DeltaNet)."""
+    monkeypatch.setitem(bench.SHAPES, "tiny-hybrid", dict(
+        model_type="olmo_hybrid", num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]))
+    bench.build_checkpoint("tiny-hybrid", tmp_path)
+    assert "model.layers.0.linear_attn.conv1d.weight" in load_keys(tmp_path)
+    ref, info = transformers.OlmoHybridForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    out = tmp_path / "bench.json"
+    proc = run_cli("--model", str(tmp_path), "--device", "cpu", "--impl", "olmo.py", "--impl", "olmo_numpy.py",
+                   "--impl", "transformers", "--reps", "1", "--new-tokens", "3", "--budgets", "none",
+                   "--prompt-len", "4", "--long-prompt", "70", "--json", str(out), script="bench.py",
+                   env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for impl in ("olmo.py", "olmo_numpy.py"):
+        assert report["results"][impl]["same_tokens"], report["results"][impl]

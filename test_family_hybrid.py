@@ -7,19 +7,20 @@ made float64 (each function's source with torch.float32 -> torch.float64 and .fl
 originals afterwards: the exact logits, as conftest's float64_model gives them for the other generations.
 
 The tolerance: conftest's analysis, plus what these layers add. A Gated DeltaNet layer has as many rounding stages
-as an attention layer (norm, q/k/v, convolution, activation, two L2 norms, beta, decay, the update's and the read's
-dot products over dk <= 16, gated norm, o_proj), ~100 U per layer as there; over <= 24 tokens the state's error is
-a random walk of <= 24 updates, ~5 x 8 U. One stage amplifies: the gated norm divides each head's output o (dv
-numbers) by sqrt(mean(o^2) + 1e-5), so where a head's output is tiny (|o| well under 1e-5^(1/2) = 3e-3: a query
-nearly orthogonal to what the state holds) o's absolute rounding error, ~8 U, is multiplied by up to
-1 / sqrt(1e-5) = 316: ~2500 U. Hence HYBRID_TOL = 4096 U = 2^-12, absolute plus as much relative, for one float32
+as an attention layer (norm, q/k/v, convolution, activation, two L2 norms, beta, decay, the update's and the
+read's dot products over dk <= 16, gated norm, o_proj), ~100 U per layer as there; over <= 24 tokens the state's
+error is a random walk of <= 24 updates, ~5 x 8 U. One stage amplifies: the gated norm divides each head's output
+o (dv numbers) by sqrt(mean(o^2) + 1e-5), so where a head's output is tiny (|o| well under 1e-5^(1/2) = 3e-3: a
+query nearly orthogonal to what the state holds) o's absolute rounding error, ~8 U, is multiplied by up to 1 /
+sqrt(1e-5) = 316: ~2500 U. Hence HYBRID_TOL = 4096 U = 2^-12, absolute plus as much relative, for one float32
 forward against the exact logits, and twice that between two float32 computations (HYBRID_ATOL). Measured here
 over 150 random configs (<= 24 tokens, <= 4 layers): 20-200 U typically, 3150 U at worst, with transformers' own
-float32 forward as far off on the same examples (1822 U where olmo.py was 1736 U). Still far below what a bug does: over 30 random configs (12 tokens, 2-4
-layers), beta not doubled with linear_allow_neg_eigval moved the logits by >= 0.79, the convolution's taps
-reversed by >= 3.7, value heads grouped the wrong way by >= 3.7, the decay ignored by >= 2.1, the L2 norm of the
-queries left out by >= 0.057, rms_norm_eps for the gated norm's fixed 1e-5 by >= 0.019, padding entering the state
-by >= 1.4, while the largest allowance is 2 x 2.4e-4 x (1 + 5) = 2.9e-3.
+float32 forward as far off on the same examples (1822 U where olmo.py was 1736 U). Still far below what a bug
+does: over 30 random configs (12 tokens, 2-4 layers), beta not doubled with linear_allow_neg_eigval moved the
+logits by >= 0.79, the convolution's taps reversed by >= 3.7, value heads grouped the wrong way by >= 3.7, the
+decay ignored by >= 2.1, the L2 norm of the queries left out by >= 0.057, rms_norm_eps for the gated norm's fixed
+1e-5 by >= 0.019, padding entering the state by >= 1.4, while the largest allowance is 2 x 2.4e-4 x (1 + 5) =
+2.9e-3.
 """
 
 import contextlib
@@ -27,6 +28,8 @@ import copy
 import inspect
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import textwrap
 
@@ -36,11 +39,12 @@ import torch
 import transformers
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import olmo
 import olmo_numpy
-from conftest import ACTIVATIONS, U, assert_close, ids_for, rewrite_weights, run_cli, save, train_tokenizer
+from conftest import ACTIVATIONS, HERE, U, assert_close, ids_for, rewrite_weights, run_cli, train_tokenizer
+from test_cli import CHAT_LINES, chat_reference, train_chat_tokenizer, write_chat_config
 from test_olmo import assert_same_greedy, left_pad, np_step_logits, step_logits
 
 from transformers.models.olmo_hybrid import modeling_olmo_hybrid as reference_code
@@ -51,7 +55,7 @@ HYBRID_ATOL = HYBRID_RTOL = 2 * 4096 * U  # two float32 computations of the same
 
 @st.composite
 def hybrid_configs(draw):
-    """A small Olmo Hybrid: 1-4 layers of either kind (at least one of each; transformers' default pattern when
+    """A small Olmo Hybrid: 2-4 layers of either kind (at least one of each; transformers' default pattern when
     layer_types is None), every convolution width from 1 to 4, grouped value heads (Hv a multiple of Hk), both
     beta ranges, GQA in the attention layers, biases, tying, each activation (the MLP's and the convolution's),
     RoPE plain, linear or YaRN."""
@@ -425,3 +429,33 @@ def test_cli_with_a_tokenizer_gives_transformers_greedy_text(script, tmp_path):
     result = run_cli(*args, *(["--device", "cpu"] if script == "olmo.py" else []), script=script)
     assert result.returncode == 0, result.stderr
     assert text in result.stdout
+
+
+@pytest.fixture(scope="module")
+def hybrid_chat_checkpoint(tmp_path_factory):
+    """A random tiny Olmo Hybrid (linear layers first and last) with test_cli's trained tokenizer and OLMo 1
+    Instruct's template, and a 96-position context, so a conversation soon outgrows it."""
+    path = tmp_path_factory.mktemp("hybrid_chat")
+    tok = train_chat_tokenizer(str(path))
+    cfg = {**LINEAR_FIRST_AND_LAST, "vocab_size": 300, "eos_token_id": 0, "max_position_embeddings": 96}
+    ref = hybrid_reference(cfg, 7)
+    ref.save_pretrained(path)
+    write_chat_config(str(path), "tulu")
+    return str(path), ref, tok, transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("script", ["olmo.py", "olmo_numpy.py"])
+def test_chat_through_a_pipe_equals_transformers(hybrid_chat_checkpoint, script):
+    """test_cli's chat, on Olmo Hybrid: each turn's reply equals transformers' greedy reply to the conversation
+    recomputed from scratch, while the CLI's generate resumes from the states it kept (see reuse_prefix), across
+    /reset and turns dropped to fit the context."""
+    expected, notices = chat_reference(hybrid_chat_checkpoint, [line for line in CHAT_LINES if line], 8,
+                                       system="Be brief.")
+    device = ["--device", "cpu"] if script == "olmo.py" else []
+    result = subprocess.run([sys.executable, os.path.join(HERE, script), "--model", hybrid_chat_checkpoint[0], *device,
+                             "--chat", "--system", "Be brief.", "--max-new-tokens", "8"], input="\n".join(CHAT_LINES),
+                            capture_output=True, text=True, cwd=HERE, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected
+    assert result.stderr.count("dropped the oldest") == notices.count("dropped") > 0
