@@ -163,7 +163,7 @@ def quantized_bytes(shapes, tied, precision):
     int8 copy of the embedding). "q8_0" (llama.cpp's): 34 bytes per block of 32 weights (32 int8 and a float16
     scale), the embedding too; norms in float32."""
     embedding = shapes["model.embed_tokens.weight"]
-    linears = [shape for name, shape in shapes.items() if name.endswith("proj.weight") or name == "lm_head.weight"]
+    linears = [shape for name, shape in shapes.items() if len(shape) == 2 and name != "model.embed_tokens.weight"]
     if tied:
         linears.append(embedding)
     others = sum(math.prod(shape) for name, shape in shapes.items() if len(shape) == 1)  # norms, biases
