@@ -161,17 +161,20 @@ def quantized_bytes(shapes, tied, precision):
     """weight_bytes for 8-bit weights. "int8 <dtype>" (olmo.py's --quantize int8): each linear weight, the head
     included, as int8 with a float32 scale per row; the embedding and the norms stay in dtype (a tied head is an
     int8 copy of the embedding). "q8_0" (llama.cpp's): 34 bytes per block of 32 weights (32 int8 and a float16
-    scale), the embedding too; norms in float32."""
+    scale), the embedding too; norms in float32. OLMoE's routers stay float in both (llama.cpp keeps them float32).
+    Of an OLMoE's experts this counts all, not the few a step reads."""
     embedding = shapes["model.embed_tokens.weight"]
-    linears = [shape for name, shape in shapes.items() if len(shape) == 2 and name != "model.embed_tokens.weight"]
+    routers = sum(math.prod(shape) for name, shape in shapes.items() if name.endswith(".mlp.gate.weight"))
+    linears = [shape for name, shape in shapes.items()  # OLMoE's routers (mlp.gate) stay float in both, and are read
+               if len(shape) == 2 and name != "model.embed_tokens.weight" and not name.endswith(".mlp.gate.weight")]
     if tied:
         linears.append(embedding)
     others = sum(math.prod(shape) for name, shape in shapes.items() if len(shape) == 1)  # norms, biases
     if precision == "q8_0":
-        read = sum(math.prod(shape) for shape in linears) * 34 // 32
+        read = sum(math.prod(shape) for shape in linears) * 34 // 32 + 4 * routers
         return read + (0 if tied else math.prod(embedding) * 34 // 32) + 4 * others, read
     size = torch.finfo(olmo.DTYPES[precision.split()[1]]).bits // 8
-    read = sum(math.prod(shape) + 4 * shape[0] for shape in linears)
+    read = sum(math.prod(shape) + 4 * shape[0] for shape in linears) + size * routers
     return read + (math.prod(embedding) + others) * size, read
 
 
