@@ -101,7 +101,7 @@ def build_checkpoint(shape, directory, dtype=torch.float32, device="cpu", seed=0
         import transformers
         family = {"olmo2": "Olmo2", "olmoe": "Olmoe", "olmo_hybrid": "OlmoHybrid"}[kind]
         config = getattr(transformers, f"{family}Config")(**spec)
-        config_json = {"architectures": [f"{family}ForCausalLM"], **config.to_dict()}
+        config_json = {**config.to_dict(), "architectures": [f"{family}ForCausalLM"]}  # to_dict() has it None
     # olmo.py's names are the hub's (OLMoE: one tensor per expert), or (Olmo Hybrid) transformers' own, which it
     # reads as well: the convolution in one tensor, the norms named as its attention layers' are
     with torch.device("meta"):
@@ -128,18 +128,23 @@ def build_checkpoint(shape, directory, dtype=torch.float32, device="cpu", seed=0
 
 def checkpoint_numels(path):
     """{tensor name: number of elements}, from the safetensors files' headers (no weight is read)."""
+    return {name: math.prod(shape) for name, shape in checkpoint_shapes(path).items()}
+
+
+def checkpoint_shapes(path):
+    """{tensor name: shape}, from the safetensors files' headers (no weight is read)."""
     from safetensors import SafetensorError, safe_open
     files = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
     if not files:
         raise ValueError(f"{path} has no .safetensors file")
-    numels = {}
+    shapes = {}
     for file in files:
         try:
             with safe_open(os.path.join(path, file), "pt") as f:
-                numels.update({k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()})
+                shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
         except SafetensorError as e:
             raise ValueError(f"cannot read {file}: {e}") from None
-    return numels
+    return shapes
 
 
 def weight_bytes(numels, tied, dtype, experts_read=1.0):
@@ -150,6 +155,27 @@ def weight_bytes(numels, tied, dtype, experts_read=1.0):
     total = sum(n for name, n in numels.items() if not (tied and name == "lm_head.weight"))  # tied ones once
     unread = sum(n for name, n in numels.items() if ".mlp.experts." in name) * (1 - experts_read)
     return total * size, round(total - (0 if tied else numels["model.embed_tokens.weight"]) - unread) * size
+
+
+def quantized_bytes(shapes, tied, precision):
+    """weight_bytes for 8-bit weights. "int8 <dtype>" (olmo.py's --quantize int8): each linear weight, the head
+    included, as int8 with a float32 scale per row; the embedding and the norms stay in dtype (a tied head is an
+    int8 copy of the embedding). "q8_0" (llama.cpp's): 34 bytes per block of 32 weights (32 int8 and a float16
+    scale), the embedding too; norms in float32. OLMoE's routers stay float in both (llama.cpp keeps them float32).
+    Of an OLMoE's experts this counts all, not the few a step reads."""
+    embedding = shapes["model.embed_tokens.weight"]
+    routers = sum(math.prod(shape) for name, shape in shapes.items() if name.endswith(".mlp.gate.weight"))
+    linears = [shape for name, shape in shapes.items()  # OLMoE's routers (mlp.gate) stay float in both, and are read
+               if len(shape) == 2 and name != "model.embed_tokens.weight" and not name.endswith(".mlp.gate.weight")]
+    if tied:
+        linears.append(embedding)
+    others = sum(math.prod(shape) for name, shape in shapes.items() if len(shape) == 1)  # norms, biases
+    if precision == "q8_0":
+        read = sum(math.prod(shape) for shape in linears) * 34 // 32 + 4 * routers
+        return read + (0 if tied else math.prod(embedding) * 34 // 32) + 4 * others, read
+    size = torch.finfo(olmo.DTYPES[precision.split()[1]]).bits // 8
+    read = sum(math.prod(shape) + 4 * shape[0] for shape in linears) + size * routers
+    return read + (math.prod(embedding) + others) * size, read
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,6 +263,85 @@ def openblas_info():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# llama.cpp, the peer (--peer llama.cpp, optional: nothing else needs it). Its Python binding, llama-cpp-python,
+# runs the decode; the llama.cpp source tree that binding vendors (--llama-cpp-src) gives the converter,
+# convert_hf_to_gguf.py with its gguf-py, which writes bench's checkpoint as a GGUF file at each precision.
+
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}  # ours -> the converter's --outtype
+
+# convert_hf_to_gguf.py as it is, but for the vocabulary: bench's checkpoints have random weights and no tokenizer,
+# so the GGUF gets llama.cpp's "none" tokenizer with vocab_size placeholder tokens, enough to decode token ids.
+CONVERT = """
+import sys
+src = sys.argv[1]
+sys.path[:0] = [src, src + "/gguf-py"]
+import convert_hf_to_gguf
+from conversion.base import TextModel
+
+def set_vocab(self):
+    self._set_vocab_none()
+    self.gguf_writer.add_vocab_size(self.hparams["vocab_size"])
+
+TextModel.set_vocab = set_vocab
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
+convert_hf_to_gguf.main()
+"""
+
+
+def peer_source(src):
+    """Check the peer is installed: the binding importable here, the converter at src. -> llama.cpp's version."""
+    import importlib.metadata
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError("--peer llama.cpp needs llama-cpp-python in this Python (see BENCHMARKS.md)")
+    if not src or not os.path.isfile(os.path.join(src, "convert_hf_to_gguf.py")):
+        raise ValueError(f"--peer llama.cpp needs --llama-cpp-src, a llama.cpp source tree with "
+                         f"convert_hf_to_gguf.py (got {src!r}; see BENCHMARKS.md)")
+    return importlib.metadata.version("llama-cpp-python")
+
+
+def to_gguf(src, path, outtype, directory):
+    """Our checkpoint at path -> a GGUF file of this type (f32, bf16, q8_0), by llama.cpp's own converter."""
+    out = os.path.join(directory, f"model-{outtype}.gguf")
+    proc = subprocess.run([sys.executable, "-c", CONVERT, src, path, "--outtype", outtype, "--outfile", out],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise ValueError(f"llama.cpp's converter failed on {path}: {last}")
+    return out
+
+
+def load_llama_cpp(path, threads, n_ctx):
+    """A GGUF file in llama.cpp, through the binding's C API (what llama-bench calls): generate() prefills the
+    prompt in one llama_decode, then decodes one token per llama_decode, greedy (the argmax of the logits)."""
+    import logging
+    import numpy as np
+    import llama_cpp as ll
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's log: its errors only
+    ll.llama_backend_init()
+    model = ll.llama_model_load_from_file(path.encode(), ll.llama_model_default_params())
+    params = ll.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = n_ctx  # the longest prompt in one batch, as ours
+    params.n_threads = params.n_threads_batch = threads
+    context = ll.llama_init_from_model(model, params)
+    if not model or not context:
+        raise RuntimeError(f"llama.cpp cannot load {path}")
+    n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
+
+    def generate(ids, budget, on_token):
+        (tokens,) = ids  # batch 1
+        ll.llama_memory_clear(ll.llama_get_memory(context), True)  # a fresh cache, as each of ours is
+        for _ in range(budget):
+            batch = (ll.llama_token * len(tokens))(*tokens)
+            if ll.llama_decode(context, ll.llama_batch_get_one(batch, len(tokens))) != 0:
+                raise RuntimeError("llama_decode failed")
+            logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(context, -1), shape=(n_vocab,))
+            tokens = [int(logits.argmax())]
+            on_token(torch.tensor(tokens))
+    return generate
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # What each child process runs. The implementations, behind one interface: generate(ids (B, T) as lists, budget,
 # on_token) calls on_token(tokens (B,)) with each new token.
 
@@ -260,18 +365,21 @@ class Streamer:
         pass
 
 
-def load(impl, compiled, path, device, dtype):
-    """Load one implementation; return its generate function."""
+def load(impl, compiled, path, device, dtype, n_ctx=None, quantize=None):
+    """Load one implementation (llama.cpp: path is its GGUF file, n_ctx its cache's length; quantize: ours'
+    --quantize); return its generate function."""
+    if impl == "llama.cpp":
+        return load_llama_cpp(path, torch.get_num_threads(), n_ctx)
     if impl == "olmo.py":  # through its CLI's own loader: the same device check and torch.compile settings
         args = argparse.Namespace(model=path, revision=None, device=device, seed=None, compile=compiled,
-                                  dtype=str(dtype).removeprefix("torch."))
+                                  dtype=str(dtype).removeprefix("torch."), quantize=quantize)
         model, _ = olmo.Backend().load(args)
         return lambda ids, budget, on_token: model.generate(torch.tensor(ids, device=device), budget,
                                                             callback=on_token)
     if impl == "olmo_numpy.py":
         import numpy as np
         import olmo_numpy
-        model = olmo_numpy.OlmoForCausalLM.from_pretrained(path)
+        model = olmo_numpy.OlmoForCausalLM.from_pretrained(path, quantize=quantize)
         return lambda ids, budget, on_token: model.generate(np.array(ids), budget, callback=on_token)
     if impl == "transformers":
         import transformers
@@ -311,14 +419,23 @@ def timed(generate, ids, budget, n, device):
 
 
 def floor_step_s(path, device, dtype, reps=7):
-    """The least time a decode step takes on this machine: one matrix-vector product per weight the step reads
-    (every projection and the head; of the embedding only a row), nothing else, in torch's own kernels, the best
-    of reps passes over all of them (a pass over fewer would be served from the CPU's cache). The fastest of three
-    layouts counts: by rows (transformers'), the head by columns (olmo.py's on the CPU), all by columns. At batch 1
-    that is the step's memory traffic, so transformers' step time / this bounds what any implementation can gain
-    over it here, whatever its overheads. OLMoE: of each layer's experts, num_experts_per_tok (the first ones:
-    every expert is as large as the ones a token picks; fused experts, as transformers 5 can save them, are left
-    out: bench writes one tensor per expert, as the hub does)."""
+    """The least time a decode step takes on this machine: the fastest kernel of floor_kernels()."""
+    return min(floor_kernels(path, device, dtype, reps=reps).values())
+
+
+def floor_kernels(path, device, dtype, quantize=None, reps=7):
+    """{kernel: seconds}: one matrix-vector product per weight the step reads (every projection and the head; of
+    the embedding only a row), nothing else, the best of reps passes over all of them (a pass over fewer would be
+    served from the CPU's cache). The kernels, in turn: torch's F.linear by rows (transformers'), the head by
+    columns (olmo.py's in float32 on the CPU), all by columns; on the CPU also oneDNN's linear with each weight
+    prepacked for one row of input (its blocked layout), and in float32 NumPy's BLAS (OpenBLAS): kernels torch
+    does not pick by itself. quantize "int8": each weight quantized as olmo.py does, multiplied by olmo.py's
+    Int8Linear, and on the CPU by fbgemm's int8 linear, which quantizes the activations too (as q8_0 does). At
+    batch 1 that is the step's memory traffic, so the fastest bounds any implementation's step here, whatever its
+    overheads, and transformers' step time / it bounds what one can gain over transformers. OLMoE: of each
+    layer's experts, num_experts_per_tok (the first ones: every expert is as large as the ones a token picks;
+    fused experts, as transformers 5 can save them, are left out: bench writes one tensor per expert, as the hub
+    does)."""
     from safetensors import safe_open
     config = olmo.OlmoConfig.from_json(os.path.join(path, "config.json"))
     top_k = config.num_experts_per_tok if config.moe else None
@@ -336,27 +453,71 @@ def floor_step_s(path, device, dtype, reps=7):
         head = "lm_head.weight"
         del weights["model.embed_tokens.weight"]
     x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype, device=device) for w in weights.values()}
+    if quantize:
+        return int8_floor_kernels(weights, x, device, reps)
 
-    def best_pass():
+    def best_pass(product, weights):
         times = []
         for _ in range(reps + 1):  # the first warms up
             synchronize(device)
             t0 = time.perf_counter()
             for w in weights.values():
-                torch.nn.functional.linear(x[w.shape[1]], w)
+                product(x[w.shape[1]], w)
             synchronize(device)
             times.append(time.perf_counter() - t0)
         return min(times[1:])
 
-    def by_columns(names):
+    def relayout(names, how):
         for n in names:  # one at a time: the old layout is freed as the new one is made
-            weights[n] = weights[n].t().contiguous().t()
+            weights[n] = how(weights[n])
+    by_columns = lambda w: w.t().contiguous().t()  # noqa: E731
+    linear = lambda x, w: torch.nn.functional.linear(x, w)  # noqa: E731 (looked up per call: tests count it)
+    cpu = device == "cpu"
     with torch.no_grad():
-        times = [best_pass()]
-        by_columns([head])
-        times.append(best_pass())
-        by_columns([n for n in weights if n != head])
-        return min(times + [best_pass()])
+        times = {"F.linear by rows": best_pass(linear, weights)}
+        if cpu and dtype == torch.float32:  # the same memory, seen by NumPy
+            arrays = {n: w.numpy() for n, w in weights.items()}
+            times["NumPy (OpenBLAS) by rows"] = best_pass(lambda x, w: x.numpy() @ w.T, arrays)
+            del arrays
+        relayout([head], by_columns)
+        times["F.linear, head by columns"] = best_pass(linear, weights)
+        relayout([n for n in weights if n != head], by_columns)
+        times["F.linear by columns"] = best_pass(linear, weights)
+        if cpu and torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16):
+            relayout(weights, lambda w: torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
+            times["oneDNN prepacked"] = best_pass(
+                lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), weights)
+    return times
+
+
+def int8_floor_kernels(weights, x, device, reps):
+    """floor_kernels' int8 kernels, on weights quantized one at a time (the float ones freed as they go)."""
+    import warnings
+    for n, w in weights.items():
+        q, scale = olmo.quantize_rows(w)
+        weights[n] = [olmo.Int8Linear(q.to(device), scale.to(device), None)]
+    kernels = {"olmo.py's Int8Linear": lambda x, w: w[0](x)}
+    if device == "cpu" and torch.backends.quantized.engine in ("fbgemm", "x86"):
+        warnings.filterwarnings("ignore", ".*quantize_per_channel")  # deprecated, still the fastest here
+        for n, (linear,) in weights.items():
+            scale = linear.scale.double()
+            zero = torch.zeros(len(scale), dtype=torch.long)
+            w = torch.quantize_per_channel((linear.weight * scale[:, None]).float(), scale, zero, 0, torch.qint8)
+            weights[n].append(torch.ops.quantized.linear_prepack(w, None))
+        kernels["fbgemm's dynamic int8 linear"] = lambda x, w: torch.ops.quantized.linear_dynamic(x.float(), w[1])
+    times = {}
+    with torch.no_grad():
+        for name, product in kernels.items():
+            passes = []
+            for _ in range(reps + 1):  # the first warms up
+                synchronize(device)
+                t0 = time.perf_counter()
+                for w in weights.values():
+                    product(x[w[0].weight.shape[1]], w)
+                synchronize(device)
+                passes.append(time.perf_counter() - t0)
+            times[name] = min(passes[1:])
+    return times
 
 
 def child(spec):
@@ -364,7 +525,8 @@ def child(spec):
     import numpy as np
     impl, device, dtype = spec["impl"], spec["device"], olmo.DTYPES[spec["dtype"]]
     if impl == "floor":
-        return {"step_s": floor_step_s(spec["path"], device, dtype)}
+        kernels = floor_kernels(spec["path"], device, dtype, spec["quantize"])
+        return {"step_s": min(kernels.values()), "kernel": min(kernels, key=kernels.get), "kernels": kernels}
     if impl == "transformers":
         import transformers  # resolve the lazy imports before the baseline: they are code, not the model
         transformers.AutoModelForCausalLM, transformers.GenerationConfig
@@ -387,7 +549,9 @@ def child(spec):
 
     base = start_peak(device)
     t0 = time.perf_counter()
-    generate = load(impl, spec["compiled"], spec["path"], device, dtype)
+    path = spec["gguf"][GGUF_TYPES[spec["quantize"] or spec["dtype"]]] if impl == "llama.cpp" else spec["path"]
+    n_ctx = max(len(ids[0]) for ids in [spec["prompt"]] + spec["long_prompts"]) + n  # enough for every call
+    generate = load(impl, spec["compiled"], path, device, dtype, n_ctx, spec["quantize"])
     synchronize(device)
     out["load_s"] = time.perf_counter() - t0
     out["first_token_s"] = timed(generate, prompt(spec["prompt"]), 1, 1, device)["first_s"]  # reads every weight
@@ -424,6 +588,14 @@ class Variant:
     dtype: str
     compiled: bool = False
     blas_threads: int | None = None  # OPENBLAS_NUM_THREADS in the NumPy twin's process
+    quantize: str | None = None  # "int8": olmo.py's --quantize int8; llama.cpp's q8_0
+
+    @property
+    def precision(self):
+        """What its weights are stored as: the dtype, "int8 <dtype>" (activations in dtype), or "q8_0"."""
+        if self.quantize and self.impl == "llama.cpp":
+            return GGUF_TYPES[self.quantize]
+        return f"{self.quantize} {self.dtype}" if self.quantize else self.dtype
 
     def run(self, spec):
         """This variant in a fresh process: child()'s dict, or {"error": the child's last line of stderr}."""
@@ -438,23 +610,32 @@ class Variant:
 
 
 def variants(args, device, dtypes, unreadable):
-    """The variants to run, and {label: why not} for those skipped."""
+    """The variants to run, and {label: why not} for those skipped: each implementation in each dtype; with
+    --quantize, each again with int8 weights (llama.cpp: q8_0, once)."""
     chosen, skipped = [], {}
-    for dtype in dtypes:
-        suffix = "" if dtype == dtypes[0] else f" {dtype}"
-        for impl in args.impl or IMPLS:
-            if impl == "olmo.py compiled" and not (args.compile or args.impl):
-                continue
-            label, base = impl + suffix, impl.removesuffix(" compiled")
-            if base in unreadable:
-                skipped[label] = unreadable[base]
-            elif base == "olmo_numpy.py" and (device != "cpu" or dtype != "float32"):
-                skipped[label] = "CPU and float32 only"
-            elif base == "olmo_numpy.py" and args.numpy_threads:
-                chosen += [Variant(f"{label} {t} thread{'s' * (t > 1)}", base, dtype, blas_threads=t)
-                           for t in args.numpy_threads]
-            else:
-                chosen.append(Variant(label, base, dtype, compiled=impl.endswith("compiled")))
+    for quantize in [None] + ([args.quantize] if args.quantize else []):
+        for dtype in dtypes:
+            suffix = ("" if dtype == dtypes[0] else f" {dtype}") + (f" {quantize}" if quantize else "")
+            for impl in args.impl or IMPLS:
+                if impl == "olmo.py compiled" and not (args.compile or args.impl):
+                    continue
+                label, base = impl + suffix, impl.removesuffix(" compiled")
+                if base in unreadable:
+                    skipped[label] = unreadable[base]
+                elif base == "olmo_numpy.py" and (device != "cpu" or dtype != "float32"):
+                    skipped[label] = "CPU and float32 only"
+                elif base == "transformers" and quantize:
+                    skipped[label] = "no 8-bit weights on the CPU without packages beyond requirements.txt"
+                elif base == "olmo_numpy.py" and args.numpy_threads:
+                    chosen += [Variant(f"{label} {t} thread{'s' * (t > 1)}", base, dtype, blas_threads=t,
+                                       quantize=quantize) for t in args.numpy_threads]
+                else:
+                    chosen.append(Variant(label, base, dtype, compiled=impl.endswith("compiled"), quantize=quantize))
+            peer = "llama.cpp " + GGUF_TYPES[quantize] if quantize else "llama.cpp" + suffix
+            if args.peer and device != "cpu":
+                skipped[peer] = "the CPU only, here"
+            elif args.peer and not (quantize and dtype != dtypes[0]):  # q8_0's activations are llama.cpp's own
+                chosen.append(Variant(peer, "llama.cpp", dtype, quantize=quantize))
     return chosen, skipped
 
 
@@ -501,6 +682,7 @@ def summarize(rs):
 def derive(results, chosen, args, step_bytes, total_bytes, bandwidth):
     """Per-variant figures and ratios: vs transformers of the same dtype, and each budget vs --new-tokens'."""
     reference = {v.dtype: v.label for v in chosen if v.impl == "transformers" and "error" not in results[v.label]}
+    peer = {v.quantize or v.dtype: v.label for v in chosen if v.impl == "llama.cpp" and "error" not in results[v.label]}
     eager = {v.dtype: v.label for v in chosen if v.impl == "olmo.py" and not v.compiled}  # long prompts' yardstick
     n = str(args.new_tokens)
     for v in chosen:
@@ -511,8 +693,8 @@ def derive(results, chosen, args, step_bytes, total_bytes, bandwidth):
         main = r["budgets"][n]
         r.update(prefill_s=main["first_s"], prefill_tok_s=args.batch * args.prompt_len / main["first_s"],
                  decode_step_s=main["decode_step_s"], decode_tok_s=args.batch / main["decode_step_s"],
-                 decode_bytes_s=step_bytes[v.dtype] / main["decode_step_s"],
-                 peak_ratio=r["peak_bytes"] / total_bytes[v.dtype])
+                 decode_bytes_s=step_bytes[v.precision] / main["decode_step_s"],
+                 peak_ratio=r["peak_bytes"] / total_bytes[v.precision])
         r["roofline"] = r["decode_bytes_s"] / bandwidth
         for b in r["budgets"].values():
             b["vs_new_tokens"] = b["decode_step_s"] / main["decode_step_s"]
@@ -526,6 +708,9 @@ def derive(results, chosen, args, step_bytes, total_bytes, bandwidth):
         r["same_tokens"] = ref is None or r["tokens"] == ref["tokens"]
         if ref is not None:
             r["vs_transformers"] = {k: r[k] / ref[k] for k in ("prefill_tok_s", "decode_tok_s")}
+        if (v.quantize or v.dtype) in peer and v.impl != "llama.cpp":
+            theirs = results[peer[v.quantize or v.dtype]]
+            r["vs_llama.cpp"] = {k: r[k] / theirs[k] for k in ("prefill_tok_s", "decode_tok_s")}
         ours = results.get(eager.get(v.dtype))
         for length, x in r["long"].items():
             if ours and "error" not in ours and length in ours["long"]:
@@ -539,6 +724,7 @@ def bench(args):
     if long_prompts is None:  # by default, one long prompt on a GPU and none on the CPU
         long_prompts = [2048] if device.startswith("cuda") else []
     long_prompts = [n for n in long_prompts if n]
+    peer = peer_source(args.llama_cpp_src) if args.peer else None  # before a checkpoint is built for nothing
     with tempfile.TemporaryDirectory(prefix="olmo-bench-") as tmp:
         if args.model:
             path, name = args.model, os.path.basename(os.path.normpath(args.model))
@@ -550,10 +736,10 @@ def bench(args):
             t0 = time.perf_counter()
             build_checkpoint(args.shape, tmp, olmo.DTYPES[dtypes[0]], device if device.startswith("cuda") else "cpu")
             log(f"built in {time.perf_counter() - t0:.1f}s")
-        return run_bench(args, path, name, device, dtypes, long_prompts)
+        return run_bench(args, path, name, device, dtypes, long_prompts, peer, tmp)
 
 
-def run_bench(args, path, name, device, dtypes, long_prompts):
+def run_bench(args, path, name, device, dtypes, long_prompts, peer, scratch):
     config_file = os.path.join(path, "config.json")
     config = olmo.read_json_object(config_file)  # as written, for the results
     import olmo_numpy
@@ -564,28 +750,38 @@ def run_bench(args, path, name, device, dtypes, long_prompts):
         import transformers  # noqa: F401
     except ImportError:
         unreadable["transformers"] = "not installed"
-    numels = checkpoint_numels(path)
+    shapes = checkpoint_shapes(path)
     tied = bool(config.get("tie_word_embeddings", False))
     parsed = olmo.OlmoConfig.from_json(config_file)
     experts_read = parsed.num_experts_per_tok / parsed.num_experts if parsed.moe else 1.0  # OLMoE, at batch 1
-    sizes = {d: weight_bytes(numels, tied, olmo.DTYPES[d], experts_read) for d in dtypes}
-    total_bytes, step_bytes = {d: s[0] for d, s in sizes.items()}, {d: s[1] for d, s in sizes.items()}
     chosen, skipped = variants(args, device, dtypes, unreadable)
+    sizes = {d: weight_bytes(checkpoint_numels(path), tied, olmo.DTYPES[d], experts_read) for d in dtypes}
+    sizes |= {v.precision: quantized_bytes(shapes, tied, v.precision) for v in chosen if v.quantize}
+    total_bytes, step_bytes = {d: s[0] for d, s in sizes.items()}, {d: s[1] for d, s in sizes.items()}
+    gguf = {}
+    for v in chosen:
+        if v.impl == "llama.cpp":
+            outtype = GGUF_TYPES[v.quantize or v.dtype]
+            log(f"llama.cpp's converter: the checkpoint as GGUF {outtype}")
+            gguf[outtype] = to_gguf(args.llama_cpp_src, path, outtype, scratch)
 
     torch.manual_seed(args.seed)
     vocab = min(config.get("vocab_size", 50304), 50280)  # real tokens of OLMo 1's tokenizer
     spec = {"path": path, "device": device, "new_tokens": args.new_tokens, "budgets": args.budgets,
             "prompt": torch.randint(0, vocab, (args.batch, args.prompt_len)).tolist(),
-            "long_prompts": [torch.randint(0, vocab, (args.batch, n)).tolist() for n in long_prompts]}
+            "long_prompts": [torch.randint(0, vocab, (args.batch, n)).tolist() for n in long_prompts],
+            "gguf": gguf}
     log(f"measuring memory bandwidth on {device} (1 GiB copy)")
     bandwidth = memory_bandwidth(device)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     results = run_all(chosen, spec, args.reps)
     derive(results, chosen, args, step_bytes, total_bytes, bandwidth)
     floor = {}
-    for dtype in dtypes:
-        log(f"weights alone in {dtype}: the matrix-vector products of a step, nothing else (a fresh process)")
-        floor[dtype] = Variant("weights alone", "floor", dtype).run(spec)
+    for v in [Variant("weights alone", "floor", d) for d in dtypes] + [
+            Variant("weights alone", "floor", v.dtype, quantize=v.quantize) for v in chosen
+            if v.quantize and v.impl == "olmo.py" and not v.compiled]:
+        log(f"weights alone in {v.precision}: the matrix-vector products of a step, nothing else (a fresh process)")
+        floor[v.precision] = v.run(spec)
 
     isolation = None
     pair = [v for v in chosen if v.label in ("olmo.py", "transformers")]
@@ -606,6 +802,7 @@ def run_bench(args, path, name, device, dtypes, long_prompts):
         "long_prompt_lens": long_prompts, "reps": args.reps, "weight_bytes": total_bytes,
         "weight_bytes_per_step": step_bytes, "memory_bandwidth_bytes_s": bandwidth, "skipped": skipped,
         "results": results, "isolation": isolation, "floor": floor,
+        "peer": peer and f"llama-cpp-python {peer} (the llama.cpp it vendors), GGUF files by its convert_hf_to_gguf.py",
     }
 
 
@@ -650,20 +847,26 @@ def table(report):
                      f"{r['decode_tok_s']:.1f}{ratio(r, 'decode_tok_s')}", f"{r['decode_bytes_s'] / GB:.1f}",
                      f"{r['roofline']:.0%}", f"{r['warmup_s']:.1f}",
                      "yes" if r["same_tokens"] else f"no (vs {r['same_tokens_as']})"])
+        if report["peer"]:  # decode (prefill) vs llama.cpp of the same precision
+            vs = r.get("vs_llama.cpp")
+            rows[-1].append(f"{vs['decode_tok_s']:.2f}x ({vs['prefill_tok_s']:.2f}x)" if vs else "-")
     lines += columns(["implementation", "load s", "peak mem", "prefill tok/s", "decode tok/s", "decode GB/s",
-                      "roofline", "warmup s", "same tokens"], rows)
+                      "roofline", "warmup s", "same tokens"] + ["vs llama.cpp"] * bool(report["peer"]), rows)
 
-    for dtype, f in report["floor"].items():
+    for precision, f in report["floor"].items():
         if "error" in f:
-            lines.append(f"weights alone in {dtype} failed: {f['error']}")
+            lines.append(f"weights alone in {precision} failed: {f['error']}")
             continue
         ref = next((r for r in ok.values() if r["variant"]["impl"] == "transformers"
-                    and r["variant"]["dtype"] == dtype), None)
-        gb_s = report["weight_bytes_per_step"][dtype] / f["step_s"] / GB
-        lines.append(f"weights alone in {dtype} (each weight's matrix-vector product, nothing else): "
-                     f"{f['step_s'] * 1000:.2f} ms per step, {gb_s:.1f} GB/s"
+                    and r["variant"]["dtype"] == precision.split()[-1]), None)  # "int8 float32": float32's
+        step_bytes = report["weight_bytes_per_step"][precision]
+        gb_s = step_bytes / f["step_s"] / GB
+        lines.append(f"weights alone in {precision} (each weight's matrix-vector product, nothing else): "
+                     f"{f['step_s'] * 1000:.2f} ms per step, {gb_s:.1f} GB/s with {f['kernel']}"
                      + (f": no implementation decodes faster than {ref['decode_step_s'] / f['step_s']:.2f}x "
                         f"transformers here" if ref and report["batch"] == 1 else ""))
+        lines.append("    " + ", ".join(f"{kernel} {step_bytes / s / GB:.1f}" for kernel, s in f["kernels"].items())
+                     + " GB/s")
 
     n = str(report["new_tokens"])
     if report["budgets"]:
@@ -694,6 +897,8 @@ def table(report):
                          " (resident set above the process's before loading)"),
               "decode GB/s: weights read per step x steps/s; roofline: that / the measured bandwidth; "
               "(Nx): vs transformers of the same dtype"]
+    if report["peer"]:
+        lines.append(f"vs llama.cpp: decode (prefill) tok/s / llama.cpp's of the same precision; {report['peer']}")
     for label, r in ok.items():
         if r["blas"]:
             lines.append(f"{label}: numpy's OpenBLAS runs {r['blas']}")
@@ -713,7 +918,8 @@ def table(report):
 
 def parse_args(argv=None):
     p = cli.Parser(description="Benchmark olmo.py against transformers (and olmo_numpy.py).")  # errors: one line
-    p.add_argument("--shape", choices=SHAPES, default="160m", help="random weights of this shape (default 160m)")
+    p.add_argument("--shape", choices=SHAPES,
+                   help="random weights of this shape (default 160m; with --peer, olmo2-1b)")
     p.add_argument("--model", help="a checkpoint directory (safetensors) instead of --shape")
     p.add_argument("--device", help="default: cuda, then mps, then cpu")
     p.add_argument("--dtype", choices=olmo.DTYPES, action="append",
@@ -735,10 +941,21 @@ def parse_args(argv=None):
                         "2048 on CUDA, none elsewhere; 0 = none)")
     p.add_argument("--check-isolation", action="store_true",
                    help="run olmo.py and transformers again without the others: their ratio must not change")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="also time each implementation with 8-bit weights (olmo.py's --quantize int8, llama.cpp's "
+                        "q8_0) in each --dtype")
+    p.add_argument("--peer", choices=["llama.cpp"],
+                   help="also time llama.cpp (llama-cpp-python) on the same checkpoint, converted to GGUF at each "
+                        "precision; see BENCHMARKS.md to install it")
+    p.add_argument("--llama-cpp-src", default=os.environ.get("LLAMA_CPP_SRC"),
+                   help="with --peer: the llama.cpp source tree that gives convert_hf_to_gguf.py and gguf-py "
+                        "(default: $LLAMA_CPP_SRC)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # internal: one process's work
     args = p.parse_args(argv)
+    if args.shape is None:
+        args.shape = "olmo2-1b" if args.peer else "160m"
     for flag in ("prompt_len", "batch", "reps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")

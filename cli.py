@@ -152,6 +152,53 @@ def read_file(file, limit=MAX_FILE_BYTES):
         raise ValueError(f"cannot read {file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def fetch_checkpoint(path, revision=None):
+    """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub (olmo.py's
+    from_pretrained hands hub ids here). What goes wrong is said in words: no such repository, no such revision,
+    a login needed, no network."""
+    if os.path.isdir(path):
+        if revision is not None:
+            raise ValueError(f"{path} is a local directory: a revision ({revision}) is for hub ids only")
+        return path
+    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
+        raise ValueError(f"{path} is not a checkpoint directory")
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors
+    except ImportError:
+        raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub") from None
+    at = f" at revision {revision!r}" if revision else ""
+    try:  # one request, not retried (listing the files would retry a dead network for half a minute)
+        files = [f.rfilename for f in huggingface_hub.model_info(path, revision=revision).siblings or []]
+    except errors.GatedRepoError:
+        raise ValueError(f"{path} is gated: accept its terms on huggingface.co, then `hf auth login`") from None
+    except errors.RepositoryNotFoundError:
+        raise ValueError(f"the hub has no repository {path} (a private one needs `hf auth login`)") from None
+    except errors.RevisionNotFoundError:
+        raise ValueError(f"{path} has no revision {revision!r} on the hub") from None
+    except Exception as e:  # no network, HF_HUB_OFFLINE, the hub down: whatever the cache holds
+        try:
+            return huggingface_hub.snapshot_download(path, revision=revision, local_files_only=True)
+        except Exception:
+            why = "HF_HUB_OFFLINE is set" if isinstance(e, errors.OfflineModeIsEnabled) else first_line(e)
+            raise ValueError(f"cannot fetch {path}{at}: the hub can't be reached ({why}) and the local cache "
+                             "doesn't have it; check the network, or pass a local directory") from None
+    # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
+    weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+    patterns = ["*.json", "tokenizer*", "*.jinja", *weights]  # config, tokenizer, chat template, weights
+    try:
+        return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=patterns)
+    except Exception as e:  # the connection lost on the way, a full disk: one line, not a traceback
+        raise ValueError(f"cannot fetch {path}{at} from the hub ({first_line(e)})") from None
+
+
+def first_line(e):
+    """An exception as an error message shows it: its type and the first line of its text (the hub's run to
+    many lines)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def read_json_object(file):
     """A JSON object from file, {} if there is no such file."""
     if not os.path.lexists(file):  # a dangling symbolic link is an error below, not a missing file

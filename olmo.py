@@ -706,7 +706,8 @@ class OlmoForCausalLM(nn.Module):
     def grow_cache(self, batch_size, needed):
         """Make every attention layer's cache hold `needed` slots (a power of two, see setup_cache), keeping
         what it holds."""
-        weight = self.lm_head.weight  # the cache takes the model's dtype and device
+        weight = self.model.embed_tokens.weight  # the cache takes the model's dtype and device (not the head's:
+        # it may be int8)
         attns = self.mixers("self_attn")  # Olmo Hybrid: not its Gated DeltaNet layers, which keep a state
         cache = attns[0].kv_cache
         k = None if cache is None else cache.k_cache  # (B, KV, length, D)
@@ -850,12 +851,13 @@ class OlmoForCausalLM(nn.Module):
     # Loading (the readers are in the Loading section below the class)
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, revision=None):
+    def from_pretrained(cls, path, device=None, dtype=None, revision=None, quantize=None):
         """Load a checkpoint directory as the hub ships it (config.json + safetensors or pytorch_model.bin,
-        single or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded with huggingface_hub, at
-        `revision`: a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints
+        single or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded by cli.py with huggingface_hub,
+        at `revision`: a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints
         "step1000-tokens4B"). dtype None keeps the checkpoint's own (config.json's dtype or torch_dtype), as
-        transformers 5 does."""
+        transformers 5 does. quantize "int8": every linear layer's weight, the head's included, as 8-bit integers
+        (see Int8Linear)."""
         path = resolve_checkpoint(path, revision)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         dtype = dtype or getattr(torch, config.dtype or "float32")
@@ -871,15 +873,17 @@ class OlmoForCausalLM(nn.Module):
             state_dict.pop("lm_head.weight", None)
             del expected["lm_head.weight"]
         check_state_dict(state_dict, expected)
+        if quantize == "int8":  # the linear layers' weights leave state_dict, as int8 in the model
+            quantize_int8(model, state_dict, device)
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        cpu = torch.device(device or "cpu").type == "cpu"
+        by_columns = torch.device(device or "cpu").type == "cpu" and dtype == torch.float32 and not quantize
         for name, tensor in state_dict.items():
-            if cpu and name == head:
-                state_dict[name] = column_major(path, name, tensor, dtype)
+            if by_columns and name == head:
+                state_dict[name] = column_major(tensor, dtype)
             else:
                 state_dict[name] = tensor.to(device=device, dtype=dtype)  # a no-op if they already match
         model.load_state_dict(state_dict, strict=False, assign=True)  # checked above, with clearer errors
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and not quantize:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.model.rotary_emb.to(device or "cpu")  # its buffers aren't in the checkpoint: built on the CPU
         return model.eval()
@@ -927,49 +931,13 @@ def check_finite(logits, step):
 
 
 def resolve_checkpoint(path, revision=None):
-    """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub. What
-    goes wrong there is said in words: no such repository, no such revision, a login needed, no network."""
-    if os.path.isdir(path):
-        if revision is not None:
-            raise ValueError(f"{path} is a local directory: a revision ({revision}) is for hub ids only")
+    """A local directory is used as is. Anything else (a hub id such as "allenai/OLMo-1B-hf", at `revision`)
+    is the command line's business: cli.py, beside this file, fetches it from the Hugging Face hub for both
+    twins, and says in words what went wrong (no such repository or revision, a login needed, no network)."""
+    if os.path.isdir(path) and revision is None:
         return path
-    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
-        raise ValueError(f"{path} is not a checkpoint directory")
-    try:
-        import huggingface_hub
-        from huggingface_hub import errors
-    except ImportError:
-        raise ValueError(f"{path} is not a directory; to fetch it from the hub, pip install huggingface_hub") from None
-    at = f" at revision {revision!r}" if revision else ""
-    try:  # one request, not retried (listing the files would retry a dead network for half a minute)
-        files = [f.rfilename for f in huggingface_hub.model_info(path, revision=revision).siblings or []]
-    except errors.GatedRepoError:
-        raise ValueError(f"{path} is gated: accept its terms on huggingface.co, then `hf auth login`") from None
-    except errors.RepositoryNotFoundError:
-        raise ValueError(f"the hub has no repository {path} (a private one needs `hf auth login`)") from None
-    except errors.RevisionNotFoundError:
-        raise ValueError(f"{path} has no revision {revision!r} on the hub") from None
-    except Exception as e:  # no network, HF_HUB_OFFLINE, the hub down: whatever the cache holds
-        try:
-            return huggingface_hub.snapshot_download(path, revision=revision, local_files_only=True)
-        except Exception:
-            why = "HF_HUB_OFFLINE is set" if isinstance(e, errors.OfflineModeIsEnabled) else first_line(e)
-            raise ValueError(f"cannot fetch {path}{at}: the hub can't be reached ({why}) and the local cache "
-                             "doesn't have it; check the network, or pass a local directory") from None
-    # one weight format: safetensors if the repo has them (as transformers prefers), else the .bin files
-    weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
-    patterns = ["*.json", "tokenizer*", "*.jinja", *weights]  # config, tokenizer, chat template, weights
-    try:
-        return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=patterns)
-    except Exception as e:  # the connection lost on the way, a full disk: one line, not a traceback
-        raise ValueError(f"cannot fetch {path}{at} from the hub ({first_line(e)})") from None
-
-
-def first_line(e):
-    """An exception as an error message shows it: its type and the first line of its text (the hub's run to
-    many lines)."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    import cli
+    return cli.fetch_checkpoint(path, revision)
 
 
 def load_state_dict(path):
@@ -1055,8 +1023,12 @@ def load_file(file):
         raise ValueError(f"cannot read {file}: {e.strerror}") from None
     try:
         if file.endswith(".safetensors"):
-            from safetensors.torch import load_file as load_safetensors
-            return load_safetensors(file)  # memory-mapped by safetensors
+            from safetensors import safe_open
+            with safe_open(file, "pt") as f:
+                names = list(f.keys())
+            # each tensor memory-mapped on its own, the mapping closed when the tensor is freed: a tensor replaced
+            # by its copy in another dtype or layout, or by int8, leaves memory (one mapping would keep them all)
+            return {name: safe_open(file, "pt").get_tensor(name) for name in names}
         # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run arbitrary code
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError:
@@ -1100,19 +1072,78 @@ def split_fused_experts(state_dict, config):
     return state_dict
 
 
-def column_major(path, name, tensor, dtype):
+def column_major(tensor, dtype):
     """The CPU BLAS multiplies one token by the (vocab, hidden) head faster when the matrix is stored
-    column by column (15-30% on an Intel Xeon, 1.5x and more on an AMD EPYC; same shape, same values). The
-    copy reads the head through a mapping of its own that closes right after, so the original's pages
-    leave memory: one copy."""
-    from safetensors import safe_open
-    for file in weight_files(path):
-        if file.endswith(".safetensors"):
-            with safe_open(os.path.join(path, file), "pt") as f:
-                if name in f.keys():
-                    tensor = f.get_tensor(name)
-                    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
+    column by column (15-30% on an Intel Xeon, 1.2-1.5x on an AMD EPYC; same shape, same values). float32 only:
+    torch's bfloat16 product goes the other way, half as fast by columns (7-8 GB/s against 17 on one core of an
+    AMD EPYC). The original's pages leave memory with it (load_file maps each tensor on its own): one copy."""
     return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8-bit weights (--quantize int8): weight-only, symmetric, one scale per output row
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is kept as int8 with a scale per output row, weight ~ int8 * scale: a quarter
+    of float32's bytes to read per token. The activations stay in the model's dtype."""
+
+    def __init__(self, weight, scale, bias):
+        super().__init__()
+        self.register_buffer("weight", weight)  # (out, in) int8
+        # (out,) in bfloat16, as the CPU kernel takes it (int8_matmul): casting it in the step instead breaks
+        # torch.compile (torch 2.13's lowering of _weight_int8pack_mm wants its inputs stored, not computed)
+        self.register_buffer("scale", scale.bfloat16())
+        self.bias = bias  # nn.Linear's parameter (loaded with the other tensors) or None
+
+    def forward(self, x):
+        y = int8_matmul(x, self.weight, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+def int8_matmul(x, weight, scale):
+    """x (..., in) @ (weight * scale).T -> (..., out) in x's dtype: the one place that picks the kernel.
+    On the CPU, torch's _weight_int8pack_mm streams the int8 weight, but only with bfloat16 activations (17-18 GB/s
+    of int8 on one core of an AMD EPYC, about what bfloat16 weights reach); with float32 ones it takes a path 10x
+    slower (1.6 GB/s), and dequantizing the weight for each product is slower still (0.5-1 GB/s). So a float32
+    model's activations enter the product as bfloat16 (8 significant bits, as many as the weight has), and the
+    result returns as float32. Elsewhere: dequantize in the product (on CUDA torch.compile fuses it, as gpt-fast)."""
+    if x.device.type == "cpu":
+        rows = x.reshape(-1, x.shape[-1]).bfloat16()  # (N, in)
+        y = torch.ops.aten._weight_int8pack_mm(rows, weight, scale)  # (N, out) bfloat16
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+
+
+def quantize_rows(w):
+    """w (out, in) float -> int8 q (out, in), float32 scale (out,): scale = max |row| / 127, q = round(w / scale),
+    so |w - q * scale| <= scale / 2. Blocks of rows, 2^18 numbers or one row, keep the temporaries at 1 MB."""
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0])
+    block = max(1, 2 ** 18 // w.shape[1])
+    for i in range(0, len(w), block):
+        rows = w[i:i + block].float()
+        amax = rows.abs().amax(dim=1)
+        scale[i:i + block] = torch.where(amax > 0, amax / 127, 1.0)  # a row of zeros: any scale (1 avoids 0/0)
+        q[i:i + block] = (rows / scale[i:i + block, None]).round()
+    return q, scale
+
+
+def quantize_int8(model, state_dict, device):
+    """Every nn.Linear of the (meta) model, the head included, becomes an Int8Linear quantized from the
+    checkpoint one weight at a time, each float weight freed (unmapped, see load_file) once quantized: memory
+    holds the int8 weights and one float tensor. The embedding stays in dtype (a token reads one row of it); a
+    tied head is quantized from it, so only the head's copy is int8. OLMoE: the router stays too (as llama.cpp
+    keeps it): it is tiny, and a rounding there can send a token to other experts."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.endswith(".mlp.gate"):  # OLMoE: the router stays as it was
+            continue
+        tied_head = name == "lm_head" and model.config.tie_word_embeddings
+        key = "model.embed_tokens.weight" if tied_head else f"{name}.weight"
+        weight = state_dict[key] if tied_head else state_dict.pop(key)  # the embedding stays, for its lookup
+        q, scale = quantize_rows(weight)
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, Int8Linear(q.to(device), scale.to(device), module.bias))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1353,6 +1384,8 @@ class Backend:
         p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU; on the CPU the checkpoint's "
                                                        "own (config.json's dtype or torch_dtype, else float32)")
         p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
+        p.add_argument("--quantize", choices=["int8"], help="int8: linear weights as 8-bit integers, quantized at "
+                                                          "load, a quarter of float32's memory (default: off)")
 
     def load(self, args):
         available = available_devices()
@@ -1365,8 +1398,10 @@ class Backend:
         if args.seed is not None:
             torch.manual_seed(args.seed)
         path = resolve_checkpoint(args.model, args.revision)
-        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES.get(args.dtype or default_dtype))
-        self.name = f"PyTorch on {device}, {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
+        model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES.get(args.dtype or default_dtype),
+                                                quantize=args.quantize)
+        dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        self.name = f"PyTorch on {device}, {dtype}" + (f", {args.quantize} weights" if args.quantize else "")
         if args.compile:
             # CUDA graphs on GPU remove the per-kernel launch cost that dominates one-token steps; rounding
             # after every op as eager does keeps bf16's tokens (fused kernels would round once)

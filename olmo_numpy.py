@@ -257,8 +257,12 @@ def apply_rotary_pos_emb(x, cos, sin):
 
 def linear(x, weights, name):
     """x (..., in) -> (..., out): x W^T + b, with W (out, in) as checkpoints store it. The .T is a view:
-    nothing is copied."""
-    y = x @ weights[f"{name}.weight"].T
+    nothing is copied. An int8 W (--quantize int8) stands for W * scale, a scale per row (quantize_rows)."""
+    w = weights[f"{name}.weight"]
+    if w.dtype == np.int8:  # x (W * scale)^T = (x W^T) * scale: each output times its row's scale
+        y = (x @ w.T.astype(np.float32)) * weights[f"{name}.scale"]
+    else:
+        y = x @ w.T
     bias = weights.get(f"{name}.bias")
     return y if bias is None else y + bias
 
@@ -762,9 +766,10 @@ class OlmoForCausalLM:
     # Loading (the readers are in the Loading section below the class)
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path, quantize=None):
         """Load a checkpoint directory as the hub ships it: config.json + model.safetensors, single or
-        sharded. F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32."""
+        sharded. F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32.
+        quantize "int8": every linear layer's weight, the head's included, as 8-bit integers (quantize_rows)."""
         path = resolve_checkpoint(path)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         weights = load_state_dict(path)
@@ -779,6 +784,10 @@ class OlmoForCausalLM:
         check_state_dict(weights, expected)
         if config.tie_word_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # the same array, not a copy
+        if quantize == "int8":  # the linear layers' weights: 2-D, all but the embedding (a tied head: its copy)
+            kept = ("model.embed_tokens.weight", ".mlp.gate.weight")  # OLMoE: the router too, as olmo.py's
+            for name in [n for n, w in weights.items() if w.ndim == 2 and not n.endswith(kept)]:
+                weights[name], weights[name.removesuffix("weight") + "scale"] = quantize_rows(weights[name])
         return cls(config, weights)
 
 
@@ -1072,6 +1081,19 @@ def split_fused_experts(state_dict, config):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 8-bit weights (--quantize int8): weight-only, symmetric, one scale per output row
+
+
+def quantize_rows(w):
+    """w (out, in) -> int8 q (out, in), float32 scale (out,): scale = max |row| / 127, q = round(w / scale), so
+    |w - q * scale| <= scale / 2. The same float32 operations as olmo.py's, so both twins get the same q and
+    scale; the product (linear) dequantizes, where olmo.py's CPU kernel rounds its inputs to bfloat16."""
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1))  # a row of zeros: any scale (1 avoids 0/0)
+    return np.round(w / scale[:, None]).astype(np.int8), scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reading config.json
 #
 # OlmoConfig.from_json reads the file as it comes: transformers 4.x writes a top-level rope_theta and
@@ -1293,11 +1315,13 @@ class Backend:
     def add_arguments(self, p):
         p.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, "
                                                       "tokenizer.json); required")
+        p.add_argument("--quantize", choices=["int8"], help="int8: linear weights as 8-bit integers, quantized at "
+                                                          "load, a quarter of float32's memory (default: off)")
 
     def load(self, args):
         self.rng = np.random.default_rng(args.seed)
         path = resolve_checkpoint(args.model)
-        return OlmoForCausalLM.from_pretrained(path), path
+        return OlmoForCausalLM.from_pretrained(path, quantize=args.quantize), path
 
     def generate(self, model, ids, max_new_tokens, callback, **settings):
         model.generate(np.array([ids]), max_new_tokens, rng=self.rng, callback=lambda t: callback(int(t[0])),

@@ -174,6 +174,52 @@ def test_bench_olmoe_shape(tmp_path, monkeypatch):
 
 SHAPES_OLMOE_TINY = dict(model_type="olmoe", num_hidden_layers=1, hidden_size=32, intermediate_size=16,
                          num_attention_heads=2, num_experts=6, num_experts_per_tok=2)
+# ----------------------------------------------------------------------------------------------------------------
+# bench.py's 8-bit rows (--quantize int8) and its peer (--peer llama.cpp)
+
+
+def test_bench_int8_rows(tmp_path):
+    """--quantize int8: both twins again with int8 weights (transformers skipped, named), each row's bytes those
+    of its int8 model, and the int8 weights alone timed in a process of its own with the kernels it tried."""
+    out = tmp_path / "bench.json"
+    proc = run_cli("--shape", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1", "--budgets", "none",
+                   "--quantize", "int8", "--json", str(out), script="bench.py", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert {"olmo.py int8", "olmo_numpy.py int8", "olmo.py", "transformers"} <= set(results), results
+    assert "transformers int8" in report["skipped"]
+    for label in ("olmo.py int8", "olmo_numpy.py int8"):
+        assert "error" not in results[label] and results[label]["decode_tok_s"] > 0, results[label]
+    # tiny: 2 layers of q, k, v, o (64 x 64), gate, up (256 x 64), down (64 x 256), and the 50304 x 64 head read
+    # as int8 with a float32 scale per row; the untied embedding stays float32 and is not read per step
+    numel = 2 * (4 * 64 * 64 + 3 * 256 * 64) + 50304 * 64
+    rows = 2 * (4 * 64 + 2 * 256 + 64) + 50304
+    assert report["weight_bytes_per_step"]["int8 float32"] == numel + 4 * rows
+    assert report["weight_bytes"]["int8 float32"] == numel + 4 * rows + 4 * 50304 * 64  # OLMo 1: no norm weights
+    floor = report["floor"]["int8 float32"]
+    assert floor["step_s"] > 0 and "olmo.py's Int8Linear" in floor["kernels"], floor
+    assert "weights alone in int8 float32" in proc.stdout
+
+
+def test_bench_q8_0_bytes():
+    """llama.cpp's q8_0: 34 bytes per block of 32 weights (32 int8 and a float16 scale), the embedding too, norms
+    float32; a step reads the linear weights and the head (the embedding when tied)."""
+    shapes = {"model.embed_tokens.weight": [64, 32], "model.layers.0.mlp.up_proj.weight": [96, 32],
+              "model.norm.weight": [32], "lm_head.weight": [64, 32]}
+    total, step = bench.quantized_bytes(shapes, False, "q8_0")
+    assert step == (96 * 32 + 64 * 32) // 32 * 34 and total == step + 64 * 32 // 32 * 34 + 4 * 32
+    del shapes["lm_head.weight"]
+    total, step = bench.quantized_bytes(shapes, True, "q8_0")
+    assert step == (96 * 32 + 64 * 32) // 32 * 34 and total == step + 4 * 32
+
+
+def test_bench_peer_missing_is_one_line(tmp_path):
+    """--peer llama.cpp without the binding, or without its source tree: one line, exit status 2, before any
+    checkpoint is built."""
+    proc = run_cli("--shape", "tiny", "--peer", "llama.cpp", "--llama-cpp-src", str(tmp_path), script="bench.py")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --peer llama.cpp needs ") and \
+        proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_bench_olmo_hybrid_shape(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 import convert
 import olmo
 import olmo_numpy
+import test_quantize
 import transformers
 from conftest import ACTIVATIONS, ATOL, FP32_TOL, RTOL, assert_close, ids_for, train_tokenizer
 from test_cli import main_in_process
@@ -99,10 +100,10 @@ def save_moe(ref, path, fused=False):
     return str(path)
 
 
-def routing_gap(ref, ids, mask=None):
+def routing_gap(ref, ids, mask=None, atol=ATOL, rtol=RTOL):
     """The smallest margin, over real tokens and layers, between a token's k-th and (k+1)-th router logits in the
-    float64 reference, as a multiple of the tie allowance 2 (ATOL + RTOL |logit|): below 1, float32 may route either
-    way (see the module docstring). inf when every expert is chosen."""
+    float64 reference, as a multiple of the tie allowance 2 (atol + rtol |logit|): below 1, float32 (for ATOL, RTOL)
+    may route either way (see the module docstring). inf when every expert is chosen."""
     ref64 = copy.deepcopy(ref).double()
     mask = torch.ones_like(ids) if mask is None else mask
     with torch.no_grad():
@@ -111,7 +112,7 @@ def routing_gap(ref, ids, mask=None):
     for logits in router_logits:  # (B*T, experts) per layer
         top = logits[mask.flatten().bool()].sort(dim=-1, descending=True).values
         if k < top.shape[-1]:
-            margin = (top[:, k - 1] - top[:, k]) / (2 * (ATOL + RTOL * top.abs().max(dim=-1).values))
+            margin = (top[:, k - 1] - top[:, k]) / (2 * (atol + rtol * top.abs().max(dim=-1).values))
             gap = min(gap, margin.min().item())
     return gap
 
@@ -421,6 +422,34 @@ def test_convert_rewrites_moe_checkpoints(kind, tmp_path):
     assert config == {**json.loads((tmp_path / "src" / "config.json").read_text()), "dtype": "bfloat16"}
     with pytest.raises(convert.ConversionError, match=r"lacks 24 tensor.*experts\.0\.gate_proj\.weight"):
         convert.convert(save_moe(ref, tmp_path / "fused", fused=True), tmp_path / "dst2")
+
+
+def test_int8_quantizes_the_experts_and_keeps_the_router(tmp_path):
+    """--quantize int8: every expert's weights become int8 while the router stays as the checkpoint has it (as
+    llama.cpp keeps it), in both twins; the logits are those of the float model whose linear weights are the
+    dequantized ones, within test_quantize.py's INT8_TOL (olmo.py) and ATOL / RTOL (the twin, which dequantizes
+    in float32), on weights whose routing has no near tie at INT8_TOL."""
+    cfg = {"model_type": "olmoe", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 3,
+           "pad_token_id": 1, "eos_token_id": None}
+    path = save_moe(moe_reference(cfg, 8), tmp_path / "float")
+    dequantized = test_quantize.dequantized_checkpoint(path, str(tmp_path / "dequantized"), False)
+    ids = ids_for(cfg, 1, 5, 8)  # with these weights, a routing far from any tie at INT8_TOL (1.5 x the allowance)
+    reference = transformers.OlmoeForCausalLM.from_pretrained(dequantized).eval()
+    reference.set_experts_implementation("eager")
+    assert routing_gap(reference, ids, **test_quantize.INT8_TOL) > 1
+    model = olmo.OlmoForCausalLM.from_pretrained(path, quantize="int8")
+    twin = olmo_numpy.OlmoForCausalLM.from_pretrained(path, quantize="int8")
+    router = load_file(os.path.join(path, "model.safetensors"))["model.layers.1.mlp.gate.weight"]
+    layer = model.model.layers[1].mlp
+    assert type(layer.gate) is torch.nn.Linear and torch.equal(layer.gate.weight, router)
+    assert all(isinstance(expert.down_proj, olmo.Int8Linear) for expert in layer.experts)
+    assert np.array_equal(twin.weights["model.layers.1.mlp.gate.weight"], router.numpy())
+    assert twin.weights["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == np.int8
+    with torch.no_grad():
+        expected = olmo.OlmoForCausalLM.from_pretrained(dequantized)(ids)
+        assert_close(model(ids).float(), expected, **test_quantize.INT8_TOL)
+    assert_close(twin(ids.numpy()), expected.numpy())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -633,8 +633,16 @@ def test_prompt_file_from_a_pipe_and_ctrl_c_while_waiting(cli_checkpoint, tmp_pa
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "olmo_numpy.py"), "--model", cli_checkpoint[0],
                              "--prompt-file", str(fifo), "--max-new-tokens", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    with open(fifo, "w") as f:
-        f.write("Language")
+    deadline = time.monotonic() + 60
+    while True:  # the write end, once the CLI has opened the read end (ENXIO until then)
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+    os.write(writer, b"Language")
+    os.close(writer)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.startswith("Language"), err
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "olmo_numpy.py"), "--model", cli_checkpoint[0],

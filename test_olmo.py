@@ -871,6 +871,18 @@ def test_numpy_missing_paths_and_bin_checkpoints(tmp_path, monkeypatch):
         olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))
 
 
+def test_cpu_head_layout_by_dtype(small_checkpoint):
+    """On the CPU the float32 head is stored column by column (column_major: torch's float32 product is faster
+    so), the bfloat16 one by rows (its product is faster by rows) and the int8 one as its kernel takes it; the
+    values are the checkpoint's in every layout."""
+    path, ref = small_checkpoint
+    for dtype, by_columns in ((torch.float32, True), (torch.bfloat16, False)):
+        head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype).lm_head.weight
+        assert (head.stride(0) == 1) == by_columns, dtype
+        assert torch.equal(head, ref.lm_head.weight.detach().to(dtype))
+    assert olmo.OlmoForCausalLM.from_pretrained(path, quantize="int8").lm_head.weight.is_contiguous()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: files that are wrong
 
