@@ -305,7 +305,7 @@ def causal_mask(query_slots, key_valid, window=None):
 
 
 class KVCache(nn.Module):
-    """Keys and values of every slot so far, (B, KV, S, D), written in place (see grow_cache)."""
+    """Keys and values of every slot so far, (B, KV, S, D), written in place (see setup_cache)."""
 
     def __init__(self, batch_size, length, config, dtype, device):
         super().__init__()
@@ -334,7 +334,7 @@ class OlmoAttention(nn.Module):
         if config.qk_norm:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
             self.q_norm = make_norm(config, self.num_heads * self.head_dim)
             self.k_norm = make_norm(config, self.num_kv_heads * self.head_dim)
-        self.kv_cache = None  # set by OlmoForCausalLM.grow_cache
+        self.kv_cache = None  # set by OlmoForCausalLM.setup_cache
 
     def forward(self, x, cos, sin, mask, slots=None):
         """x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may attend; or None: plain
@@ -682,44 +682,40 @@ class OlmoForCausalLM(nn.Module):
         """The layers' token mixers of one kind: "self_attn" (attention) or, Olmo Hybrid, "linear_attn"."""
         return [getattr(layer, name) for layer in self.model.layers if layer.mixer == name]
 
-    def grow_cache(self, batch_size, needed):
-        """Make every attention layer's cache hold `needed` slots (a power of two, see setup_cache), keeping
-        what it holds."""
+    def setup_cache(self, attention_mask, length):
+        """Make room for `length` slots for attention_mask's batch (B, T), keeping what the cache holds;
+        key_valid (B, S): which slots hold real tokens (not the prompt's padding). The cache grows to, and steps
+        attend over, S = `length` rounded up to a power of two (at least 256): a static shape per doubling (as
+        torch.compile and CUDA graphs need), at most twice what is filled; a large max_new_tokens costs nothing
+        until its tokens are produced."""
+        B = attention_mask.shape[0]
+        width = max(256, 1 << (length - 1).bit_length())
+        self.key_valid = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]), value=True)
         weight = self.model.embed_tokens.weight  # the cache takes the model's dtype and device (not the head's:
         # it may be int8)
         attns = self.mixers("self_attn")  # Olmo Hybrid: not its Gated DeltaNet layers, which keep a state
         cache = attns[0].kv_cache
-        k = None if cache is None else cache.k_cache  # (B, KV, length, D)
-        same = k is not None and (k.shape[0], k.dtype, k.device) == (batch_size, weight.dtype, weight.device)
-        length = k.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
-        if needed <= length:
+        k = None if cache is None else cache.k_cache  # (B, KV, S, D)
+        same = k is not None and (k.shape[0], k.dtype, k.device) == (B, weight.dtype, weight.device)
+        filled = k.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
+        if width <= filled:
             return
         self.cached_ids = self.cached_ids if same else []
-        self.slots = torch.arange(needed, device=weight.device)
+        self.slots = torch.arange(width, device=weight.device)
         try:
             for attn in attns:
                 old = attn.kv_cache
                 attn.kv_cache = None  # free before allocating
-                new = KVCache(batch_size, needed, self.config, weight.dtype, weight.device)
-                if length:
-                    new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
+                new = KVCache(B, width, self.config, weight.dtype, weight.device)
+                if filled:
+                    new.k_cache[:, :, :filled], new.v_cache[:, :, :filled] = old.k_cache, old.v_cache
                 attn.kv_cache = new
         except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             for attn in attns:
                 attn.kv_cache = None
             if isinstance(e, (RuntimeError, MemoryError)):  # torch reports a failed allocation as a RuntimeError
-                raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+                raise MemoryError(f"out of memory growing the KV cache to {width} tokens") from e
             raise
-
-    def setup_cache(self, attention_mask, length):
-        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
-        hold real tokens (not the prompt's padding). The cache grows to, and steps attend over, S = `length`
-        rounded up to a power of two (at least 256): a static shape per doubling (as torch.compile and CUDA
-        graphs need), at most twice what is filled; a large max_new_tokens costs nothing until its tokens
-        are produced."""
-        width = max(256, 1 << (length - 1).bit_length())
-        self.grow_cache(attention_mask.shape[0], width)
-        self.key_valid = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]), value=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
         """input_ids, attention_mask (B, T), cache slots < start already filled -> the last position's logits
