@@ -838,7 +838,9 @@ class OlmoForCausalLM(nn.Module):
         dtype = dtype or getattr(torch, config.dtype or "float32")
         with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
             model = cls(config)
-        state_dict = load_state_dict(path)
+        state_dict = {}  # every tensor of the checkpoint, memory-mapped (pages read on demand, never copied)
+        for name in weight_files(path):
+            state_dict.update(load_file(os.path.join(path, name)))
         if config.moe:  # OLMoE
             state_dict = split_fused_experts(state_dict, config)
         if "linear_attention" in config.layer_types:  # Olmo Hybrid
@@ -913,14 +915,6 @@ def resolve_checkpoint(path, revision=None):
         return path
     import cli
     return cli.fetch_checkpoint(path, revision)
-
-
-def load_state_dict(path):
-    """Every tensor of the checkpoint, memory-mapped (the file's pages are read on demand, never copied)."""
-    state_dict = {}
-    for name in weight_files(path):
-        state_dict.update(load_file(os.path.join(path, name)))
-    return state_dict
 
 
 def join_hub_layout(state_dict):
@@ -1066,28 +1060,26 @@ class Int8Linear(nn.Module):
     def __init__(self, weight, scale, bias):
         super().__init__()
         self.register_buffer("weight", weight)  # (out, in) int8
-        # (out,) in bfloat16, as the CPU kernel takes it (int8_matmul): casting it in the step instead breaks
+        # (out,) in bfloat16, as the CPU kernel takes it (see forward): casting it in the step instead breaks
         # torch.compile (torch 2.13's lowering of _weight_int8pack_mm wants its inputs stored, not computed)
         self.register_buffer("scale", scale.bfloat16())
         self.bias = bias  # nn.Linear's parameter (loaded with the other tensors) or None
 
     def forward(self, x):
-        y = int8_matmul(x, self.weight, self.scale)
+        """x (..., in) @ (weight * scale).T -> (..., out) in x's dtype: the one place that picks the kernel.
+        On the CPU, torch's _weight_int8pack_mm streams the int8 weight, but only with bfloat16 activations (17-18
+        GB/s of int8 on one core of an AMD EPYC, about what bfloat16 weights reach); with float32 ones it takes a
+        path 10x slower (1.6 GB/s), and dequantizing the weight for each product is slower still (0.5-1 GB/s). So
+        a float32 model's activations enter the product as bfloat16 (8 significant bits, as many as the weight
+        has), and the result returns as float32. Elsewhere: dequantize in the product (on CUDA torch.compile fuses
+        it, as gpt-fast)."""
+        if x.device.type == "cpu":
+            rows = x.reshape(-1, x.shape[-1]).bfloat16()  # (N, in)
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)  # (N, out) bfloat16
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
-
-
-def int8_matmul(x, weight, scale):
-    """x (..., in) @ (weight * scale).T -> (..., out) in x's dtype: the one place that picks the kernel.
-    On the CPU, torch's _weight_int8pack_mm streams the int8 weight, but only with bfloat16 activations (17-18 GB/s
-    of int8 on one core of an AMD EPYC, about what bfloat16 weights reach); with float32 ones it takes a path 10x
-    slower (1.6 GB/s), and dequantizing the weight for each product is slower still (0.5-1 GB/s). So a float32
-    model's activations enter the product as bfloat16 (8 significant bits, as many as the weight has), and the
-    result returns as float32. Elsewhere: dequantize in the product (on CUDA torch.compile fuses it, as gpt-fast)."""
-    if x.device.type == "cpu":
-        rows = x.reshape(-1, x.shape[-1]).bfloat16()  # (N, in)
-        y = torch.ops.aten._weight_int8pack_mm(rows, weight, scale)  # (N, out) bfloat16
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
-    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
 
 
 def quantize_rows(w):
