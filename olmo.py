@@ -54,7 +54,9 @@ import torch.nn.functional as F
 @dataclass
 class OlmoConfig:
     """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
-    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
+    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end).
+    __post_init__ adds what the family (model_type's row of FAMILIES) switches on: qk_norm (OLMo 2's RMSNorm and
+    QK-norm), norm_after (OLMo 2's norm placement) and moe (OLMoE's experts)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe", "flex_olmo" or "olmo_hybrid" (config.json says)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -106,7 +108,8 @@ class OlmoConfig:
                 "or trainer checkpoints run convert.py first)")
         self.qk_norm, self.norm_after, self.moe, other, rope_theta = FAMILIES[self.model_type]
         check_fields(self)
-        # OLMo 3, Olmo Hybrid: 3 layers in 4 of the other type, unless listed (the other families read no list)
+        # Every layer attends to all earlier tokens but in OLMo 3 and Olmo Hybrid, where 3 layers in 4 are of their
+        # other type unless config.json lists them (as transformers, the other families read no list)
         if self.layer_types is None or other == "full_attention":
             self.layer_types = [other if i % 4 != 3 else "full_attention" for i in range(self.num_hidden_layers)]
             if other == "linear_attention" and "full_attention" not in self.layer_types:  # Olmo Hybrid: < 4
