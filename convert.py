@@ -224,10 +224,10 @@ def read_checkpoint(src: Path):
         if raw.get("model_type") == "olmo_hybrid":  # Olmo Hybrid: its hub layout is read as it is
             raise ConversionError(f"{src} is an Olmo Hybrid checkpoint, published in the transformers layout only: "
                                   "olmo.py and olmo_numpy.py read it as it is, with no conversion")
-        if raw.get("model_type") in olmo.MODEL_TYPES:
+        if raw.get("model_type") in olmo.FAMILIES:
             return "transformers", *read_transformers_layout(src, raw)
         raise ConversionError(f"{src / 'config.json'}: model_type {raw.get('model_type')!r} is not one of "
-                              f"{', '.join(olmo.MODEL_TYPES)}")
+                              f"{', '.join(olmo.FAMILIES)}")
     if os.path.lexists(src / "config.yaml"):
         model = read_yaml_model(src / "config.yaml", src)
         # config.yaml holds only the trainer's settings, so one it doesn't know may be a newer feature.

@@ -54,7 +54,9 @@ import torch.nn.functional as F
 @dataclass
 class OlmoConfig:
     """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
-    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
+    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end).
+    __post_init__ adds what the family (model_type's row of FAMILIES) switches on: qk_norm (OLMo 2's RMSNorm and
+    QK-norm), norm_after (OLMo 2's norm placement) and moe (OLMoE's experts)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe", "flex_olmo" or "olmo_hybrid" (config.json says)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -99,48 +101,28 @@ class OlmoConfig:
 
     def __post_init__(self):
         """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
-        of the fields it relies on."""
+        of the fields it relies on. The family's row of FAMILIES says what differs from OLMo 1."""
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        require(self, self.model_type in FAMILIES, "model_type", f"one of {', '.join(FAMILIES)} (for 'hf_olmo' "
+                "or trainer checkpoints run convert.py first)")
+        self.qk_norm, self.norm_after, self.moe, other, rope_theta = FAMILIES[self.model_type]
         check_fields(self)
-        rope_theta = 10000.0  # RoPE's base, where config.json gives none
-        if self.model_type == "flex_olmo":  # FlexOlmo: OLMo 2 7B's base
-            rope_theta = 500000.0
-        layer_types = ["full_attention"] * self.num_hidden_layers  # every layer attends to all earlier tokens
-        if self.model_type == "olmo3":  # OLMo 3: 3 sliding-window layers in 4, unless config.json lists them
-            rope_theta = 500000.0
-            if self.sliding_window is None:
-                self.sliding_window = 4096
-            pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
-            layer_types = pattern if self.layer_types is None else self.layer_types
-        if self.model_type == "olmo_hybrid":  # Olmo Hybrid: 3 Gated DeltaNet layers in 4, unless listed
-            pattern = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(self.num_hidden_layers)]
-            if "full_attention" not in pattern:  # fewer than 4 layers: the last one attends
-                pattern[-1] = "full_attention"
-            layer_types = pattern if self.layer_types is None else self.layer_types
+        # Every layer attends to all earlier tokens but in OLMo 3 and Olmo Hybrid, where 3 layers in 4 are of their
+        # other type unless config.json lists them (as transformers, the other families read no list)
+        if self.layer_types is None or other == "full_attention":
+            self.layer_types = [other if i % 4 != 3 else "full_attention" for i in range(self.num_hidden_layers)]
+            if other == "linear_attention" and "full_attention" not in self.layer_types:  # Olmo Hybrid: < 4
+                self.layer_types[-1] = "full_attention"  # layers: the last one attends
+        if other == "sliding_attention" and self.sliding_window is None:  # OLMo 3
+            self.sliding_window = 4096
+        self.rope_parameters = rope_per_layer_type(self, other, rope_theta)
+        if "linear_attention" in self.layer_types:  # Olmo Hybrid
             fill_linear_attention(self)
-        self.layer_types = layer_types
-        self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def qk_norm(self):
-        """OLMo 2 and every later model: RMSNorm with weights, and a norm on the queries and keys."""
-        return self.model_type != "olmo"
-
-    @property
-    def norm_after(self):
-        """OLMo 2 and 3 (and FlexOlmo, Olmo Hybrid's attention layers): the norm after each sublayer, not before
-        it (see OlmoDecoderLayer)."""
-        return self.model_type in ("olmo2", "olmo3", "flex_olmo", "olmo_hybrid")
-
-    @property
-    def moe(self):
-        """OLMoE and FlexOlmo: a mixture of experts in each MLP's place (see OlmoeSparseMoeBlock)."""
-        return self.model_type in ("olmoe", "flex_olmo")
 
     @property
     def dynamic_rope(self):
@@ -326,7 +308,7 @@ def causal_mask(query_slots, key_valid, window=None):
 
 
 class KVCache(nn.Module):
-    """Keys and values of every slot so far, (B, KV, S, D), written in place (see grow_cache)."""
+    """Keys and values of every slot so far, (B, KV, S, D), written in place (see setup_cache)."""
 
     def __init__(self, batch_size, length, config, dtype, device):
         super().__init__()
@@ -355,7 +337,7 @@ class OlmoAttention(nn.Module):
         if config.qk_norm:  # OLMo 2: QK-norm over all heads at once keeps attention logits from blowing up
             self.q_norm = make_norm(config, self.num_heads * self.head_dim)
             self.k_norm = make_norm(config, self.num_kv_heads * self.head_dim)
-        self.kv_cache = None  # set by OlmoForCausalLM.grow_cache
+        self.kv_cache = None  # set by OlmoForCausalLM.setup_cache
 
     def forward(self, x, cos, sin, mask, slots=None):
         """x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may attend; or None: plain
@@ -703,44 +685,40 @@ class OlmoForCausalLM(nn.Module):
         """The layers' token mixers of one kind: "self_attn" (attention) or, Olmo Hybrid, "linear_attn"."""
         return [getattr(layer, name) for layer in self.model.layers if layer.mixer == name]
 
-    def grow_cache(self, batch_size, needed):
-        """Make every attention layer's cache hold `needed` slots (a power of two, see setup_cache), keeping
-        what it holds."""
+    def setup_cache(self, attention_mask, length):
+        """Make room for `length` slots for attention_mask's batch (B, T), keeping what the cache holds;
+        key_valid (B, S): which slots hold real tokens (not the prompt's padding). The cache grows to, and steps
+        attend over, S = `length` rounded up to a power of two (at least 256): a static shape per doubling (as
+        torch.compile and CUDA graphs need), at most twice what is filled; a large max_new_tokens costs nothing
+        until its tokens are produced."""
+        B = attention_mask.shape[0]
+        width = max(256, 1 << (length - 1).bit_length())
+        self.key_valid = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]), value=True)
         weight = self.model.embed_tokens.weight  # the cache takes the model's dtype and device (not the head's:
         # it may be int8)
         attns = self.mixers("self_attn")  # Olmo Hybrid: not its Gated DeltaNet layers, which keep a state
         cache = attns[0].kv_cache
-        k = None if cache is None else cache.k_cache  # (B, KV, length, D)
-        same = k is not None and (k.shape[0], k.dtype, k.device) == (batch_size, weight.dtype, weight.device)
-        length = k.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
-        if needed <= length:
+        k = None if cache is None else cache.k_cache  # (B, KV, S, D)
+        same = k is not None and (k.shape[0], k.dtype, k.device) == (B, weight.dtype, weight.device)
+        filled = k.shape[2] if same else 0  # a new batch size, dtype or device keeps nothing
+        if width <= filled:
             return
         self.cached_ids = self.cached_ids if same else []
-        self.slots = torch.arange(needed, device=weight.device)
+        self.slots = torch.arange(width, device=weight.device)
         try:
             for attn in attns:
                 old = attn.kv_cache
                 attn.kv_cache = None  # free before allocating
-                new = KVCache(batch_size, needed, self.config, weight.dtype, weight.device)
-                if length:
-                    new.k_cache[:, :, :length], new.v_cache[:, :, :length] = old.k_cache, old.v_cache
+                new = KVCache(B, width, self.config, weight.dtype, weight.device)
+                if filled:
+                    new.k_cache[:, :, :filled], new.v_cache[:, :, :filled] = old.k_cache, old.v_cache
                 attn.kv_cache = new
         except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             for attn in attns:
                 attn.kv_cache = None
             if isinstance(e, (RuntimeError, MemoryError)):  # torch reports a failed allocation as a RuntimeError
-                raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+                raise MemoryError(f"out of memory growing the KV cache to {width} tokens") from e
             raise
-
-    def setup_cache(self, attention_mask, length):
-        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
-        hold real tokens (not the prompt's padding). The cache grows to, and steps attend over, S = `length`
-        rounded up to a power of two (at least 256): a static shape per doubling (as torch.compile and CUDA
-        graphs need), at most twice what is filled; a large max_new_tokens costs nothing until its tokens
-        are produced."""
-        width = max(256, 1 << (length - 1).bit_length())
-        self.grow_cache(attention_mask.shape[0], width)
-        self.key_valid = F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1]), value=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
         """input_ids, attention_mask (B, T), cache slots < start already filled -> the last position's logits
@@ -863,7 +841,9 @@ class OlmoForCausalLM(nn.Module):
         dtype = dtype or getattr(torch, config.dtype or "float32")
         with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
             model = cls(config)
-        state_dict = load_state_dict(path)
+        state_dict = {}  # every tensor of the checkpoint, memory-mapped (pages read on demand, never copied)
+        for name in weight_files(path):
+            state_dict.update(load_file(os.path.join(path, name)))
         if config.moe:  # OLMoE
             state_dict = split_fused_experts(state_dict, config)
         if "linear_attention" in config.layer_types:  # Olmo Hybrid
@@ -938,14 +918,6 @@ def resolve_checkpoint(path, revision=None):
         return path
     import cli
     return cli.fetch_checkpoint(path, revision)
-
-
-def load_state_dict(path):
-    """Every tensor of the checkpoint, memory-mapped (the file's pages are read on demand, never copied)."""
-    state_dict = {}
-    for name in weight_files(path):
-        state_dict.update(load_file(os.path.join(path, name)))
-    return state_dict
 
 
 def join_hub_layout(state_dict):
@@ -1091,28 +1063,26 @@ class Int8Linear(nn.Module):
     def __init__(self, weight, scale, bias):
         super().__init__()
         self.register_buffer("weight", weight)  # (out, in) int8
-        # (out,) in bfloat16, as the CPU kernel takes it (int8_matmul): casting it in the step instead breaks
+        # (out,) in bfloat16, as the CPU kernel takes it (see forward): casting it in the step instead breaks
         # torch.compile (torch 2.13's lowering of _weight_int8pack_mm wants its inputs stored, not computed)
         self.register_buffer("scale", scale.bfloat16())
         self.bias = bias  # nn.Linear's parameter (loaded with the other tensors) or None
 
     def forward(self, x):
-        y = int8_matmul(x, self.weight, self.scale)
+        """x (..., in) @ (weight * scale).T -> (..., out) in x's dtype: the one place that picks the kernel.
+        On the CPU, torch's _weight_int8pack_mm streams the int8 weight, but only with bfloat16 activations (17-18
+        GB/s of int8 on one core of an AMD EPYC, about what bfloat16 weights reach); with float32 ones it takes a
+        path 10x slower (1.6 GB/s), and dequantizing the weight for each product is slower still (0.5-1 GB/s). So
+        a float32 model's activations enter the product as bfloat16 (8 significant bits, as many as the weight
+        has), and the result returns as float32. Elsewhere: dequantize in the product (on CUDA torch.compile fuses
+        it, as gpt-fast)."""
+        if x.device.type == "cpu":
+            rows = x.reshape(-1, x.shape[-1]).bfloat16()  # (N, in)
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)  # (N, out) bfloat16
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
-
-
-def int8_matmul(x, weight, scale):
-    """x (..., in) @ (weight * scale).T -> (..., out) in x's dtype: the one place that picks the kernel.
-    On the CPU, torch's _weight_int8pack_mm streams the int8 weight, but only with bfloat16 activations (17-18 GB/s
-    of int8 on one core of an AMD EPYC, about what bfloat16 weights reach); with float32 ones it takes a path 10x
-    slower (1.6 GB/s), and dequantizing the weight for each product is slower still (0.5-1 GB/s). So a float32
-    model's activations enter the product as bfloat16 (8 significant bits, as many as the weight has), and the
-    result returns as float32. Elsewhere: dequantize in the product (on CUDA torch.compile fuses it, as gpt-fast)."""
-    if x.device.type == "cpu":
-        rows = x.reshape(-1, x.shape[-1]).bfloat16()  # (N, in)
-        y = torch.ops.aten._weight_int8pack_mm(rows, weight, scale)  # (N, out) bfloat16
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
-    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
 
 
 def quantize_rows(w):
@@ -1169,13 +1139,7 @@ def config_from_dict(cls, d, source):
         given = given if "rope_theta" in given else d
         if d.get("model_type") == "olmo_hybrid" and "rope_theta" in given and given["rope_theta"] is None:
             d["rope_parameters"] = {"rope_type": "none"}
-        theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
-        if d.get("rope_parameters") is None:  # transformers 4.x
-            if not isinstance(scaling, (dict, type(None))):
-                raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
-            d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
-        else:  # transformers 5's key, maybe with 4.x's beside it
-            d["rope_parameters"] = with_legacy_rope_keys(d["rope_parameters"], theta, scaling, d.get("model_type"))
+        d["rope_parameters"] = read_rope_keys(d)
         known = {f.name: f.type for f in fields(cls)}
         # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; router settings this
         # file doesn't implement (or spells otherwise, as num_local_experts) are refused, not ignored
@@ -1192,38 +1156,52 @@ def config_from_dict(cls, d, source):
         raise ValueError(f"{source}: {e}") from None
 
 
-def with_legacy_rope_keys(rope, theta, scaling, model_type):
-    """rope_parameters with transformers 4's rope_theta or rope_scaling beside it (what a user gets who follows
-    an old guide and adds "rope_scaling" to a transformers 5 config), read as transformers 5 reads them
-    (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling takes rope_parameters' place, and rope_theta
-    is the base wherever none is given (10000 if none is). Where that would drop a setting rope_parameters
-    makes (a scaling of its own, a different base), or where transformers has no reading (OLMo 3's RoPE per
-    layer type: it keeps a half-merged dict, or fails), the file contradicts itself: refused, naming both keys."""
-    if not isinstance(rope, dict) or not isinstance(scaling, (dict, type(None))):
-        return rope  # not objects: the field checks name them
-    if scaling:
-        replaced = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
-        wanted = {"rope_type" if k == "type" else k: v for k, v in scaling.items() if k != "rope_theta"}
-        base = scaling.get("rope_theta", 10000.0 if theta is None else theta)
-        lost = replaced not in ({}, {"rope_type": "default"}, wanted) or rope.get("rope_theta", base) != base
-        if lost or model_type == "olmo3":
+def read_rope_keys(d):
+    """config.json's RoPE keys -> its rope_parameters. Beside transformers 5's rope_parameters, 4.x's rope_theta
+    and rope_scaling (what a user gets who follows an old guide and adds "rope_scaling" to a transformers 5
+    config) are read as transformers 5 reads them (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling
+    takes rope_parameters' place, and rope_theta is the base wherever none is given (10000 if none is). Where that
+    would drop a setting rope_parameters makes (a scaling of its own, a different base), or where transformers
+    has no reading (OLMo 3's RoPE per layer type: it keeps a half-merged dict, or fails), the file contradicts
+    itself: refused, naming both keys."""
+    theta, scaling, rope = d.pop("rope_theta", None), d.pop("rope_scaling", None), d.get("rope_parameters")
+    if not isinstance(scaling, (dict, type(None))):
+        raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
+    if not isinstance(rope, (dict, type(None))):
+        return rope  # not an object: the field checks name it
+    if rope is None or scaling:  # 4.x's keys alone, or rope_scaling in rope_parameters' place
+        taken = {**(scaling or {}), "rope_theta": (scaling or {}).get("rope_theta", theta)}
+        base = 10000.0 if taken["rope_theta"] is None else taken["rope_theta"]
+        said = {("rope_type" if k == "type" else k): v for k, v in (rope or {}).items()}
+        kept = {("rope_type" if k == "type" else k): v for k, v in {**taken, "rope_theta": base}.items()}
+        dropped = [k for k, v in said.items() if kept.get(k) != v and (k, v) != ("rope_type", "default")]
+        if dropped or rope is not None and d.get("model_type") == "olmo3":
             raise ValueError(f"rope_parameters {rope} and rope_scaling {scaling} disagree (transformers 5 would "
                              "take rope_scaling in place of rope_parameters); keep one of them")
-        return {**scaling, "rope_theta": base}
-    if theta is None:
-        return rope
+        return taken
     rope = {key: dict(value) if isinstance(value, dict) else value for key, value in rope.items()}
     per_type = [rope[kind] for kind in ("full_attention", "sliding_attention") if isinstance(rope.get(kind), dict)]
-    for settings in per_type or [rope]:
+    for settings in per_type or [rope]:  # rope_theta fills in the base of each layer type that gives none
         if settings.get("rope_theta") is None:
             settings["rope_theta"] = theta
-        if settings["rope_theta"] != theta:
+        if theta is not None and settings["rope_theta"] != theta:
             raise ValueError(f"rope_theta {theta} and rope_parameters' rope_theta {settings['rope_theta']} "
                              "disagree (transformers 5 would ignore rope_theta); keep one of them")
     return rope
 
 
-MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "olmo_hybrid")  # the model_types this file reads
+# The families this file reads, by model_type, and what each changes from OLMo 1: OLMo 2's RMSNorm with weights and
+# QK-norm; OLMo 2's norms after each sublayer, not before (see OlmoDecoderLayer); OLMoE's experts in each MLP's
+# place (see OlmoeSparseMoeBlock); the type of 3 layers in 4, the 4th attending to every earlier token (OLMo 3's
+# sliding window, Olmo Hybrid's Gated DeltaNet); RoPE's base where config.json gives none.
+FAMILIES = {  # model_type: (qk_norm, norm_after, moe, other layer type, RoPE base)
+    "olmo": (False, False, False, "full_attention", 10000.0),
+    "olmo2": (True, True, False, "full_attention", 10000.0),  # OLMo 2
+    "olmo3": (True, True, False, "sliding_attention", 500000.0),  # OLMo 3
+    "olmoe": (True, False, True, "full_attention", 10000.0),  # OLMoE
+    "flex_olmo": (True, True, True, "full_attention", 500000.0),  # FlexOlmo: OLMo 2 7B's base
+    "olmo_hybrid": (True, True, False, "linear_attention", 10000.0),  # Olmo Hybrid: its attention layers as OLMo 3's
+}
 # OLMoE, FlexOlmo, Olmo Hybrid: where transformers' configs for them default otherwise than OlmoConfig
 FAMILY_DEFAULTS = {
     "olmoe": dict(hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
@@ -1254,8 +1232,6 @@ def require(config, ok, name, what):
 
 def check_fields(c):
     """The ranges of the fields every generation has, and how they fit together (OlmoConfig.__post_init__)."""
-    require(c, c.model_type in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)} (for 'hf_olmo' or "
-            "trainer checkpoints run convert.py first)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings", "linear_conv_kernel_dim"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
@@ -1285,17 +1261,17 @@ def check_fields(c):
         require(c, math.isfinite(c.router_aux_loss_coef), "router_aux_loss_coef", "a finite number")
 
 
-def rope_per_layer_type(c, default_theta):
+def rope_per_layer_type(c, other, default_theta):
     """Checks layer_types (OLMo 3's, Olmo Hybrid's) and sliding_window; then rope_parameters, flat or per
     layer type -> {layer type: its settings checked, every default filled}, for the layer types the model has
     (but Olmo Hybrid's Gated DeltaNet layers, which have no RoPE)."""
-    kinds = {"full_attention", "linear_attention" if c.model_type == "olmo_hybrid" else "sliding_attention"}
+    kinds = {"full_attention", other}
     require(c, len(c.layer_types) == c.num_hidden_layers and set(c.layer_types) <= kinds, "layer_types",
             f"{c.num_hidden_layers} of {' or '.join(map(repr, sorted(kinds)))}")
     # Olmo Hybrid: a layer of each kind, as transformers asks (generation needs a KV cache to size)
-    require(c, c.model_type != "olmo_hybrid" or len(set(c.layer_types)) == 2, "layer_types", "of both kinds")
+    require(c, other != "linear_attention" or len(set(c.layer_types)) == 2, "layer_types", "of both kinds")
     # OLMo 3: a window holds at least the query itself
-    require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
+    require(c, other != "sliding_attention" or 1 <= c.sliding_window, "sliding_window", ">= 1")
     rope = c.rope_parameters or {}
     require(c, isinstance(rope, dict), "rope_parameters", "an object")
     if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings

@@ -1,11 +1,11 @@
-"""Tests: --quantize int8 (olmo.py's Int8Linear and int8_matmul, the NumPy twin's quantize_rows and linear).
+"""Tests: --quantize int8 (olmo.py's Int8Linear, the NumPy twin's quantize_rows and linear).
 
 Int8 weights are the checkpoint's, quantized at load: each row of each linear weight (the head's included) gets
 one float32 scale = max |row| / 127 and int8 q = round(w / scale). So the int8 model is, exactly, a float model
 whose linear weights are q * scale (the "dequantized" weights): the tests compare it with that float model,
 loaded from a checkpoint holding q * scale, and bound how far quantization moves greedy tokens and perplexity.
 
-INT8_TOL: on the CPU, olmo.py's int8 product (int8_matmul: torch's _weight_int8pack_mm) takes its activations and
+INT8_TOL: on the CPU, olmo.py's int8 product (Int8Linear: torch's _weight_int8pack_mm) takes its activations and
 scales as bfloat16 and returns bfloat16, whatever the model's dtype: each product rounds its input, its scale and
 its output to 8 significant bits, 2^-9 relative each (bfloat16's unit roundoff; the sum itself is float32), so an
 output moves by at most 3 x 2^-9 = 1.5 x 2^-8 of the sum of |terms| (activations O(1), conftest's docstring). A
@@ -187,7 +187,7 @@ print(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(
 
 
 def test_int8_compiled_decode_gives_eager_tokens(tmp_path):
-    """--compile --quantize int8 through the CLI's own loader: the compiled step (inductor lowers int8_matmul's
+    """--compile --quantize int8 through the CLI's own loader: the compiled step (inductor lowers Int8Linear's
     kernel) gives the eager int8 model's greedy tokens. (A scale cast inside the step failed to compile.)"""
     cfg = dict(SMALL, model_type="olmo2")
     path = save(reference_model(cfg, seed=2), str(tmp_path / "float"))
