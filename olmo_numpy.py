@@ -309,12 +309,11 @@ def attend(q, k, v, mask):
     return y
 
 
-def attention(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
-    """Layer i's self-attention: x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may
+def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
+    """Self-attention, its weights under `name` (model.layers.N.self_attn): x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may
     attend. cache (k_cache, v_cache), each (B, KV, length, D), and slots (T,): the cache slots to write k and
     v to, then attend over the cache's first S (the filled ones: S is the mask's width); None: no cache,
     attend only within x (S = T)."""
-    name = f"model.layers.{i}.self_attn"
     B, T, _ = x.shape
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = linear(x, weights, f"{name}.q_proj")  # (B, T, H*D)
@@ -395,15 +394,15 @@ def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk=64):
     return np.concatenate(outputs, axis=2), state
 
 
-def gated_delta_net(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
-    """Olmo Hybrid's token mixer in layer i, a "linear_attention" one: x (B, T, hidden) -> (B, T, hidden),
-    attention's signature; cos, sin and slots unused (the order of tokens is in the recurrence). mask (B, T)
-    bool: False at padding. cache: a dict whose "state" (the convolution's last K - 1 inputs, S) this call
-    continues from (None: zeros) and replaces (generation); None: start from zeros, keep nothing.
+def gated_delta_net(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
+    """Olmo Hybrid's token mixer in a "linear_attention" layer, its weights under `name`
+    (model.layers.N.linear_attn): x (B, T, hidden) -> (B, T, hidden), attention's signature; cos, sin and slots
+    unused (the order of tokens is in the recurrence). mask (B, T) bool: False at padding. cache: a dict whose
+    "state" (the convolution's last K - 1 inputs, S) this call continues from (None: zeros) and replaces
+    (generation); None: start from zeros, keep nothing.
     q, k and v pass a short causal convolution (each channel sees its last linear_conv_kernel_dim inputs); each
     of the Hv value heads has its own state and shares q and k with the Hv / Hk heads beside it (as GQA shares
     keys). The output is normalised per head and gated."""
-    name = f"model.layers.{i}.linear_attn"
     B, T, _ = x.shape
     Hk, Hv = config.linear_num_key_heads, config.linear_num_value_heads
     dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
@@ -476,18 +475,16 @@ ACT2FN = {"silu": silu, "swish": silu, "gelu": gelu, "gelu_new": gelu_tanh, "gel
           "relu": lambda x: np.maximum(x, 0.0)}
 
 
-def mlp(weights, i, config, x, expert=None):
-    """Layer i's gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x)). OLMoE: its expert `expert`."""
-    name = f"model.layers.{i}.mlp"
-    if expert is not None:  # OLMoE
-        name = f"{name}.experts.{expert}"
+def mlp(weights, name, config, x):
+    """The gated MLP (SwiGLU with silu) under `name` (model.layers.N.mlp; OLMoE: model.layers.N.mlp.experts.E):
+    down(act(gate(x)) * up(x))."""
     act = ACT2FN[config.hidden_act]
     gate = act(linear(x, weights, f"{name}.gate_proj"))  # (B, T, hidden) -> (B, T, intermediate)
     up = linear(x, weights, f"{name}.up_proj")
     return linear(gate * up, weights, f"{name}.down_proj")  # (B, T, hidden)
 
 
-def sparse_moe_block(weights, i, config, x):
+def sparse_moe_block(weights, name, config, x):
     """OLMoE: a mixture of experts in the MLP's place. A router scores the experts for each token; the token
     goes through its top num_experts_per_tok (each expert an mlp), and their outputs are summed, weighted by
     the router's probabilities (rescaled to sum to 1 if norm_topk_prob). Only the chosen experts' weights are
@@ -495,7 +492,7 @@ def sparse_moe_block(weights, i, config, x):
     is routed on its own, so padding can't change a real token's experts. x (B, T, hidden) -> (B, T, hidden)."""
     B, T, C = x.shape
     x = x.reshape(B * T, C)  # (N, hidden): the tokens, each routed on its own
-    probs = softmax(linear(x, weights, f"model.layers.{i}.mlp.gate"))  # (N, experts): the router's
+    probs = softmax(linear(x, weights, f"{name}.gate"))  # (N, experts): the router's
     chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :config.num_experts_per_tok]  # (N, top_k), best first
     p = np.take_along_axis(probs, chosen, axis=-1)  # (N, top_k)
     if config.norm_topk_prob:
@@ -503,7 +500,7 @@ def sparse_moe_block(weights, i, config, x):
     y = np.zeros_like(x)
     for e in np.unique(chosen):  # only the experts some token chose
         token, k = np.nonzero(chosen == e)  # the tokens that chose expert e, as their k-th choice
-        y[token] += mlp(weights, i, config, x[token], expert=e) * p[token, k, None]
+        y[token] += mlp(weights, f"{name}.experts.{e}", config, x[token]) * p[token, k, None]
     return y.reshape(B, T, C)
 
 
@@ -526,14 +523,15 @@ def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, slots=None)
     ffn = sparse_moe_block if config.moe else mlp  # OLMoE: experts
     linear = config.layer_types[i] == "linear_attention"  # Olmo Hybrid
     attn = gated_delta_net if linear else attention
+    mixer = f"{layer}.linear_attn" if linear else f"{layer}.self_attn"  # the token mixer's name in checkpoints
     if config.norm_after and not linear:  # OLMo 2: each sublayer's output is normalised, then added
-        x_attn = attn(weights, i, config, x, cos, sin, mask, cache, slots)
+        x_attn = attn(weights, mixer, config, x, cos, sin, mask, cache, slots)
         x = x + norm(weights, f"{layer}.post_attention_layernorm", config, x_attn)
-        x_ffn = ffn(weights, i, config, x)
+        x_ffn = ffn(weights, f"{layer}.mlp", config, x)
         return x + norm(weights, f"{layer}.post_feedforward_layernorm", config, x_ffn)
     x_norm = norm(weights, f"{layer}.input_layernorm", config, x)
-    x = x + attn(weights, i, config, x_norm, cos, sin, mask, cache, slots)
-    return x + ffn(weights, i, config, norm(weights, f"{layer}.post_attention_layernorm", config, x))
+    x = x + attn(weights, mixer, config, x_norm, cos, sin, mask, cache, slots)
+    return x + ffn(weights, f"{layer}.mlp", config, norm(weights, f"{layer}.post_attention_layernorm", config, x))
 
 
 # ----------------------------------------------------------------------------------------------------------------
