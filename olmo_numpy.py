@@ -583,7 +583,7 @@ class OlmoForCausalLM:
 
     def __init__(self, config, weights):
         self.config, self.weights = config, weights
-        self.caches = None  # one (k_cache, v_cache) per layer, set by grow_cache
+        self.caches = None  # one (k_cache, v_cache) per attention layer, set by grow_cache
         self.cached_ids = []  # the tokens whose keys and values the cache holds (see reuse_prefix)
         self.kept_states = {}  # Olmo Hybrid: {tokens fed: each Gated DeltaNet layer's state} (see reuse_prefix)
 
@@ -610,29 +610,25 @@ class OlmoForCausalLM:
 
     def grow_cache(self, batch_size, needed):
         """Make every attention layer's cache hold `needed` slots (a power of two, see setup_cache), keeping
-        what it holds."""
-        first = [kind != "linear_attention" for kind in self.config.layer_types].index(True)  # Olmo Hybrid
-        k = None if self.caches is None else self.caches[first][0]  # (B, KV, length, D)
-        same = k is not None and k.shape[0] == batch_size
-        length = k.shape[2] if same else 0  # a new batch size keeps nothing
+        what it holds: the filled slots, zeros after them. A new batch size keeps nothing: it grows from empty
+        caches. Olmo Hybrid: a Gated DeltaNet layer's cache is {"state": ...}, not slots (see reuse_prefix)."""
+        same = self.caches is not None and self.key_valid.shape[0] == batch_size  # key_valid: the last batch's
+        length = len(self.slots) if same else 0
         if needed <= length:
             return
-        self.cached_ids = self.cached_ids if same else []
-        shape = (batch_size, self.config.num_key_value_heads, needed, self.config.head_dim)
+        if not same:
+            self.cached_ids = []
+            # (B, KV, 0, D): no slots yet; float32, like the weights
+            empty = np.zeros((batch_size, self.config.num_key_value_heads, 0, self.config.head_dim), np.float32)
+            self.caches = [{"state": None} if kind == "linear_attention" else (empty, empty)
+                           for kind in self.config.layer_types]
         self.slots = np.arange(needed)
+        more = ((0, 0), (0, 0), (0, needed - length), (0, 0))  # (before, after) per axis: the new slots
         try:
-            old = self.caches
-            self.caches = []
             for i, kind in enumerate(self.config.layer_types):
-                if kind == "linear_attention":  # Olmo Hybrid: a state, not slots (see reuse_prefix)
-                    self.caches.append(old[i] if length else {"state": None})
-                    continue
-                k_cache = np.zeros(shape, np.float32)  # float32, like the weights
-                v_cache = np.zeros(shape, np.float32)
-                if length:
-                    k_cache[:, :, :length], v_cache[:, :, :length] = old[i]
-                    old[i] = None  # free each layer's old cache once copied
-                self.caches.append((k_cache, v_cache))
+                if kind != "linear_attention":  # Olmo Hybrid: the Gated DeltaNet layers keep their states
+                    k_cache, v_cache = self.caches[i]  # (B, KV, length, D)
+                    self.caches[i] = np.pad(k_cache, more), np.pad(v_cache, more)  # the old one freed once copied
         except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             self.caches = None
             if isinstance(e, MemoryError):
@@ -721,9 +717,8 @@ class OlmoForCausalLM:
         input_ids = input_ids.astype(np.int64)
         B, T = input_ids.shape
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        if eos_token_id is None:
-            eos_token_id = []
-        eos = np.array(eos_token_id, dtype=np.int64).reshape(-1)  # an int or a list of ints
+        # eos_token_id: None, an int or a list of ints
+        eos = np.array([] if eos_token_id is None else eos_token_id, dtype=np.int64).reshape(-1)
         pad = self.config.pad_token_id
         if pad is None:  # as transformers: the first EOS id, else 0
             pad = int(eos[0]) if len(eos) else 0
@@ -748,13 +743,12 @@ class OlmoForCausalLM:
                 finished |= np.isin(token, eos)
                 if finished.all():
                     break
-            if i + 1 == max_new_tokens:
-                break
-            if T + i + 1 > self.key_valid.shape[1]:
-                self.setup_cache(attention_mask, T + i + 1)
-            logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
-            if T + i < keep_up_to:  # slot T + i now holds this token
-                self.cached_ids.append(int(token[0]))
+            if i + 1 < max_new_tokens:
+                if T + i + 1 > self.key_valid.shape[1]:
+                    self.setup_cache(attention_mask, T + i + 1)
+                logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
+                if T + i < keep_up_to:  # slot T + i now holds this token
+                    self.cached_ids.append(int(token[0]))
         fed = T + len(tokens) - 2  # Olmo Hybrid: the states hold every token but the last sampled (never fed)
         if max_new_tokens > 0 and self.cached_ids and len(self.cached_ids) == fed:
             self.kept_states[fed] = [cache["state"] for cache in self.linear_caches()]
