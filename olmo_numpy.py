@@ -583,7 +583,7 @@ class OlmoForCausalLM:
 
     def __init__(self, config, weights):
         self.config, self.weights = config, weights
-        self.caches = None  # one (k_cache, v_cache) per attention layer, set by grow_cache
+        self.caches = None  # one (k_cache, v_cache) per attention layer, set by setup_cache
         self.cached_ids = []  # the tokens whose keys and values the cache holds (see reuse_prefix)
         self.kept_states = {}  # Olmo Hybrid: {tokens fed: each Gated DeltaNet layer's state} (see reuse_prefix)
 
@@ -608,43 +608,40 @@ class OlmoForCausalLM:
         """Olmo Hybrid: the Gated DeltaNet layers' caches, {"state": (the conv's last inputs, S) or None}."""
         return [cache for cache, kind in zip(self.caches, self.config.layer_types) if kind == "linear_attention"]
 
-    def grow_cache(self, batch_size, needed):
-        """Make every attention layer's cache hold `needed` slots (a power of two, see setup_cache), keeping
-        what it holds: the filled slots, zeros after them. A new batch size keeps nothing: it grows from empty
-        caches. Olmo Hybrid: a Gated DeltaNet layer's cache is {"state": ...}, not slots (see reuse_prefix)."""
-        same = self.caches is not None and self.key_valid.shape[0] == batch_size  # key_valid: the last batch's
-        length = len(self.slots) if same else 0
-        if needed <= length:
+    def setup_cache(self, attention_mask, length):
+        """Make room for `length` slots for attention_mask's batch (B, T), keeping what the cache holds: the
+        filled slots, zeros after them (a new batch size keeps nothing: it grows from empty caches); key_valid
+        (B, S): which slots hold real tokens (not the prompt's padding). The cache grows to `length` rounded up
+        to a power of two (at least 256): a large max_new_tokens costs nothing until its tokens are produced.
+        Unlike olmo.py, each step attends over the filled slots only (prefill and decode_one_token cut key_valid
+        there): NumPy has no compiler that needs a static shape. Olmo Hybrid: a Gated DeltaNet layer's cache is
+        {"state": ...}, not slots (see reuse_prefix)."""
+        B, T = attention_mask.shape
+        width = max(256, 1 << (length - 1).bit_length())
+        same = self.caches is not None and self.key_valid.shape[0] == B  # key_valid: still the last batch's
+        filled = len(self.slots) if same else 0
+        padding = ((0, 0), (0, width - T))  # (before, after) per axis
+        self.key_valid = np.pad(attention_mask.astype(bool), padding, constant_values=True)
+        if width <= filled:
             return
         if not same:
             self.cached_ids = []
             # (B, KV, 0, D): no slots yet; float32, like the weights
-            empty = np.zeros((batch_size, self.config.num_key_value_heads, 0, self.config.head_dim), np.float32)
+            empty = np.zeros((B, self.config.num_key_value_heads, 0, self.config.head_dim), np.float32)
             self.caches = [{"state": None} if kind == "linear_attention" else (empty, empty)
                            for kind in self.config.layer_types]
-        self.slots = np.arange(needed)
-        more = ((0, 0), (0, 0), (0, needed - length), (0, 0))  # (before, after) per axis: the new slots
+        self.slots = np.arange(width)
+        more = ((0, 0), (0, 0), (0, width - filled), (0, 0))  # (before, after) per axis: the new slots
         try:
             for i, kind in enumerate(self.config.layer_types):
                 if kind != "linear_attention":  # Olmo Hybrid: the Gated DeltaNet layers keep their states
-                    k_cache, v_cache = self.caches[i]  # (B, KV, length, D)
+                    k_cache, v_cache = self.caches[i]  # (B, KV, filled, D)
                     self.caches[i] = np.pad(k_cache, more), np.pad(v_cache, more)  # the old one freed once copied
         except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             self.caches = None
             if isinstance(e, MemoryError):
-                raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+                raise MemoryError(f"out of memory growing the KV cache to {width} tokens") from e
             raise
-
-    def setup_cache(self, attention_mask, length):
-        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
-        hold real tokens (not the prompt's padding). The cache grows to `length` rounded up to a power of two
-        (at least 256): a large max_new_tokens costs nothing until its tokens are produced. Unlike olmo.py,
-        each step attends over the filled slots only (prefill and decode_one_token cut key_valid there): NumPy
-        has no compiler that needs a static shape."""
-        width = max(256, 1 << (length - 1).bit_length())
-        self.grow_cache(attention_mask.shape[0], width)
-        padding = ((0, 0), (0, width - attention_mask.shape[1]))  # (before, after) per axis
-        self.key_valid = np.pad(attention_mask.astype(bool), padding, constant_values=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
         """input_ids, attention_mask (B, T), cache slots < start already filled -> the last position's logits
@@ -661,7 +658,7 @@ class OlmoForCausalLM:
 
     def decode_one_token(self, token, slot, position_ids):
         """token, position_ids (B, 1); slot (1,) the cache slot -> logits (B, vocab)."""
-        key_valid = self.key_valid[:, :slot[0] + 1]  # the filled slots only (see grow_cache)
+        key_valid = self.key_valid[:, :slot[0] + 1]  # the filled slots only (see setup_cache)
         hidden = olmo_model(self.weights, self.config, token, position_ids, key_valid, slot, self.caches)
         return linear(hidden[:, -1], self.weights, "lm_head")
 
@@ -764,7 +761,9 @@ class OlmoForCausalLM:
         quantize "int8": every linear layer's weight, the head's included, as 8-bit integers (quantize_rows)."""
         path = resolve_checkpoint(path)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
-        weights = load_state_dict(path)
+        weights = {}  # every tensor of the checkpoint, memory-mapped (see load_safetensors)
+        for name in weight_files(path):
+            weights.update(load_safetensors(os.path.join(path, name)))
         if config.moe:  # OLMoE
             weights = split_fused_experts(weights, config)
         if "linear_attention" in config.layer_types:  # Olmo Hybrid
@@ -838,14 +837,6 @@ def resolve_checkpoint(path):
         raise ValueError(f"{path} is not a checkpoint directory")
     raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
                      f"`hf download {path} --local-dir DIR`)")
-
-
-def load_state_dict(path):
-    """Every tensor of the checkpoint, memory-mapped (see load_safetensors)."""
-    state_dict = {}
-    for name in weight_files(path):
-        state_dict.update(load_safetensors(os.path.join(path, name)))
-    return state_dict
 
 
 def join_hub_layout(state_dict):
