@@ -45,7 +45,9 @@ import numpy as np
 @dataclass
 class OlmoConfig:
     """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
-    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
+    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end).
+    __post_init__ adds what the family (model_type's row of FAMILIES) switches on: qk_norm (OLMo 2's RMSNorm and
+    QK-norm), norm_after (OLMo 2's norm placement) and moe (OLMoE's experts)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe", "flex_olmo" or "olmo_hybrid" (config.json says)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -90,48 +92,28 @@ class OlmoConfig:
 
     def __post_init__(self):
         """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
-        of the fields it relies on."""
+        of the fields it relies on. The family's row of FAMILIES says what differs from OLMo 1."""
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        require(self, self.model_type in FAMILIES, "model_type", f"one of {', '.join(FAMILIES)} (for 'hf_olmo' "
+                "or trainer checkpoints run convert.py first)")
+        self.qk_norm, self.norm_after, self.moe, other, rope_theta = FAMILIES[self.model_type]
         check_fields(self)
-        rope_theta = 10000.0  # RoPE's base, where config.json gives none
-        if self.model_type == "flex_olmo":  # FlexOlmo: OLMo 2 7B's base
-            rope_theta = 500000.0
-        layer_types = ["full_attention"] * self.num_hidden_layers  # every layer attends to all earlier tokens
-        if self.model_type == "olmo3":  # OLMo 3: 3 sliding-window layers in 4, unless config.json lists them
-            rope_theta = 500000.0
-            if self.sliding_window is None:
-                self.sliding_window = 4096
-            pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
-            layer_types = pattern if self.layer_types is None else self.layer_types
-        if self.model_type == "olmo_hybrid":  # Olmo Hybrid: 3 Gated DeltaNet layers in 4, unless listed
-            pattern = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(self.num_hidden_layers)]
-            if "full_attention" not in pattern:  # fewer than 4 layers: the last one attends
-                pattern[-1] = "full_attention"
-            layer_types = pattern if self.layer_types is None else self.layer_types
+        # Every layer attends to all earlier tokens but in OLMo 3 and Olmo Hybrid, where 3 layers in 4 are of their
+        # other type unless config.json lists them (as transformers, the other families read no list)
+        if self.layer_types is None or other == "full_attention":
+            self.layer_types = [other if i % 4 != 3 else "full_attention" for i in range(self.num_hidden_layers)]
+            if other == "linear_attention" and "full_attention" not in self.layer_types:  # Olmo Hybrid: < 4
+                self.layer_types[-1] = "full_attention"  # layers: the last one attends
+        if other == "sliding_attention" and self.sliding_window is None:  # OLMo 3
+            self.sliding_window = 4096
+        self.rope_parameters = rope_per_layer_type(self, other, rope_theta)
+        if "linear_attention" in self.layer_types:  # Olmo Hybrid
             fill_linear_attention(self)
-        self.layer_types = layer_types
-        self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def qk_norm(self):
-        """OLMo 2 and every later model: RMSNorm with weights, and a norm on the queries and keys."""
-        return self.model_type != "olmo"
-
-    @property
-    def norm_after(self):
-        """OLMo 2 and 3 (and FlexOlmo, Olmo Hybrid's attention layers): the norm after each sublayer, not before
-        it (see decoder_layer)."""
-        return self.model_type in ("olmo2", "olmo3", "flex_olmo", "olmo_hybrid")
-
-    @property
-    def moe(self):
-        """OLMoE and FlexOlmo: a mixture of experts in each MLP's place (see sparse_moe_block)."""
-        return self.model_type in ("olmoe", "flex_olmo")
 
     @property
     def dynamic_rope(self):
@@ -1099,13 +1081,7 @@ def config_from_dict(cls, d, source):
         given = given if "rope_theta" in given else d
         if d.get("model_type") == "olmo_hybrid" and "rope_theta" in given and given["rope_theta"] is None:
             d["rope_parameters"] = {"rope_type": "none"}
-        theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
-        if d.get("rope_parameters") is None:  # transformers 4.x
-            if not isinstance(scaling, (dict, type(None))):
-                raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
-            d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
-        else:  # transformers 5's key, maybe with 4.x's beside it
-            d["rope_parameters"] = with_legacy_rope_keys(d["rope_parameters"], theta, scaling, d.get("model_type"))
+        d["rope_parameters"] = read_rope_keys(d)
         known = {f.name: f.type for f in fields(cls)}
         # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; router settings this
         # file doesn't implement (or spells otherwise, as num_local_experts) are refused, not ignored
@@ -1122,38 +1098,52 @@ def config_from_dict(cls, d, source):
         raise ValueError(f"{source}: {e}") from None
 
 
-def with_legacy_rope_keys(rope, theta, scaling, model_type):
-    """rope_parameters with transformers 4's rope_theta or rope_scaling beside it (what a user gets who follows
-    an old guide and adds "rope_scaling" to a transformers 5 config), read as transformers 5 reads them
-    (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling takes rope_parameters' place, and rope_theta
-    is the base wherever none is given (10000 if none is). Where that would drop a setting rope_parameters
-    makes (a scaling of its own, a different base), or where transformers has no reading (OLMo 3's RoPE per
-    layer type: it keeps a half-merged dict, or fails), the file contradicts itself: refused, naming both keys."""
-    if not isinstance(rope, dict) or not isinstance(scaling, (dict, type(None))):
-        return rope  # not objects: the field checks name them
-    if scaling:
-        replaced = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
-        wanted = {"rope_type" if k == "type" else k: v for k, v in scaling.items() if k != "rope_theta"}
-        base = scaling.get("rope_theta", 10000.0 if theta is None else theta)
-        lost = replaced not in ({}, {"rope_type": "default"}, wanted) or rope.get("rope_theta", base) != base
-        if lost or model_type == "olmo3":
+def read_rope_keys(d):
+    """config.json's RoPE keys -> its rope_parameters. Beside transformers 5's rope_parameters, 4.x's rope_theta
+    and rope_scaling (what a user gets who follows an old guide and adds "rope_scaling" to a transformers 5
+    config) are read as transformers 5 reads them (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling
+    takes rope_parameters' place, and rope_theta is the base wherever none is given (10000 if none is). Where that
+    would drop a setting rope_parameters makes (a scaling of its own, a different base), or where transformers
+    has no reading (OLMo 3's RoPE per layer type: it keeps a half-merged dict, or fails), the file contradicts
+    itself: refused, naming both keys."""
+    theta, scaling, rope = d.pop("rope_theta", None), d.pop("rope_scaling", None), d.get("rope_parameters")
+    if not isinstance(scaling, (dict, type(None))):
+        raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
+    if not isinstance(rope, (dict, type(None))):
+        return rope  # not an object: the field checks name it
+    if rope is None or scaling:  # 4.x's keys alone, or rope_scaling in rope_parameters' place
+        taken = {**(scaling or {}), "rope_theta": (scaling or {}).get("rope_theta", theta)}
+        base = 10000.0 if taken["rope_theta"] is None else taken["rope_theta"]
+        said = {("rope_type" if k == "type" else k): v for k, v in (rope or {}).items()}
+        kept = {("rope_type" if k == "type" else k): v for k, v in {**taken, "rope_theta": base}.items()}
+        dropped = [k for k, v in said.items() if kept.get(k) != v and (k, v) != ("rope_type", "default")]
+        if dropped or rope is not None and d.get("model_type") == "olmo3":
             raise ValueError(f"rope_parameters {rope} and rope_scaling {scaling} disagree (transformers 5 would "
                              "take rope_scaling in place of rope_parameters); keep one of them")
-        return {**scaling, "rope_theta": base}
-    if theta is None:
-        return rope
+        return taken
     rope = {key: dict(value) if isinstance(value, dict) else value for key, value in rope.items()}
     per_type = [rope[kind] for kind in ("full_attention", "sliding_attention") if isinstance(rope.get(kind), dict)]
-    for settings in per_type or [rope]:
+    for settings in per_type or [rope]:  # rope_theta fills in the base of each layer type that gives none
         if settings.get("rope_theta") is None:
             settings["rope_theta"] = theta
-        if settings["rope_theta"] != theta:
+        if theta is not None and settings["rope_theta"] != theta:
             raise ValueError(f"rope_theta {theta} and rope_parameters' rope_theta {settings['rope_theta']} "
                              "disagree (transformers 5 would ignore rope_theta); keep one of them")
     return rope
 
 
-MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "olmo_hybrid")  # the model_types this file reads
+# The families this file reads, by model_type, and what each changes from OLMo 1: OLMo 2's RMSNorm with weights and
+# QK-norm; OLMo 2's norms after each sublayer, not before (see decoder_layer); OLMoE's experts in each MLP's
+# place (see sparse_moe_block); the type of 3 layers in 4, the 4th attending to every earlier token (OLMo 3's
+# sliding window, Olmo Hybrid's Gated DeltaNet); RoPE's base where config.json gives none.
+FAMILIES = {  # model_type: (qk_norm, norm_after, moe, other layer type, RoPE base)
+    "olmo": (False, False, False, "full_attention", 10000.0),
+    "olmo2": (True, True, False, "full_attention", 10000.0),  # OLMo 2
+    "olmo3": (True, True, False, "sliding_attention", 500000.0),  # OLMo 3
+    "olmoe": (True, False, True, "full_attention", 10000.0),  # OLMoE
+    "flex_olmo": (True, True, True, "full_attention", 500000.0),  # FlexOlmo: OLMo 2 7B's base
+    "olmo_hybrid": (True, True, False, "linear_attention", 10000.0),  # Olmo Hybrid: its attention layers as OLMo 3's
+}
 # OLMoE, FlexOlmo, Olmo Hybrid: where transformers' configs for them default otherwise than OlmoConfig
 FAMILY_DEFAULTS = {
     "olmoe": dict(hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
@@ -1184,8 +1174,6 @@ def require(config, ok, name, what):
 
 def check_fields(c):
     """The ranges of the fields every generation has, and how they fit together (OlmoConfig.__post_init__)."""
-    require(c, c.model_type in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)} (for 'hf_olmo' or "
-            "trainer checkpoints run convert.py first)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings", "linear_conv_kernel_dim"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
@@ -1215,17 +1203,17 @@ def check_fields(c):
         require(c, math.isfinite(c.router_aux_loss_coef), "router_aux_loss_coef", "a finite number")
 
 
-def rope_per_layer_type(c, default_theta):
+def rope_per_layer_type(c, other, default_theta):
     """Checks layer_types (OLMo 3's, Olmo Hybrid's) and sliding_window; then rope_parameters, flat or per
     layer type -> {layer type: its settings checked, every default filled}, for the layer types the model has
     (but Olmo Hybrid's Gated DeltaNet layers, which have no RoPE)."""
-    kinds = {"full_attention", "linear_attention" if c.model_type == "olmo_hybrid" else "sliding_attention"}
+    kinds = {"full_attention", other}
     require(c, len(c.layer_types) == c.num_hidden_layers and set(c.layer_types) <= kinds, "layer_types",
             f"{c.num_hidden_layers} of {' or '.join(map(repr, sorted(kinds)))}")
     # Olmo Hybrid: a layer of each kind, as transformers asks (generation needs a KV cache to size)
-    require(c, c.model_type != "olmo_hybrid" or len(set(c.layer_types)) == 2, "layer_types", "of both kinds")
+    require(c, other != "linear_attention" or len(set(c.layer_types)) == 2, "layer_types", "of both kinds")
     # OLMo 3: a window holds at least the query itself
-    require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
+    require(c, other != "sliding_attention" or 1 <= c.sliding_window, "sliding_window", ">= 1")
     rope = c.rope_parameters or {}
     require(c, isinstance(rope, dict), "rope_parameters", "an object")
     if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
