@@ -45,7 +45,9 @@ import numpy as np
 @dataclass
 class OlmoConfig:
     """Every field of transformers' OlmoConfig with its default (the OLMo-7B shape), plus the few OLMo 2,
-    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end)."""
+    OLMo 3 and OLMoE add. from_json reads and checks a config.json (see "Reading config.json", near the end).
+    __post_init__ adds what the family (model_type's row of FAMILIES) switches on: qk_norm (OLMo 2's RMSNorm and
+    QK-norm), norm_after (OLMo 2's norm placement) and moe (OLMoE's experts)."""
 
     model_type: str = "olmo"  # "olmo", "olmo2", "olmo3", "olmoe", "flex_olmo" or "olmo_hybrid" (config.json says)
     vocab_size: int = 50304  # 50280 real tokens, padded to a multiple of 128 for fast matmuls
@@ -90,48 +92,28 @@ class OlmoConfig:
 
     def __post_init__(self):
         """Fill the defaults that depend on other fields, each after the checks (in "Reading config.json")
-        of the fields it relies on."""
+        of the fields it relies on. The family's row of FAMILIES says what differs from OLMo 1."""
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        require(self, self.model_type in FAMILIES, "model_type", f"one of {', '.join(FAMILIES)} (for 'hf_olmo' "
+                "or trainer checkpoints run convert.py first)")
+        self.qk_norm, self.norm_after, self.moe, other, rope_theta = FAMILIES[self.model_type]
         check_fields(self)
-        rope_theta = 10000.0  # RoPE's base, where config.json gives none
-        if self.model_type == "flex_olmo":  # FlexOlmo: OLMo 2 7B's base
-            rope_theta = 500000.0
-        layer_types = ["full_attention"] * self.num_hidden_layers  # every layer attends to all earlier tokens
-        if self.model_type == "olmo3":  # OLMo 3: 3 sliding-window layers in 4, unless config.json lists them
-            rope_theta = 500000.0
-            if self.sliding_window is None:
-                self.sliding_window = 4096
-            pattern = ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(self.num_hidden_layers)]
-            layer_types = pattern if self.layer_types is None else self.layer_types
-        if self.model_type == "olmo_hybrid":  # Olmo Hybrid: 3 Gated DeltaNet layers in 4, unless listed
-            pattern = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(self.num_hidden_layers)]
-            if "full_attention" not in pattern:  # fewer than 4 layers: the last one attends
-                pattern[-1] = "full_attention"
-            layer_types = pattern if self.layer_types is None else self.layer_types
+        # Every layer attends to all earlier tokens but in OLMo 3 and Olmo Hybrid, where 3 layers in 4 are of their
+        # other type unless config.json lists them (as transformers, the other families read no list)
+        if self.layer_types is None or other == "full_attention":
+            self.layer_types = [other if i % 4 != 3 else "full_attention" for i in range(self.num_hidden_layers)]
+            if other == "linear_attention" and "full_attention" not in self.layer_types:  # Olmo Hybrid: < 4
+                self.layer_types[-1] = "full_attention"  # layers: the last one attends
+        if other == "sliding_attention" and self.sliding_window is None:  # OLMo 3
+            self.sliding_window = 4096
+        self.rope_parameters = rope_per_layer_type(self, other, rope_theta)
+        if "linear_attention" in self.layer_types:  # Olmo Hybrid
             fill_linear_attention(self)
-        self.layer_types = layer_types
-        self.rope_parameters = rope_per_layer_type(self, rope_theta)
 
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def qk_norm(self):
-        """OLMo 2 and every later model: RMSNorm with weights, and a norm on the queries and keys."""
-        return self.model_type != "olmo"
-
-    @property
-    def norm_after(self):
-        """OLMo 2 and 3 (and FlexOlmo, Olmo Hybrid's attention layers): the norm after each sublayer, not before
-        it (see decoder_layer)."""
-        return self.model_type in ("olmo2", "olmo3", "flex_olmo", "olmo_hybrid")
-
-    @property
-    def moe(self):
-        """OLMoE and FlexOlmo: a mixture of experts in each MLP's place (see sparse_moe_block)."""
-        return self.model_type in ("olmoe", "flex_olmo")
 
     @property
     def dynamic_rope(self):
@@ -309,12 +291,11 @@ def attend(q, k, v, mask):
     return y
 
 
-def attention(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
-    """Layer i's self-attention: x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may
+def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
+    """Self-attention, its weights under `name` (model.layers.N.self_attn): x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may
     attend. cache (k_cache, v_cache), each (B, KV, length, D), and slots (T,): the cache slots to write k and
     v to, then attend over the cache's first S (the filled ones: S is the mask's width); None: no cache,
     attend only within x (S = T)."""
-    name = f"model.layers.{i}.self_attn"
     B, T, _ = x.shape
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = linear(x, weights, f"{name}.q_proj")  # (B, T, H*D)
@@ -395,15 +376,15 @@ def chunked_gated_delta_rule(q, k, v, g, beta, state, chunk=64):
     return np.concatenate(outputs, axis=2), state
 
 
-def gated_delta_net(weights, i, config, x, cos, sin, mask, cache=None, slots=None):
-    """Olmo Hybrid's token mixer in layer i, a "linear_attention" one: x (B, T, hidden) -> (B, T, hidden),
-    attention's signature; cos, sin and slots unused (the order of tokens is in the recurrence). mask (B, T)
-    bool: False at padding. cache: a dict whose "state" (the convolution's last K - 1 inputs, S) this call
-    continues from (None: zeros) and replaces (generation); None: start from zeros, keep nothing.
+def gated_delta_net(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
+    """Olmo Hybrid's token mixer in a "linear_attention" layer, its weights under `name`
+    (model.layers.N.linear_attn): x (B, T, hidden) -> (B, T, hidden), attention's signature; cos, sin and slots
+    unused (the order of tokens is in the recurrence). mask (B, T) bool: False at padding. cache: a dict whose
+    "state" (the convolution's last K - 1 inputs, S) this call continues from (None: zeros) and replaces
+    (generation); None: start from zeros, keep nothing.
     q, k and v pass a short causal convolution (each channel sees its last linear_conv_kernel_dim inputs); each
     of the Hv value heads has its own state and shares q and k with the Hv / Hk heads beside it (as GQA shares
     keys). The output is normalised per head and gated."""
-    name = f"model.layers.{i}.linear_attn"
     B, T, _ = x.shape
     Hk, Hv = config.linear_num_key_heads, config.linear_num_value_heads
     dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
@@ -476,18 +457,16 @@ ACT2FN = {"silu": silu, "swish": silu, "gelu": gelu, "gelu_new": gelu_tanh, "gel
           "relu": lambda x: np.maximum(x, 0.0)}
 
 
-def mlp(weights, i, config, x, expert=None):
-    """Layer i's gated MLP (SwiGLU with silu): down(act(gate(x)) * up(x)). OLMoE: its expert `expert`."""
-    name = f"model.layers.{i}.mlp"
-    if expert is not None:  # OLMoE
-        name = f"{name}.experts.{expert}"
+def mlp(weights, name, config, x):
+    """The gated MLP (SwiGLU with silu) under `name` (model.layers.N.mlp; OLMoE: model.layers.N.mlp.experts.E):
+    down(act(gate(x)) * up(x))."""
     act = ACT2FN[config.hidden_act]
     gate = act(linear(x, weights, f"{name}.gate_proj"))  # (B, T, hidden) -> (B, T, intermediate)
     up = linear(x, weights, f"{name}.up_proj")
     return linear(gate * up, weights, f"{name}.down_proj")  # (B, T, hidden)
 
 
-def sparse_moe_block(weights, i, config, x):
+def sparse_moe_block(weights, name, config, x):
     """OLMoE: a mixture of experts in the MLP's place. A router scores the experts for each token; the token
     goes through its top num_experts_per_tok (each expert an mlp), and their outputs are summed, weighted by
     the router's probabilities (rescaled to sum to 1 if norm_topk_prob). Only the chosen experts' weights are
@@ -495,7 +474,7 @@ def sparse_moe_block(weights, i, config, x):
     is routed on its own, so padding can't change a real token's experts. x (B, T, hidden) -> (B, T, hidden)."""
     B, T, C = x.shape
     x = x.reshape(B * T, C)  # (N, hidden): the tokens, each routed on its own
-    probs = softmax(linear(x, weights, f"model.layers.{i}.mlp.gate"))  # (N, experts): the router's
+    probs = softmax(linear(x, weights, f"{name}.gate"))  # (N, experts): the router's
     chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :config.num_experts_per_tok]  # (N, top_k), best first
     p = np.take_along_axis(probs, chosen, axis=-1)  # (N, top_k)
     if config.norm_topk_prob:
@@ -503,7 +482,7 @@ def sparse_moe_block(weights, i, config, x):
     y = np.zeros_like(x)
     for e in np.unique(chosen):  # only the experts some token chose
         token, k = np.nonzero(chosen == e)  # the tokens that chose expert e, as their k-th choice
-        y[token] += mlp(weights, i, config, x[token], expert=e) * p[token, k, None]
+        y[token] += mlp(weights, f"{name}.experts.{e}", config, x[token]) * p[token, k, None]
     return y.reshape(B, T, C)
 
 
@@ -526,14 +505,15 @@ def decoder_layer(weights, i, config, x, cos, sin, mask, cache=None, slots=None)
     ffn = sparse_moe_block if config.moe else mlp  # OLMoE: experts
     linear = config.layer_types[i] == "linear_attention"  # Olmo Hybrid
     attn = gated_delta_net if linear else attention
+    mixer = f"{layer}.linear_attn" if linear else f"{layer}.self_attn"  # the token mixer's name in checkpoints
     if config.norm_after and not linear:  # OLMo 2: each sublayer's output is normalised, then added
-        x_attn = attn(weights, i, config, x, cos, sin, mask, cache, slots)
+        x_attn = attn(weights, mixer, config, x, cos, sin, mask, cache, slots)
         x = x + norm(weights, f"{layer}.post_attention_layernorm", config, x_attn)
-        x_ffn = ffn(weights, i, config, x)
+        x_ffn = ffn(weights, f"{layer}.mlp", config, x)
         return x + norm(weights, f"{layer}.post_feedforward_layernorm", config, x_ffn)
     x_norm = norm(weights, f"{layer}.input_layernorm", config, x)
-    x = x + attn(weights, i, config, x_norm, cos, sin, mask, cache, slots)
-    return x + ffn(weights, i, config, norm(weights, f"{layer}.post_attention_layernorm", config, x))
+    x = x + attn(weights, mixer, config, x_norm, cos, sin, mask, cache, slots)
+    return x + ffn(weights, f"{layer}.mlp", config, norm(weights, f"{layer}.post_attention_layernorm", config, x))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,7 +565,7 @@ class OlmoForCausalLM:
 
     def __init__(self, config, weights):
         self.config, self.weights = config, weights
-        self.caches = None  # one (k_cache, v_cache) per layer, set by grow_cache
+        self.caches = None  # one (k_cache, v_cache) per attention layer, set by setup_cache
         self.cached_ids = []  # the tokens whose keys and values the cache holds (see reuse_prefix)
         self.kept_states = {}  # Olmo Hybrid: {tokens fed: each Gated DeltaNet layer's state} (see reuse_prefix)
 
@@ -610,47 +590,40 @@ class OlmoForCausalLM:
         """Olmo Hybrid: the Gated DeltaNet layers' caches, {"state": (the conv's last inputs, S) or None}."""
         return [cache for cache, kind in zip(self.caches, self.config.layer_types) if kind == "linear_attention"]
 
-    def grow_cache(self, batch_size, needed):
-        """Make every attention layer's cache hold `needed` slots (a power of two, see setup_cache), keeping
-        what it holds."""
-        first = [kind != "linear_attention" for kind in self.config.layer_types].index(True)  # Olmo Hybrid
-        k = None if self.caches is None else self.caches[first][0]  # (B, KV, length, D)
-        same = k is not None and k.shape[0] == batch_size
-        length = k.shape[2] if same else 0  # a new batch size keeps nothing
-        if needed <= length:
+    def setup_cache(self, attention_mask, length):
+        """Make room for `length` slots for attention_mask's batch (B, T), keeping what the cache holds: the
+        filled slots, zeros after them (a new batch size keeps nothing: it grows from empty caches); key_valid
+        (B, S): which slots hold real tokens (not the prompt's padding). The cache grows to `length` rounded up
+        to a power of two (at least 256): a large max_new_tokens costs nothing until its tokens are produced.
+        Unlike olmo.py, each step attends over the filled slots only (prefill and decode_one_token cut key_valid
+        there): NumPy has no compiler that needs a static shape. Olmo Hybrid: a Gated DeltaNet layer's cache is
+        {"state": ...}, not slots (see reuse_prefix)."""
+        B, T = attention_mask.shape
+        width = max(256, 1 << (length - 1).bit_length())
+        same = self.caches is not None and self.key_valid.shape[0] == B  # key_valid: still the last batch's
+        filled = len(self.slots) if same else 0
+        padding = ((0, 0), (0, width - T))  # (before, after) per axis
+        self.key_valid = np.pad(attention_mask.astype(bool), padding, constant_values=True)
+        if width <= filled:
             return
-        self.cached_ids = self.cached_ids if same else []
-        shape = (batch_size, self.config.num_key_value_heads, needed, self.config.head_dim)
-        self.slots = np.arange(needed)
+        if not same:
+            self.cached_ids = []
+            # (B, KV, 0, D): no slots yet; float32, like the weights
+            empty = np.zeros((B, self.config.num_key_value_heads, 0, self.config.head_dim), np.float32)
+            self.caches = [{"state": None} if kind == "linear_attention" else (empty, empty)
+                           for kind in self.config.layer_types]
+        self.slots = np.arange(width)
+        more = ((0, 0), (0, 0), (0, width - filled), (0, 0))  # (before, after) per axis: the new slots
         try:
-            old = self.caches
-            self.caches = []
             for i, kind in enumerate(self.config.layer_types):
-                if kind == "linear_attention":  # Olmo Hybrid: a state, not slots (see reuse_prefix)
-                    self.caches.append(old[i] if length else {"state": None})
-                    continue
-                k_cache = np.zeros(shape, np.float32)  # float32, like the weights
-                v_cache = np.zeros(shape, np.float32)
-                if length:
-                    k_cache[:, :, :length], v_cache[:, :, :length] = old[i]
-                    old[i] = None  # free each layer's old cache once copied
-                self.caches.append((k_cache, v_cache))
+                if kind != "linear_attention":  # Olmo Hybrid: the Gated DeltaNet layers keep their states
+                    k_cache, v_cache = self.caches[i]  # (B, KV, filled, D)
+                    self.caches[i] = np.pad(k_cache, more), np.pad(v_cache, more)  # the old one freed once copied
         except BaseException as e:  # out of memory, or Ctrl-C (the chat stops a prefill at once): keep no cache
             self.caches = None
             if isinstance(e, MemoryError):
-                raise MemoryError(f"out of memory growing the KV cache to {needed} tokens") from e
+                raise MemoryError(f"out of memory growing the KV cache to {width} tokens") from e
             raise
-
-    def setup_cache(self, attention_mask, length):
-        """Make room for `length` slots for attention_mask's batch (B, T); key_valid (B, S): which slots
-        hold real tokens (not the prompt's padding). The cache grows to `length` rounded up to a power of two
-        (at least 256): a large max_new_tokens costs nothing until its tokens are produced. Unlike olmo.py,
-        each step attends over the filled slots only (prefill and decode_one_token cut key_valid there): NumPy
-        has no compiler that needs a static shape."""
-        width = max(256, 1 << (length - 1).bit_length())
-        self.grow_cache(attention_mask.shape[0], width)
-        padding = ((0, 0), (0, width - attention_mask.shape[1]))  # (before, after) per axis
-        self.key_valid = np.pad(attention_mask.astype(bool), padding, constant_values=True)
 
     def prefill(self, input_ids, attention_mask, start=0):
         """input_ids, attention_mask (B, T), cache slots < start already filled -> the last position's logits
@@ -667,7 +640,7 @@ class OlmoForCausalLM:
 
     def decode_one_token(self, token, slot, position_ids):
         """token, position_ids (B, 1); slot (1,) the cache slot -> logits (B, vocab)."""
-        key_valid = self.key_valid[:, :slot[0] + 1]  # the filled slots only (see grow_cache)
+        key_valid = self.key_valid[:, :slot[0] + 1]  # the filled slots only (see setup_cache)
         hidden = olmo_model(self.weights, self.config, token, position_ids, key_valid, slot, self.caches)
         return linear(hidden[:, -1], self.weights, "lm_head")
 
@@ -723,9 +696,8 @@ class OlmoForCausalLM:
         input_ids = input_ids.astype(np.int64)
         B, T = input_ids.shape
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        if eos_token_id is None:
-            eos_token_id = []
-        eos = np.array(eos_token_id, dtype=np.int64).reshape(-1)  # an int or a list of ints
+        # eos_token_id: None, an int or a list of ints
+        eos = np.array([] if eos_token_id is None else eos_token_id, dtype=np.int64).reshape(-1)
         pad = self.config.pad_token_id
         if pad is None:  # as transformers: the first EOS id, else 0
             pad = int(eos[0]) if len(eos) else 0
@@ -750,13 +722,12 @@ class OlmoForCausalLM:
                 finished |= np.isin(token, eos)
                 if finished.all():
                     break
-            if i + 1 == max_new_tokens:
-                break
-            if T + i + 1 > self.key_valid.shape[1]:
-                self.setup_cache(attention_mask, T + i + 1)
-            logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
-            if T + i < keep_up_to:  # slot T + i now holds this token
-                self.cached_ids.append(int(token[0]))
+            if i + 1 < max_new_tokens:
+                if T + i + 1 > self.key_valid.shape[1]:
+                    self.setup_cache(attention_mask, T + i + 1)
+                logits = self.decode_one_token(token[:, None], self.slots[T + i:T + i + 1], next_position + i)
+                if T + i < keep_up_to:  # slot T + i now holds this token
+                    self.cached_ids.append(int(token[0]))
         fed = T + len(tokens) - 2  # Olmo Hybrid: the states hold every token but the last sampled (never fed)
         if max_new_tokens > 0 and self.cached_ids and len(self.cached_ids) == fed:
             self.kept_states[fed] = [cache["state"] for cache in self.linear_caches()]
@@ -772,7 +743,9 @@ class OlmoForCausalLM:
         quantize "int8": every linear layer's weight, the head's included, as 8-bit integers (quantize_rows)."""
         path = resolve_checkpoint(path)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
-        weights = load_state_dict(path)
+        weights = {}  # every tensor of the checkpoint, memory-mapped (see load_safetensors)
+        for name in weight_files(path):
+            weights.update(load_safetensors(os.path.join(path, name)))
         if config.moe:  # OLMoE
             weights = split_fused_experts(weights, config)
         if "linear_attention" in config.layer_types:  # Olmo Hybrid
@@ -846,14 +819,6 @@ def resolve_checkpoint(path):
         raise ValueError(f"{path} is not a checkpoint directory")
     raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
                      f"`hf download {path} --local-dir DIR`)")
-
-
-def load_state_dict(path):
-    """Every tensor of the checkpoint, memory-mapped (see load_safetensors)."""
-    state_dict = {}
-    for name in weight_files(path):
-        state_dict.update(load_safetensors(os.path.join(path, name)))
-    return state_dict
 
 
 def join_hub_layout(state_dict):
@@ -1116,13 +1081,7 @@ def config_from_dict(cls, d, source):
         given = given if "rope_theta" in given else d
         if d.get("model_type") == "olmo_hybrid" and "rope_theta" in given and given["rope_theta"] is None:
             d["rope_parameters"] = {"rope_type": "none"}
-        theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
-        if d.get("rope_parameters") is None:  # transformers 4.x
-            if not isinstance(scaling, (dict, type(None))):
-                raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
-            d["rope_parameters"] = {**(scaling or {}), "rope_theta": theta}
-        else:  # transformers 5's key, maybe with 4.x's beside it
-            d["rope_parameters"] = with_legacy_rope_keys(d["rope_parameters"], theta, scaling, d.get("model_type"))
+        d["rope_parameters"] = read_rope_keys(d)
         known = {f.name: f.type for f in fields(cls)}
         # OLMoE, FlexOlmo: transformers' defaults for the keys a config.json leaves out; router settings this
         # file doesn't implement (or spells otherwise, as num_local_experts) are refused, not ignored
@@ -1139,38 +1098,52 @@ def config_from_dict(cls, d, source):
         raise ValueError(f"{source}: {e}") from None
 
 
-def with_legacy_rope_keys(rope, theta, scaling, model_type):
-    """rope_parameters with transformers 4's rope_theta or rope_scaling beside it (what a user gets who follows
-    an old guide and adds "rope_scaling" to a transformers 5 config), read as transformers 5 reads them
-    (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling takes rope_parameters' place, and rope_theta
-    is the base wherever none is given (10000 if none is). Where that would drop a setting rope_parameters
-    makes (a scaling of its own, a different base), or where transformers has no reading (OLMo 3's RoPE per
-    layer type: it keeps a half-merged dict, or fails), the file contradicts itself: refused, naming both keys."""
-    if not isinstance(rope, dict) or not isinstance(scaling, (dict, type(None))):
-        return rope  # not objects: the field checks name them
-    if scaling:
-        replaced = {"rope_type" if k == "type" else k: v for k, v in rope.items() if k != "rope_theta"}
-        wanted = {"rope_type" if k == "type" else k: v for k, v in scaling.items() if k != "rope_theta"}
-        base = scaling.get("rope_theta", 10000.0 if theta is None else theta)
-        lost = replaced not in ({}, {"rope_type": "default"}, wanted) or rope.get("rope_theta", base) != base
-        if lost or model_type == "olmo3":
+def read_rope_keys(d):
+    """config.json's RoPE keys -> its rope_parameters. Beside transformers 5's rope_parameters, 4.x's rope_theta
+    and rope_scaling (what a user gets who follows an old guide and adds "rope_scaling" to a transformers 5
+    config) are read as transformers 5 reads them (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling
+    takes rope_parameters' place, and rope_theta is the base wherever none is given (10000 if none is). Where that
+    would drop a setting rope_parameters makes (a scaling of its own, a different base), or where transformers
+    has no reading (OLMo 3's RoPE per layer type: it keeps a half-merged dict, or fails), the file contradicts
+    itself: refused, naming both keys."""
+    theta, scaling, rope = d.pop("rope_theta", None), d.pop("rope_scaling", None), d.get("rope_parameters")
+    if not isinstance(scaling, (dict, type(None))):
+        raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
+    if not isinstance(rope, (dict, type(None))):
+        return rope  # not an object: the field checks name it
+    if rope is None or scaling:  # 4.x's keys alone, or rope_scaling in rope_parameters' place
+        taken = {**(scaling or {}), "rope_theta": (scaling or {}).get("rope_theta", theta)}
+        base = 10000.0 if taken["rope_theta"] is None else taken["rope_theta"]
+        said = {("rope_type" if k == "type" else k): v for k, v in (rope or {}).items()}
+        kept = {("rope_type" if k == "type" else k): v for k, v in {**taken, "rope_theta": base}.items()}
+        dropped = [k for k, v in said.items() if kept.get(k) != v and (k, v) != ("rope_type", "default")]
+        if dropped or rope is not None and d.get("model_type") == "olmo3":
             raise ValueError(f"rope_parameters {rope} and rope_scaling {scaling} disagree (transformers 5 would "
                              "take rope_scaling in place of rope_parameters); keep one of them")
-        return {**scaling, "rope_theta": base}
-    if theta is None:
-        return rope
+        return taken
     rope = {key: dict(value) if isinstance(value, dict) else value for key, value in rope.items()}
     per_type = [rope[kind] for kind in ("full_attention", "sliding_attention") if isinstance(rope.get(kind), dict)]
-    for settings in per_type or [rope]:
+    for settings in per_type or [rope]:  # rope_theta fills in the base of each layer type that gives none
         if settings.get("rope_theta") is None:
             settings["rope_theta"] = theta
-        if settings["rope_theta"] != theta:
+        if theta is not None and settings["rope_theta"] != theta:
             raise ValueError(f"rope_theta {theta} and rope_parameters' rope_theta {settings['rope_theta']} "
                              "disagree (transformers 5 would ignore rope_theta); keep one of them")
     return rope
 
 
-MODEL_TYPES = ("olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "olmo_hybrid")  # the model_types this file reads
+# The families this file reads, by model_type, and what each changes from OLMo 1: OLMo 2's RMSNorm with weights and
+# QK-norm; OLMo 2's norms after each sublayer, not before (see decoder_layer); OLMoE's experts in each MLP's
+# place (see sparse_moe_block); the type of 3 layers in 4, the 4th attending to every earlier token (OLMo 3's
+# sliding window, Olmo Hybrid's Gated DeltaNet); RoPE's base where config.json gives none.
+FAMILIES = {  # model_type: (qk_norm, norm_after, moe, other layer type, RoPE base)
+    "olmo": (False, False, False, "full_attention", 10000.0),
+    "olmo2": (True, True, False, "full_attention", 10000.0),  # OLMo 2
+    "olmo3": (True, True, False, "sliding_attention", 500000.0),  # OLMo 3
+    "olmoe": (True, False, True, "full_attention", 10000.0),  # OLMoE
+    "flex_olmo": (True, True, True, "full_attention", 500000.0),  # FlexOlmo: OLMo 2 7B's base
+    "olmo_hybrid": (True, True, False, "linear_attention", 10000.0),  # Olmo Hybrid: its attention layers as OLMo 3's
+}
 # OLMoE, FlexOlmo, Olmo Hybrid: where transformers' configs for them default otherwise than OlmoConfig
 FAMILY_DEFAULTS = {
     "olmoe": dict(hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
@@ -1201,8 +1174,6 @@ def require(config, ok, name, what):
 
 def check_fields(c):
     """The ranges of the fields every generation has, and how they fit together (OlmoConfig.__post_init__)."""
-    require(c, c.model_type in MODEL_TYPES, "model_type", f"one of {', '.join(MODEL_TYPES)} (for 'hf_olmo' or "
-            "trainer checkpoints run convert.py first)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings", "linear_conv_kernel_dim"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
@@ -1232,17 +1203,17 @@ def check_fields(c):
         require(c, math.isfinite(c.router_aux_loss_coef), "router_aux_loss_coef", "a finite number")
 
 
-def rope_per_layer_type(c, default_theta):
+def rope_per_layer_type(c, other, default_theta):
     """Checks layer_types (OLMo 3's, Olmo Hybrid's) and sliding_window; then rope_parameters, flat or per
     layer type -> {layer type: its settings checked, every default filled}, for the layer types the model has
     (but Olmo Hybrid's Gated DeltaNet layers, which have no RoPE)."""
-    kinds = {"full_attention", "linear_attention" if c.model_type == "olmo_hybrid" else "sliding_attention"}
+    kinds = {"full_attention", other}
     require(c, len(c.layer_types) == c.num_hidden_layers and set(c.layer_types) <= kinds, "layer_types",
             f"{c.num_hidden_layers} of {' or '.join(map(repr, sorted(kinds)))}")
     # Olmo Hybrid: a layer of each kind, as transformers asks (generation needs a KV cache to size)
-    require(c, c.model_type != "olmo_hybrid" or len(set(c.layer_types)) == 2, "layer_types", "of both kinds")
+    require(c, other != "linear_attention" or len(set(c.layer_types)) == 2, "layer_types", "of both kinds")
     # OLMo 3: a window holds at least the query itself
-    require(c, c.model_type != "olmo3" or 1 <= c.sliding_window, "sliding_window", ">= 1")
+    require(c, other != "sliding_attention" or 1 <= c.sliding_window, "sliding_window", ">= 1")
     rope = c.rope_parameters or {}
     require(c, isinstance(rope, dict), "rope_parameters", "an object")
     if not {"full_attention", "sliding_attention"} & rope.keys():  # flat: the full-attention layers' settings
