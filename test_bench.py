@@ -9,7 +9,7 @@ import transformers
 
 import bench
 import olmo
-from conftest import assert_close, load_keys, run_cli
+from conftest import assert_close, load_keys, one_error_line, run_cli
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,6 +96,15 @@ def test_bench_bad_model_is_one_line(tmp_path):
         proc = run_cli("--model", str(path), "--device", "cpu", script="bench.py")
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, \
             proc.stderr
+
+
+def test_bench_flag_errors_are_one_line(capsys):
+    """bench.py's flag errors are one `error:` line, as the other tools', not argparse's usage block."""
+    for argv in (["--prompt-len", "x"], ["--shape", "nope"], ["--new-tokens", "1"]):
+        with pytest.raises(SystemExit) as info:
+            bench.parse_args(argv)
+        assert info.value.code == 2
+        assert one_error_line(capsys.readouterr().err)
 
 
 def test_bench_tied_checkpoint_loads_in_both(tmp_path, monkeypatch):
