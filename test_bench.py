@@ -91,11 +91,13 @@ def test_bench_schedule_rotates():
         assert sorted(rep[place] for rep in order) == ["a", "a", "b", "b", "c", "c"]
 
 
-def test_bench_bad_model_is_one_line(tmp_path):
+def test_bench_bad_model_is_one_line(tmp_path, capsys):
+    """bench.main in this process (a subprocess costs seconds of torch import; an exception escaping main fails the
+    test as a traceback would)."""
     for path in (tmp_path / "missing", tmp_path):  # no such directory; a directory without config.json
-        proc = run_cli("--model", str(path), "--device", "cpu", script="bench.py")
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, \
-            proc.stderr
+        status = bench.main(["--model", str(path), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def test_bench_flag_errors_are_one_line(capsys):
@@ -223,12 +225,12 @@ def test_bench_q8_0_bytes():
     assert step == (96 * 32 + 64 * 32) // 32 * 34 and total == step + 4 * 32
 
 
-def test_bench_peer_missing_is_one_line(tmp_path):
+def test_bench_peer_missing_is_one_line(tmp_path, capsys):
     """--peer llama.cpp without the binding, or without its source tree: one line, exit status 2, before any
     checkpoint is built."""
-    proc = run_cli("--shape", "tiny", "--peer", "llama.cpp", "--llama-cpp-src", str(tmp_path), script="bench.py")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --peer llama.cpp needs ") and \
-        proc.stderr.count("\n") == 1, proc.stderr
+    status = bench.main(["--shape", "tiny", "--peer", "llama.cpp", "--llama-cpp-src", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: --peer llama.cpp needs ") and err.count("\n") == 1, err
 
 
 def test_bench_olmo_hybrid_shape(tmp_path, monkeypatch):
