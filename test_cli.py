@@ -287,7 +287,12 @@ def test_prompt_file_from_a_pipe_and_ctrl_c_while_waiting(cli_checkpoint, tmp_pa
     assert proc.returncode == 0 and out.startswith("Language"), err
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "olmo_numpy.py"), "--model", cli_checkpoint[0],
                              "--prompt-file", str(fifo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2)  # started, and waiting for a writer
+    deadline = time.monotonic() + 10  # until it waits for a writer (a fixed 2 s was too short on a busy machine,
+    while time.monotonic() < deadline:  # where Ctrl-C then came during imports)
+        with open(f"/proc/{proc.pid}/wchan") as f:
+            if f.read() == "wait_for_partner":  # Linux's name for a FIFO's open() waiting for the other end
+                break
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 130 and "Traceback" not in err, err
