@@ -27,9 +27,11 @@ the largest allowance is 6.1e-5 x (1 + 5) = 3.7e-4. The NumPy twin, the converte
 analysis, stated where they are tested.
 """
 
+import contextlib
 import copy
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -238,3 +240,80 @@ def run_cli(*args, script="olmo.py", code=None, env=None):
     command = ["-c", code] if code else [os.path.join(HERE, script), *args]
     return subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=HERE,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=120)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files that aren't what they seem, and bounds that make a hang or a memory blow-up fail instead
+#
+# The tests of FIFOs, /dev/zero linked in and sparse 6 GB files set up the real thing. One that would hang or
+# exhaust memory on broken code is bounded instead (a FIFO is released after a while, memory is capped, a
+# subprocess has a timeout), so that it fails rather than takes the machine down.
+
+
+@contextlib.contextmanager
+def fifo_released(path, seconds=10):
+    """Should something wait on the FIFO at path (a bug), a separate process opens it for writing every
+    `seconds` and closes it: each waiting reader sees an empty file, and the test fails instead of hanging. (A
+    thread of this process can't do it: a reader blocked in Rust code, the tokenizers library's, holds the GIL.)"""
+    releaser = subprocess.Popen([sys.executable, "-c", f"""
+import os, time
+while True:
+    time.sleep({seconds})
+    try:
+        os.close(os.open({str(path)!r}, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader waiting
+        pass
+"""])
+    try:
+        yield
+    finally:
+        releaser.kill()
+        releaser.wait()
+
+
+@contextlib.contextmanager
+def memory_cap(extra=2**30):
+    """This process may map at most `extra` more bytes for the duration: a reader of /dev/zero or of a sparse
+    6 GB file (a bug) gets a MemoryError instead of taking the machine's memory."""
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def capped(limit=2**32):
+    """preexec_fn for a subprocess: at most `limit` bytes of address space (torch and a tiny model fit in 4 GiB)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if not line.startswith(("loaded ", "converting ", "["))]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def transformers_source(cli_checkpoint, path):
+    """A copy of cli_checkpoint (transformers layout, with tokenizer.json and generation_config.json)."""
+    path.mkdir(parents=True)
+    for name in os.listdir(cli_checkpoint[0]):
+        (path / name).write_bytes(open(os.path.join(cli_checkpoint[0], name), "rb").read())
+    return path
+
+
+def make_fifo(path):
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def link_dev_zero(path):
+    path.unlink(missing_ok=True)
+    path.symlink_to("/dev/zero")
+
+
+def sparse(path, size=6 * 10**9):
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        f.truncate(size)

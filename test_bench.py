@@ -2,6 +2,7 @@
 transformers alike. No test here times anything: speed is bench.py's output, not a test."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import transformers
 
 import bench
 import olmo
-from conftest import assert_close, load_keys, run_cli
+from conftest import assert_close, load_keys, one_error_line
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -18,14 +19,24 @@ from conftest import assert_close, load_keys, run_cli
 # No test here times anything: speed is measured (and compared with transformers) by bench.py itself.
 
 
-def test_bench_tiny_end_to_end(tmp_path):
+def bench_in_process(args, monkeypatch, capfd):
+    """bench.py's main() in this process, each variant still in a process of its own (a bench.py process around
+    them would cost seconds of torch import more): its exit status, stdout and stderr, as run_cli's."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # quick on a busy machine: the variants' processes inherit it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as run_cli's
+    status = bench.main(args)
+    out, err = capfd.readouterr()
+    return types.SimpleNamespace(returncode=status, stdout=out, stderr=err)
+
+
+def test_bench_tiny_end_to_end(tmp_path, monkeypatch, capfd):
     """The whole benchmark on the tiny shape: every implementation in its own process, a token budget, a long
     prompt, the NumPy twin's BLAS threads set in its process; the report holds every figure, and greedy tokens
     agree across implementations (timings are only checked to exist: speed is bench.py's output, not a test)."""
-    out = tmp_path / "bench.json"
-    proc = run_cli("--shape", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1",  # default device
-                   "--budgets", "6", "--long-prompt", "12", "--numpy-threads", "1", "--json", str(out),
-                   script="bench.py", env={"OMP_NUM_THREADS": "1"})  # quick on a busy machine
+    out = tmp_path / "bench.json"  # on the default device
+    proc = bench_in_process(["--shape", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1",
+                             "--budgets", "6", "--long-prompt", "12", "--numpy-threads", "1", "--json", str(out)],
+                            monkeypatch, capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     for key in ("model", "device", "dtypes", "batch", "prompt_len", "new_tokens", "budgets", "long_prompt_lens",
@@ -91,11 +102,22 @@ def test_bench_schedule_rotates():
         assert sorted(rep[place] for rep in order) == ["a", "a", "b", "b", "c", "c"]
 
 
-def test_bench_bad_model_is_one_line(tmp_path):
+def test_bench_bad_model_is_one_line(tmp_path, capsys):
+    """bench.main in this process (a subprocess costs seconds of torch import; an exception escaping main fails the
+    test as a traceback would)."""
     for path in (tmp_path / "missing", tmp_path):  # no such directory; a directory without config.json
-        proc = run_cli("--model", str(path), "--device", "cpu", script="bench.py")
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, \
-            proc.stderr
+        status = bench.main(["--model", str(path), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_bench_flag_errors_are_one_line(capsys):
+    """bench.py's flag errors are one `error:` line, as the other tools', not argparse's usage block."""
+    for argv in (["--prompt-len", "x"], ["--shape", "nope"], ["--new-tokens", "1"]):
+        with pytest.raises(SystemExit) as info:
+            bench.parse_args(argv)
+        assert info.value.code == 2
+        assert one_error_line(capsys.readouterr().err)
 
 
 def test_bench_tied_checkpoint_loads_in_both(tmp_path, monkeypatch):
@@ -117,7 +139,7 @@ def test_bench_tied_checkpoint_loads_in_both(tmp_path, monkeypatch):
         assert_close(logits, transformers.OlmoForCausalLM.from_pretrained(tmp_path).eval()(ids).logits)
 
 
-def test_bench_olmo2_shape(tmp_path, monkeypatch):
+def test_bench_olmo2_shape(tmp_path, monkeypatch, capfd):
     """An OLMo 2 shape is written as transformers' Olmo2ForCausalLM reads it (every weight present, RMSNorm
     weights ones, logits not degenerate), and bench's olmo.py gives transformers' greedy tokens on it."""
     shape = dict(SHAPES_OLMO2_TINY)
@@ -129,9 +151,9 @@ def test_bench_olmo2_shape(tmp_path, monkeypatch):
     with torch.no_grad():
         assert 0.3 < ref.eval()(torch.tensor([[5, 17, 300, 9]])).logits.std() < 3
     out = tmp_path / "bench.json"
-    proc = run_cli("--model", str(tmp_path), "--device", "cpu", "--impl", "olmo.py", "--impl", "transformers",
-                   "--reps", "1", "--new-tokens", "3", "--budgets", "none", "--prompt-len", "4", "--json", str(out),
-                   script="bench.py", env={"OMP_NUM_THREADS": "1"})
+    proc = bench_in_process(["--model", str(tmp_path), "--device", "cpu", "--impl", "olmo.py", "--impl",
+                             "transformers", "--reps", "1", "--new-tokens", "3", "--budgets", "none", "--prompt-len",
+                             "4", "--json", str(out)], monkeypatch, capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert "error" not in report["results"]["transformers"], report["results"]["transformers"]
@@ -142,7 +164,7 @@ SHAPES_OLMO2_TINY = dict(model_type="olmo2", num_hidden_layers=1, hidden_size=32
                          num_attention_heads=2, vocab_size=50304, rms_norm_eps=1e-6, rope_theta=500000.0)
 
 
-def test_bench_olmoe_shape(tmp_path, monkeypatch):
+def test_bench_olmoe_shape(tmp_path, monkeypatch, capfd):
     """An OLMoE shape is written as the hub ships it (one tensor per expert), transformers reads it with nothing
     missing or left over; a step reads top_k of num_experts experts' weights (weight_bytes and the floor's
     products count exactly those), and bench's olmo.py and the twin give transformers' greedy tokens on it."""
@@ -162,9 +184,9 @@ def test_bench_olmoe_shape(tmp_path, monkeypatch):
     per_pass = 4 + 1 + 2 * 3 + 1  # q, k, v, o; the router; 2 experts' gate, up, down; the head
     assert len(seen) == 3 * 2 * per_pass
     out = tmp_path / "bench.json"
-    proc = run_cli("--model", str(tmp_path), "--device", "cpu", "--impl", "olmo.py", "--impl", "olmo_numpy.py",
-                   "--impl", "transformers", "--reps", "1", "--new-tokens", "3", "--budgets", "none",
-                   "--prompt-len", "4", "--json", str(out), script="bench.py", env={"OMP_NUM_THREADS": "1"})
+    proc = bench_in_process(["--model", str(tmp_path), "--device", "cpu", "--impl", "olmo.py", "--impl",
+                             "olmo_numpy.py", "--impl", "transformers", "--reps", "1", "--new-tokens", "3", "--budgets",
+                             "none", "--prompt-len", "4", "--json", str(out)], monkeypatch, capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["weight_bytes_per_step"]["float32"] == per_step
@@ -178,12 +200,12 @@ SHAPES_OLMOE_TINY = dict(model_type="olmoe", num_hidden_layers=1, hidden_size=32
 # bench.py's 8-bit rows (--quantize int8) and its peer (--peer llama.cpp)
 
 
-def test_bench_int8_rows(tmp_path):
+def test_bench_int8_rows(tmp_path, monkeypatch, capfd):
     """--quantize int8: both twins again with int8 weights (transformers skipped, named), each row's bytes those
     of its int8 model, and the int8 weights alone timed in a process of its own with the kernels it tried."""
     out = tmp_path / "bench.json"
-    proc = run_cli("--shape", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1", "--budgets", "none",
-                   "--quantize", "int8", "--json", str(out), script="bench.py", env={"OMP_NUM_THREADS": "1"})
+    proc = bench_in_process(["--shape", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--reps", "1", "--budgets",
+                             "none", "--quantize", "int8", "--json", str(out)], monkeypatch, capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     results = report["results"]
@@ -214,15 +236,15 @@ def test_bench_q8_0_bytes():
     assert step == (96 * 32 + 64 * 32) // 32 * 34 and total == step + 4 * 32
 
 
-def test_bench_peer_missing_is_one_line(tmp_path):
+def test_bench_peer_missing_is_one_line(tmp_path, capsys):
     """--peer llama.cpp without the binding, or without its source tree: one line, exit status 2, before any
     checkpoint is built."""
-    proc = run_cli("--shape", "tiny", "--peer", "llama.cpp", "--llama-cpp-src", str(tmp_path), script="bench.py")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --peer llama.cpp needs ") and \
-        proc.stderr.count("\n") == 1, proc.stderr
+    status = bench.main(["--shape", "tiny", "--peer", "llama.cpp", "--llama-cpp-src", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: --peer llama.cpp needs ") and err.count("\n") == 1, err
 
 
-def test_bench_olmo_hybrid_shape(tmp_path, monkeypatch):
+def test_bench_olmo_hybrid_shape(tmp_path, monkeypatch, capfd):
     """An Olmo Hybrid shape is written in transformers' own layout (the convolution in one tensor), which
     transformers reads with nothing missing or left over; bench's olmo.py and the twin give transformers' greedy
     tokens on it, and time a long prompt in each (70 tokens: two chunks of the Gated DeltaNet)."""
@@ -234,10 +256,10 @@ def test_bench_olmo_hybrid_shape(tmp_path, monkeypatch):
     ref, info = transformers.OlmoHybridForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     out = tmp_path / "bench.json"
-    proc = run_cli("--model", str(tmp_path), "--device", "cpu", "--impl", "olmo.py", "--impl", "olmo_numpy.py",
-                   "--impl", "transformers", "--reps", "1", "--new-tokens", "3", "--budgets", "none",
-                   "--prompt-len", "4", "--long-prompt", "70", "--json", str(out), script="bench.py",
-                   env={"OMP_NUM_THREADS": "1"})
+    proc = bench_in_process(["--model", str(tmp_path), "--device", "cpu", "--impl", "olmo.py", "--impl",
+                             "olmo_numpy.py", "--impl", "transformers", "--reps", "1", "--new-tokens", "3", "--budgets",
+                             "none", "--prompt-len", "4", "--long-prompt", "70", "--json", str(out)],
+                            monkeypatch, capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     for impl in ("olmo.py", "olmo_numpy.py"):

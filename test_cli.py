@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -29,7 +30,8 @@ from hypothesis import strategies as st
 import cli
 import olmo
 import olmo_numpy
-from conftest import HERE, SMALL, reference_model, rewrite_weights, run_cli, save, train_tokenizer
+from conftest import (HERE, SMALL, capped, fifo_released, link_dev_zero, make_fifo, memory_cap, reference_model,
+                      rewrite_weights, run_cli, save, sparse, train_tokenizer, transformers_source)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,6 +147,19 @@ def test_cli_bad_flags_one_line_exit_2(cli_checkpoint, capsys, script, flags, me
     assert out == "" and re.search(message, error_line(status, err))
 
 
+def test_values_are_never_expanded_to_be_shown():
+    """An error message shows at most a line of a value, whatever its size (cli.shown,
+    which convert.py's messages use too)."""
+    nested = [1]
+    for _ in range(30):
+        nested = [nested] * 10  # 10**30 leaves: expanding it would never end
+    t0 = time.monotonic()
+    with memory_cap(2**28):  # the unfixed shown() ran out of it at once (instead of out of the machine's)
+        text = cli.shown(nested)
+    assert len(text) <= 60 and time.monotonic() - t0 < 1
+    assert cli.shown([2]) == "[2]" and cli.shown(float("nan")) == "NaN"
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_cli_no_prompt_is_an_error(cli_checkpoint, capsys, script):
     status, out, err = main_in_process(MODULES[script].main, ["--model", cli_checkpoint[0]], capsys)
@@ -208,6 +223,79 @@ def test_cli_revision_goes_to_the_hub(cli_checkpoint, monkeypatch, capsys):
         assert status == 0, err
     hub = [(path, rev) for path, rev in asked if path == "allenai/OLMo-1B-hf"]  # from_pretrained gets the directory
     assert hub == [("allenai/OLMo-1B-hf", "step1000-tokens4B"), ("allenai/OLMo-1B-hf", None)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--revision", "main"], "is a local directory: a revision (main) is for hub ids only"),
+    (["--device", ""], "--device is empty; give one of"),
+])
+def test_revision_with_a_local_directory_and_an_empty_device_are_refused(cli_checkpoint, capsys, flags, message):
+    """--revision with a local directory, and an empty --device (both once ignored without a word), end in one
+    line naming the flag."""
+    status, out, err = main_in_process(olmo.main, ["--model", cli_checkpoint[0], "--prompt", "hi", *flags], capsys)
+    assert out == "" and message in error_line(status, err)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_prompt_file_and_stdin_give_the_prompts_run(cli_checkpoint, tmp_path, monkeypatch, capsys, script):
+    """--prompt-file PATH reads the prompt from a file, `-` from stdin; one line end at its end is dropped
+    (an editor's, echo's), so the text is --prompt's own run."""
+    prompt = "Language 🙂 models\nare"
+    args = ["--model", cli_checkpoint[0], "--max-new-tokens", "8", *ON_CPU[script]]
+    _, expected, _ = main_in_process(MODULES[script].main, args + ["--prompt", prompt], capsys)
+    (tmp_path / "prompt.txt").write_text(prompt + "\n")
+    status, out, err = main_in_process(MODULES[script].main, args + ["--prompt-file", str(tmp_path / "prompt.txt")],
+                                       capsys)
+    assert status == 0 and out == expected, err
+    monkeypatch.setattr(sys, "stdin", open(tmp_path / "prompt.txt"))
+    status, out, err = main_in_process(MODULES[script].main, args + ["--prompt-file", "-"], capsys)
+    assert status == 0 and out == expected, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-file", "/no/such/file"], "cannot read --prompt-file /no/such/file: No such file or directory"),
+    (["--prompt-file", "BAD"], "--prompt-file BAD is not UTF-8 text"),
+    (["--prompt-file", "x", "--prompt", "hi"], "give either --prompt TEXT or --prompt-file PATH"),
+    (["--prompt-file", "x", "--chat"], "give either --prompt-file PATH or --chat"),
+])
+def test_prompt_file_errors_are_one_line(cli_checkpoint, tmp_path, capsys, flags, message):
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
+    flags = [str(tmp_path / "bad.txt") if flag == "BAD" else flag for flag in flags]
+    message = message.replace("BAD", str(tmp_path / "bad.txt"))
+    status, out, err = main_in_process(olmo_numpy.main, ["--model", cli_checkpoint[0], *flags], capsys)
+    assert out == "" and message in error_line(status, err)
+
+
+def test_prompt_file_from_a_pipe_and_ctrl_c_while_waiting(cli_checkpoint, tmp_path):
+    """A pipe is fine as --prompt-file (`<(command)`); Ctrl-C while it waits for a writer stops at once (130)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "olmo_numpy.py"), "--model", cli_checkpoint[0],
+                             "--prompt-file", str(fifo), "--max-new-tokens", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:  # the write end, once the CLI has opened the read end (ENXIO until then)
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+    os.write(writer, b"Language")
+    os.close(writer)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.startswith("Language"), err
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "olmo_numpy.py"), "--model", cli_checkpoint[0],
+                             "--prompt-file", str(fifo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10  # until it waits for a writer (a fixed 2 s was too short on a busy machine,
+    while time.monotonic() < deadline:  # where Ctrl-C then came during imports)
+        with open(f"/proc/{proc.pid}/wchan") as f:
+            if f.read() == "wait_for_partner":  # Linux's name for a FIFO's open() waiting for the other end
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130 and "Traceback" not in err, err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -502,6 +590,23 @@ def test_cli_bad_checkpoints_one_line_exit_2(cli_checkpoint, tmp_path, capsys, s
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json"])
+@pytest.mark.parametrize("make, message", [(make_fifo, "is a FIFO (named pipe); expected a regular file"),
+                                           (link_dev_zero, "is a device; expected a regular file"),
+                                           (sparse, "is 6,000 MB, far more than")])
+def test_cli_special_files_are_refused_naming_them(cli_checkpoint, tmp_path, capsys, script, name, make, message):
+    """A FIFO as tokenizer.json or a config JSON (both CLIs waited forever, Ctrl-C ignored), /dev/zero
+    linked in or a sparse 6 GB file (read until a MemoryError traceback) end in one line naming the file."""
+    path = transformers_source(cli_checkpoint, tmp_path / "ckpt")
+    make(path / name)
+    t0 = time.monotonic()
+    with fifo_released(path / name), memory_cap():
+        status, out, err = main_in_process(MODULES[script].main, ["--model", str(path), "--prompt", "hi"], capsys)
+    assert error_line(status, err) == f"error: {path / name} {message}" or message in err, err
+    assert str(path / name) in err and time.monotonic() - t0 < 8
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("temperature", ["1e-40", "1e-320"])
 def test_cli_tiny_temperature_samples_the_top_token(cli_checkpoint, capsys, script, temperature):
     """A tiny positive temperature is a valid request, not a NaN: a token whose logit is below the top one by a gap
@@ -515,12 +620,40 @@ def test_cli_tiny_temperature_samples_the_top_token(cli_checkpoint, capsys, scri
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_tiny_top_p_samples_the_top_token(cli_checkpoint, capsys, script):
+    """Through the CLI, `--temperature 0.7 --top-p 1e-46` is greedy, not a traceback."""
+    args = ["--model", cli_checkpoint[0], "--prompt", "Language", "--max-new-tokens", "8", *ON_CPU[script]]
+    _, greedy, _ = main_in_process(MODULES[script].main, args, capsys)
+    status, out, err = main_in_process(MODULES[script].main, args + ["--temperature", "0.7", "--top-p", "1e-46"],
+                                       capsys)
+    assert status == 0 and out == greedy, err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_cli_seeded_sampling_is_reproducible(cli_checkpoint, capsys, script):
     path, _ = cli_checkpoint
     outs = [main_in_process(MODULES[script].main, ["--model", path, "--prompt", "Language", "--max-new-tokens", "8",
                                                    "--temperature", "1", "--seed", str(2**64 - 1)], capsys)
             for _ in range(2)]
     assert outs[0][0] == 0 and outs[0][1] == outs[1][1] and outs[0][1].startswith("Language")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sampling_without_a_seed_prints_the_one_that_repeats_it(cli_checkpoint, capsys, script):
+    """Sampling without --seed prints the seed it drew on stderr, and --seed with it gives the same text
+    again. Greedy decoding prints none (nothing to repeat)."""
+    args = ["--model", cli_checkpoint[0], "--prompt", "Language", "--max-new-tokens", "12", "--temperature", "1.5",
+            *ON_CPU[script]]
+    status, out, err = main_in_process(MODULES[script].main, args, capsys)
+    seeds = re.findall(r"sampling with seed (\d+) \(--seed \1 gives this sample again\)", err)
+    assert status == 0 and len(seeds) == 1, err
+    status, again, _ = main_in_process(MODULES[script].main, args + ["--seed", seeds[0]], capsys)
+    assert status == 0 and again == out
+    others = {main_in_process(MODULES[script].main, args, capsys)[1] for _ in range(3)}
+    assert len(others | {out}) > 1  # a drawn seed differs from run to run (4 samples of 12 tokens, not all alike)
+    status, _, err = main_in_process(MODULES[script].main, args[:-2 - len(ON_CPU[script])] + ["--temperature", "0"],
+                                     capsys)
+    assert status == 0 and "seed" not in err
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -580,12 +713,39 @@ def test_cli_reader_closing_stdout_early_is_quiet(endless_checkpoint, script):
     assert [line for line in err.splitlines() if not line.startswith(("loaded ", "warning: "))] == [], err
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_with_stdout_closed_is_one_line(cli_checkpoint, script):
+    """`olmo.py ... >&-` (stdout closed by the shell): one line, status 2, not an AttributeError
+    traceback."""
+    proc = subprocess.run(["sh", "-c", '"$0" "$@" >&-', sys.executable, os.path.join(HERE, script), "--model",
+                           cli_checkpoint[0], "--prompt", "hi", *ON_CPU[script]], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert proc.stderr == "error: stdout is closed, so there is nowhere to print the text\n"
+
+
 def test_cli_compile_time_is_reported_apart():
     """With --compile the first decode step (between the first two tokens) compiles: it is reported on its own and
     left out of tokens/s. Times: 1 s of prefill, 10 s of compiling, then 1 s per token."""
     line = cli.stats(0.0, [1.0, 11.0, 12.0, 13.0], compiled=True)
     assert line.startswith("4 tokens in 13.00s") and "took 10.0s" in line and line.endswith(", 1.0 tokens/s")
     assert cli.stats(0.0, [1.0, 2.0, 3.0, 4.0], compiled=False).endswith("4 tokens in 4.00s, 1.0 tokens/s")
+
+
+def test_compile_is_announced_before_it_starts(cli_checkpoint, monkeypatch, capsys):
+    """With --compile, stderr says it is compiling before generation starts (compiling is the silent
+    first ~12 s). torch.compile itself is replaced by the identity: what is tested is the order of the lines."""
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    real, seen = olmo.OlmoForCausalLM.generate, []
+
+    def generate(self, *args, **kwargs):
+        seen.append(capsys.readouterr().err)  # what was printed before generation started
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(olmo.OlmoForCausalLM, "generate", generate)
+    status, _, _ = main_in_process(olmo.main, ["--model", cli_checkpoint[0], "--prompt", "hi", "--max-new-tokens",
+                                               "3", "--device", "cpu", "--compile"], capsys)
+    assert status == 0 and "compiling the decode step (torch.compile)" in seen[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -871,6 +1031,27 @@ def test_chat_through_a_pipe_equals_transformers(chat_checkpoint, chat_expected,
     assert "> " not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_chat_says_when_a_reply_is_cut_off_and_how_fast_it_came(chat_checkpoint, chat_endless_checkpoint,
+                                                                monkeypatch, capsys, script):
+    """Each chat reply is followed on stderr by its tokens and speed (as --prompt's run is), and a reply
+    that --max-new-tokens cut off says so; one that ended with EOS doesn't."""
+    status, out, err = chat_in_process(MODULES[script], chat_endless_checkpoint, ["Hello", "Language models"],
+                                       monkeypatch, capsys)
+    assert status == 0 and out.count("\n") == 2
+    assert len(re.findall(r"^4 tokens in \d+\.\d\ds, \d+\.\d tokens/s$", err, re.M)) == 2, err
+    assert err.count("(the reply was cut off at --max-new-tokens 4)") == 2
+
+    path, ref, tok, auto = chat_checkpoint  # which replies end with EOS within 40 tokens: transformers says
+    status, out, err = chat_in_process(MODULES[script], path, ["Hello"], monkeypatch, capsys, "--max-new-tokens", "40")
+    ids = auto.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                   return_dict=False)
+    with torch.no_grad():
+        new = ref.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=0, pad_token_id=1)
+    ended = 0 in new[0, len(ids):].tolist()
+    assert status == 0 and ("cut off" not in err) == ended and "tokens/s" in err
+
+
 @pytest.fixture(scope="module")
 def chat_endless_checkpoint(chat_checkpoint, tmp_path_factory):
     """chat_checkpoint with no EOS and a long context: replies run until stopped."""
@@ -955,6 +1136,77 @@ def test_chat_ctrl_c_stops_the_reply_and_at_the_prompt_exits_130(chat_checkpoint
     assert "Traceback" not in proc.stderr.read().decode()
 
 
+# Ctrl-C during a long prefill. Why it was once ignored: in chat mode Ctrl-C only set a flag, which the next
+# token's callback turned into KeyboardInterrupt -- and the first callback comes only after the prefill. (In --prompt
+# mode Ctrl-C raised at once already; measured: 1.6 s to exit in the middle of a 100 s prefill of 8 layers of width
+# 1024.) The prefill is made slow here by waiting inside it, so the test doesn't depend on the machine's speed.
+
+
+SLOW_PREFILL = """
+import sys, time
+import {module} as m
+real = m.OlmoForCausalLM.prefill
+calls = []
+def slow_prefill(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:  # the first prompt takes 20 s to read; the next ones are quick
+        print("prefilling", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real(self, *args, **kwargs)
+m.OlmoForCausalLM.prefill = slow_prefill
+sys.exit(m.main(sys.argv[1:]))
+"""
+
+
+def ctrl_c_in_prefill(module, args, stdin=None):
+    """Run module's CLI with a 20 s first prefill, Ctrl-C once it has started: (seconds from the signal to the
+    end of the run or of the reply, stdout, stderr, status)."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREFILL.format(module=module), *args], cwd=HERE,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
+    if stdin:
+        proc.stdin.write(stdin)
+        proc.stdin.flush()
+    err = ""
+    while "prefilling" not in err:
+        line = proc.stderr.readline()
+        assert line, err
+        err += line
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    out, rest = proc.communicate(timeout=60)  # closes stdin: its end ends the session after the replies
+    return time.monotonic() - t0, out, err + rest, proc.returncode
+
+
+@pytest.mark.parametrize("module", ["olmo", "olmo_numpy"])
+def test_ctrl_c_stops_a_long_chat_prefill_at_once(chat_checkpoint, module):
+    """In chat: Ctrl-C while the prompt is prefilled ends the reply within a second (the unfixed CLIs waited the
+    whole prefill), and the conversation goes on: the next message gets transformers' greedy reply to the
+    conversation with the interrupted reply as it was printed (empty)."""
+    flags = ["--model", chat_checkpoint[0], "--chat", "--max-new-tokens", "6"]
+    elapsed, out, err, status = ctrl_c_in_prefill(module, flags + (["--device", "cpu"] if module == "olmo" else []),
+                                                  stdin="Hello 🙂\nLanguage models\n")
+    assert elapsed < 5 and status == 0 and "Traceback" not in err, err
+    first, second = out.split("\n")[:2]
+    path, ref, tok, auto = chat_checkpoint
+    messages = [{"role": "user", "content": "Hello 🙂"}, {"role": "assistant", "content": ""},
+                {"role": "user", "content": "Language models"}]
+    ids = auto.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        new = ref.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=0, pad_token_id=1)
+    assert first == "" and second == tok.decode(new[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("module", ["olmo", "olmo_numpy"])
+def test_ctrl_c_stops_a_long_prompt_prefill_at_once(cli_checkpoint, module):
+    """With --prompt too: Ctrl-C in the prefill ends the run within a second, status 130, the prompt's line ended."""
+    elapsed, out, err, status = ctrl_c_in_prefill(module, ["--model", cli_checkpoint[0], "--prompt", "Language"])
+    assert elapsed < 5 and status == 130 and out == "Language\n" and "Traceback" not in err, err
+
+
 def chat_in_process(module, path, lines, monkeypatch, capsys, *flags):
     """module's (olmo's or olmo_numpy's) --chat in this process, stdin piped from lines: (status, out, err)."""
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("".join(f"{x}\n" for x in lines).encode())))
@@ -976,6 +1228,18 @@ def test_chat_without_a_template_one_line_exit_2(chat_checkpoint, tmp_path, scri
     status, out, err = chat_in_process(MODULES[script], path, ["hi"], monkeypatch, capsys)
     assert (status, out) == (2, "")
     assert err.splitlines()[-1] == f"error: {path} has no chat template (use --prompt for plain text)"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_fifo_chat_template_is_refused(chat_checkpoint, tmp_path, monkeypatch, capsys, script):
+    """chat_template.jinja as a FIFO is refused, not waited on (nor silently passed over)."""
+    path = copy_with_template(chat_checkpoint[0], tmp_path / "ckpt", None)
+    make_fifo(tmp_path / "ckpt" / "chat_template.jinja")
+    t0 = time.monotonic()
+    with fifo_released(tmp_path / "ckpt" / "chat_template.jinja"):
+        status, out, err = chat_in_process(MODULES[script], path, ["hi"], monkeypatch, capsys)
+    assert error_line(status, err).endswith("chat_template.jinja is a FIFO (named pipe); expected a regular file")
+    assert time.monotonic() - t0 < 8
 
 
 SANDBOX_ESCAPES = [  # (template, what the one error line says)
@@ -1004,6 +1268,38 @@ def test_chat_template_sandbox_escapes_fail_in_one_line(chat_checkpoint, tmp_pat
     assert message in err
 
 
+TEMPLATE_BOMBS = [  # (template, what the one error line says)
+    ("{{ '{:>999999999}'.format('x') }}", "the chat template builds a string of hundreds of megabytes"),
+    ("{{ 'x'.center(10**9) }}", "the chat template builds a string of hundreds of megabytes"),
+    ("{{ 'x'.center(5 * 10**6) }}", "it renders more than 1,000,020 characters for 1 messages"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+     "its range() calls count more than 100000 numbers in one render"),
+]
+
+
+@pytest.mark.parametrize("template, message", TEMPLATE_BOMBS)
+def test_chat_template_resource_bombs_fail_in_one_line(chat_checkpoint, tmp_path, template, message):
+    """A template that formats or pads a string to a gigabyte (the tokenizer then aborted the process with
+    a Rust backtrace), or loops over 10**10 numbers, ends in one line naming the template, in a real process."""
+    path = copy_with_template(chat_checkpoint[0], tmp_path / "bomb", template)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "olmo_numpy.py"), "--model", path, "--chat",
+                           "--max-new-tokens", "4"],
+                          input="hi\n", capture_output=True, text=True, timeout=60, preexec_fn=capped())
+    line = error_line(proc.returncode, proc.stderr)
+    assert line.startswith(f"error: {path}/tokenizer_config.json: ") and message in line, line
+    assert time.monotonic() - t0 < 30
+
+
+def test_chat_template_bomb_in_the_torch_cli(chat_checkpoint, tmp_path):
+    """The memory bound holds in a process that runs torch too."""
+    path = copy_with_template(chat_checkpoint[0], tmp_path / "bomb", TEMPLATE_BOMBS[0][0])
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "olmo.py"), "--model", path, "--chat", "--device",
+                           "cpu", "--max-new-tokens", "4"], input="hi\n", capture_output=True, text=True, timeout=120,
+                          preexec_fn=capped(), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # CUDA needs more
+    assert TEMPLATE_BOMBS[0][1] in error_line(proc.returncode, proc.stderr)
+
+
 def test_chat_budget_dynamic_rope_and_bad_lines(chat_checkpoint, tmp_path, monkeypatch, capsys):
     """A reply budget that leaves no room in the context is refused; with dynamic RoPE nothing is ever dropped; a
     line that isn't UTF-8 is skipped with a notice, and the session goes on."""
@@ -1025,3 +1321,44 @@ def test_chat_budget_dynamic_rope_and_bad_lines(chat_checkpoint, tmp_path, monke
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\nLanguage models\n")))
     status, out, err = main_in_process(olmo_numpy.main, ["--model", path, "--chat", "--max-new-tokens", "4"], capsys)
     assert status == 0 and out.endswith("\n") and "that line is not UTF-8 text; skipped" in err
+
+
+ECHO_TEMPLATE = ("{% if messages[-1]['content'].endswith('!') %}{{ raise_exception('got ' + messages[-1]['content']"
+                 "|tojson) }}{% endif %}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "<|assistant|>\n")
+
+
+def test_chat_on_a_terminal_edits_lines_and_keeps_history(chat_checkpoint, tmp_path):
+    """On a terminal (stdin and stdout a pty), input goes through readline: Left moves the cursor (the unfixed CLIs
+    sent "^[[D" to the model), Up recalls the session's previous message; a line ending in a backslash goes on on
+    the next line. The template echoes a message ending in "!" back in its error, which is how the test sees
+    exactly what was sent."""
+    path = copy_with_template(chat_checkpoint[0], tmp_path / "echo", ECHO_TEMPLATE)
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "olmo_numpy.py"), "--model", path, "--chat",
+                             "--max-new-tokens", "3"], stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=HERE,
+                            env={**os.environ, "TERM": "xterm"}, start_new_session=True)
+    os.close(slave)
+    seen = b""
+
+    def wait_for(text):
+        nonlocal seen
+        while text not in seen:
+            assert select.select([master], [], [], 60)[0], f"no {text!r} on the terminal in 60 s: {seen[-300:]!r}"
+            seen += os.read(master, 4096)
+        seen = seen[seen.index(text) + len(text):]
+
+    try:
+        wait_for(b"> ")
+        os.write(master, b"Hllo\x1b[D\x1b[D\x1b[De\r")  # Left three times, then the missing "e"
+        wait_for(b"> ")  # the reply came, and the next prompt
+        os.write(master, b"first line \\\r")
+        wait_for(b"... ")
+        os.write(master, b"\x1b[A\x1b[A!\r")  # Up twice: back past "first line \" to "Hello"; then "!"
+        _, err = proc.communicate(timeout=60)
+        err = err.decode()
+        assert proc.returncode == 2, err
+    finally:
+        proc.kill()
+        os.close(master)
+    assert err.splitlines()[-1].endswith('the chat template failed: got "first line \\nHello!"'), err

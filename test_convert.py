@@ -6,9 +6,11 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,7 +26,8 @@ from safetensors.torch import load_file, save_file
 import convert
 import olmo
 import olmo_numpy
-from conftest import HERE, assert_close, reference_model, run_cli
+from conftest import (HERE, assert_close, capped, fifo_released, link_dev_zero, make_fifo, memory_cap, one_error_line,
+                      reference_model, run_cli, sparse, transformers_source)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,6 +392,48 @@ def test_convert_config_yaml_numbers_are_read_as_the_trainer_reads_them(tmp_path
         convert.convert(src, tmp_path / "dst2")
 
 
+ALIAS_BOMB = "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10))
+
+
+def test_convert_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    """A config.yaml whose d_model is ten nested aliases (10**9 values once expanded) ends in one line
+    naming the alias, in a real process capped at 4 GiB (the unfixed converter grew without bound while building
+    its error message, deaf to signals)."""
+    cfg = trainer_config()
+    src = write_trainer(tmp_path / "src", cfg, trainer_state(cfg))
+    text = (src / "config.yaml").read_text().replace("  d_model: 32\n", "  d_model: *a9\n")
+    (src / "config.yaml").write_text("a0: &a0 [lol]\n" + ALIAS_BOMB + text)
+    assert "d_model: *a9" in (src / "config.yaml").read_text()
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "convert.py"), str(src), str(tmp_path / "dst")],
+                          capture_output=True, text=True, timeout=120, preexec_fn=capped())
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert "alias *a0 is not supported" in one_error_line(proc.stderr) and time.monotonic() - t0 < 60
+    assert not (tmp_path / "dst").exists()
+
+
+def test_convert_yaml_duplicate_keys_and_syntax_errors_are_one_line(tmp_path):
+    """A key written twice is refused by name and line (YAML keeps the last silently); a syntax
+    error is one line with the file, line and column (PyYAML's message is 5-7 lines with a caret)."""
+    cfg = trainer_config()
+    src = write_trainer(tmp_path / "src", cfg, trainer_state(cfg))
+    good = (src / "config.yaml").read_text()
+    lines = good.splitlines()
+    at = lines.index("  d_model: 32")
+    (src / "config.yaml").write_text("\n".join(lines[:at + 1] + ["  d_model: 64"] + lines[at + 1:]) + "\n")
+    with pytest.raises(convert.ConversionError) as info:
+        convert.convert(src, tmp_path / "dst")
+    assert str(info.value) == f"{src / 'config.yaml'}: line {at + 2}, column 3: the key \"d_model\" appears twice"
+
+    (src / "config.yaml").write_text(good.replace("  d_model: 32\n", "  d_model: 32: 5\n"))
+    with pytest.raises(convert.ConversionError) as info:
+        convert.convert(src, tmp_path / "dst")
+    message = str(info.value)
+    assert "\n" not in message and re.fullmatch(re.escape(str(src / "config.yaml")) + r": line \d+, column \d+: "
+                                                r"mapping values are not allowed here", message), message
+    assert not (tmp_path / "dst").exists()
+
+
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_convert_integer_tensors_are_refused_by_name(tmp_path, fmt):
     cfg = trainer_config()
@@ -566,6 +611,60 @@ def test_convert_signals_mid_conversion_leave_nothing(tall_trainer_checkpoint, t
         assert "Traceback" not in err
         assert err.splitlines()[-1] == f"error: stopped by {signum.name}; nothing was written"
     assert os.listdir(tmp_path) == []  # no destination, no staging directory
+
+
+def test_convert_three_quick_ctrl_cs_print_one_line(tall_trainer_checkpoint, tmp_path):
+    """Ctrl-C pressed three times in quick succession: the one "stopped" line, nothing after it (the
+    unfixed converter put its handlers back before exiting, so a later Ctrl-C printed "Exception ignored ...
+    KeyboardInterrupt"), status 130, nothing left on disk. As in test_convert_signals_mid_conversion_leave_nothing,
+    a small stderr pipe holds the process mid-conversion until the signals come."""
+    read, write = small_pipe()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "convert.py"), str(tall_trainer_checkpoint),
+                             str(tmp_path / "dst")], stderr=write)
+    os.close(write)
+    stderr = os.fdopen(read)
+    line = ""
+    while not line.startswith("[1/1752] model.embed_tokens.weight"):
+        line = stderr.readline()
+        assert line, "convert.py ended before converting"
+    proc.send_signal(signal.SIGINT)
+    err = ""
+    while "error: stopped by SIGINT" not in err:  # the first Ctrl-C has been handled ...
+        chunk = stderr.readline()
+        assert chunk, err[-500:]
+        err += chunk
+    for _ in range(20):  # ... and more come while the process is on its way out
+        try:
+            proc.send_signal(signal.SIGINT)
+        except ProcessLookupError:
+            break
+        time.sleep(0.005)
+    err += stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert err.splitlines()[-1] == "error: stopped by SIGINT; nothing was written", err[-1000:]
+    assert "Exception ignored" not in err and "Traceback" not in err and os.listdir(tmp_path) == []
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_convert_removes_staging_left_by_a_killed_conversion(cli_checkpoint, tmp_path, capsys):
+    """The staging directory of a conversion killed with SIGKILL is removed by the next conversion to the
+    same DST, which says so; one of a process still running is named and left alone."""
+    src = transformers_source(cli_checkpoint, tmp_path / "src")
+    stale = tmp_path / f".dst.partial-{dead_pid()}"
+    live = tmp_path / f".dst.partial-{os.getppid()}"
+    for leftover in (stale, live):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"x" * 1000)
+    convert.convert(src, tmp_path / "dst")
+    err = capsys.readouterr().err
+    assert not stale.exists() and f"removed {stale}" in err
+    assert live.exists() and f"{live} is the staging directory of a conversion (process {os.getppid()})" in err
+    assert (tmp_path / "dst" / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -798,6 +897,92 @@ def test_convert_transformers_checkpoint_inconsistent_with_olmo_is_refused(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+@pytest.mark.parametrize("value, dtype, message", [
+    (float("nan"), None, "holds NaN or infinite values"),
+    (float("inf"), None, "holds NaN or infinite values"),
+    (1e6, "float16", "has values beyond float16's range"),
+])
+def test_convert_non_finite_weights_are_refused_by_name(cli_checkpoint, tmp_path, value, dtype, message):
+    """NaN or infinity in a weight (or a finite value the new dtype turns into one) is refused, naming the
+    tensor; the unfixed converter wrote them, and the model then generated garbage with exit status 0."""
+    src = transformers_source(cli_checkpoint, tmp_path / "src")
+    weights = load_file(src / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    save_file(weights, src / "model.safetensors")
+    with pytest.raises(convert.ConversionError, match=f"tensor model.layers.1.mlp.down_proj.weight {message}"):
+        convert.convert(src, tmp_path / "dst", dtype=dtype)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no DST, no staging directory
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json", "model.safetensors"])
+@pytest.mark.parametrize("make, message", [(make_fifo, "is not a regular file"),
+                                           (link_dev_zero, "links to /dev/zero, outside"), (sparse, "6,000 MB")])
+def test_convert_special_files_in_src_are_refused(cli_checkpoint, tmp_path, name, make, message):
+    """A FIFO (which the unfixed converter waited on forever, or skipped silently as a tokenizer),
+    /dev/zero linked in (read until memory ran out, or skipped) and a sparse 6 GB JSON file each end in one
+    error naming the file; nothing is written."""
+    if make is sparse and name == "model.safetensors":
+        pytest.skip("weights may be large")
+    src = transformers_source(cli_checkpoint, tmp_path / "src")
+    make(src / name)
+    t0 = time.monotonic()
+    with fifo_released(src / name), memory_cap(), pytest.raises(convert.ConversionError) as info:
+        convert.convert(src, tmp_path / "dst")
+    assert str(info.value).startswith(str(src / name)) and message in str(info.value), info.value
+    assert time.monotonic() - t0 < 8 and not (tmp_path / "dst").exists()
+
+
+def test_convert_reads_and_copies_nothing_from_outside_src(cli_checkpoint, tmp_path):
+    """A tokenizer.json linked to a file outside SRC is not copied into DST (the unfixed converter copied
+    /etc/shadow with mode 0644), and an index whose weight_map names an absolute or ../ path is refused."""
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"password": "hunter2"}')
+    src = transformers_source(cli_checkpoint, tmp_path / "src")
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(convert.ConversionError, match="links to .*secret.json, outside"):
+        convert.convert(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+    for outside in (str(tmp_path / "elsewhere.safetensors"), "../elsewhere.safetensors"):
+        src = transformers_source(cli_checkpoint, tmp_path / f"src{len(outside)}")
+        weights = load_file(src / "model.safetensors")
+        (src / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+        index = {"metadata": {}, "weight_map": {name: outside for name in weights}}
+        (src / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(convert.ConversionError, match="weight_map names files outside"):
+            convert.convert(src, tmp_path / "dst")
+        assert not (tmp_path / "dst").exists()
+
+
+def test_convert_hub_cache_snapshot_links_are_inside(cli_checkpoint, tmp_path):
+    """The hub's cache is made of links (snapshots/COMMIT/NAME -> ../../blobs/HASH): still a checkpoint to convert,
+    and the copied tokenizer is the file's content, not a link."""
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(cli_checkpoint[0]):
+        (repo / "blobs" / f"hash-{name}").write_bytes(open(os.path.join(cli_checkpoint[0], name), "rb").read())
+        (snapshot / name).symlink_to(f"../../blobs/hash-{name}")
+    convert.convert(snapshot, tmp_path / "dst")
+    copied = tmp_path / "dst" / "tokenizer.json"
+    assert not copied.is_symlink() and copied.read_bytes() == (snapshot / "tokenizer.json").read_bytes()
+
+
+def test_convert_copies_nothing_it_does_not_understand(cli_checkpoint, tmp_path):
+    """An extra file that isn't what its name says (a tokenizer_config.json that isn't JSON) is refused,
+    not copied blindly; a chat template is copied with the rest (OLMo 3 Instruct ships chat_template.jinja)."""
+    src = transformers_source(cli_checkpoint, tmp_path / "src")
+    (src / "chat_template.jinja").write_text("{{ messages }}")
+    (src / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(convert.ConversionError, match="tokenizer_config.json"):
+        convert.convert(src, tmp_path / "dst")
+    (src / "tokenizer_config.json").write_text("{}")
+    convert.convert(src, tmp_path / "dst")
+    assert (tmp_path / "dst" / "chat_template.jinja").read_text() == "{{ messages }}"
+
+
 @settings(max_examples=6)
 @given(heads=st.sampled_from([1, 2, 4]), groups=st.sampled_from([1, 2]), head_dim=st.sampled_from([4, 8]),
        mlp=st.integers(4, 40), tied=st.booleans(), seed=st.integers(0, 2**16))
@@ -893,3 +1078,13 @@ def test_convert_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "alibi" in result.stderr
     assert not (tmp_path / "o6").exists()
+
+
+def test_convert_cli_flag_errors_are_one_line_and_help_names_olmo_3(capsys):
+    """convert.py's --help says it handles OLMo 3 (transformers layout); a bad flag is one line."""
+    with pytest.raises(SystemExit) as info:
+        convert.main(["--help"])
+    assert info.value.code == 0 and "OLMo 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        convert.main(["only-src", "--shard-sized", "1GB"])
+    assert info.value.code == 2 and one_error_line(capsys.readouterr().err)

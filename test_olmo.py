@@ -10,8 +10,10 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
+import time
 import types
 from dataclasses import asdict
 
@@ -22,15 +24,16 @@ import torch
 import transformers
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import bench
 import cli
 import olmo
 import olmo_numpy
 from conftest import (ACTIVATIONS, ATOL, BF16_TOL, FP32_TOL, GENERATIONS, HERE, LIB, RTOL, SMALL, U, assert_close,
-                      configs, dynamic_past_max, float64_model, ids_for, load_keys, reference_model, rewrite_weights,
-                      run_cli, save)
+                      configs, dynamic_past_max, fifo_released, float64_model, ids_for, link_dev_zero, load_keys,
+                      make_fifo, memory_cap, reference_model, rewrite_weights, run_cli, save, sparse,
+                      transformers_source)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,6 +179,7 @@ class NumPy:
 
 
 TWINS = [pytest.param(Torch, id="olmo"), pytest.param(NumPy, id="olmo_numpy")]
+TWIN_MODULES = [olmo, olmo_numpy]  # for the tests that call a twin's module directly (from_pretrained, sample)
 
 
 @pytest.fixture(scope="module")
@@ -531,6 +535,46 @@ def test_generation_stops_at_eos_like_transformers(twin, tmp_path):
     assert np.array_equal(model.generate(twin.array(ids), 0, attention_mask=twin.array(mask)), ids)
 
 
+@pytest.mark.parametrize("module", TWIN_MODULES, ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "NaN")])
+def test_non_finite_weights_stop_generation_naming_the_step(cli_checkpoint, tmp_path, module, value, kind):
+    """A NaN or infinite weight makes NaN logits (inf - inf in the norm): generation stops with one error
+    naming the step, greedy or sampling (the unfixed twins printed "Hello!!!!!!" and exited 0, or olmo.py failed
+    inside torch.multinomial)."""
+    path = transformers_source(cli_checkpoint, tmp_path / "ckpt")
+    weights = load_file(path / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    save_file(weights, path / "model.safetensors")
+    model = module.OlmoForCausalLM.from_pretrained(str(path))
+    ids = (torch.tensor if module is olmo else np.array)([[3, 17, 42]])
+    for temperature in (0.0, 0.8):
+        with pytest.raises(ValueError, match=f"^the model produced {kind} logits at token 1: are the weights "
+                                             "corrupt\\?$"):
+            model.generate(ids, 5, temperature=temperature)
+
+
+@pytest.mark.parametrize("module", TWIN_MODULES, ids=["olmo", "olmo_numpy"])
+def test_non_finite_logits_later_name_their_step(cli_checkpoint, module, monkeypatch):
+    """The step named is the token whose logits broke (here the third, as +inf); finite logits pass, -inf ones
+    (masked tokens) too."""
+    real = module.OlmoForCausalLM.decode_one_token
+    calls = []
+
+    def decode_then_break(self, *args):
+        logits = real(self, *args)
+        calls.append(1)
+        if len(calls) == 2:  # the logits of the third new token
+            logits[0, 7] = math.inf
+        logits[0, 8] = -math.inf
+        return logits
+
+    monkeypatch.setattr(module.OlmoForCausalLM, "decode_one_token", decode_then_break)
+    model = module.OlmoForCausalLM.from_pretrained(cli_checkpoint[0])
+    ids = (torch.tensor if module is olmo else np.array)([[3, 17, 42]])
+    with pytest.raises(ValueError, match="^the model produced infinite logits at token 3: "):
+        model.generate(ids, 6)
+
+
 @pytest.mark.parametrize("window", [1, 3])
 def test_the_cache_grows_with_the_tokens_produced(tmp_path, window):
     """A budget is a limit, not an allocation: the cache starts at 256 slots whatever max_new_tokens says, and
@@ -692,6 +736,21 @@ def test_top_k_zero_is_off_and_tiny_temperatures_are_greedy(twin):
                 ] == [1] * 4
 
 
+@pytest.mark.parametrize("module", TWIN_MODULES, ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("top_p", [1e-46, 1e-300, 5e-324])
+@pytest.mark.parametrize("top_k", [None, 1, 3])
+def test_sample_keeps_the_most_likely_token_for_every_accepted_top_p(module, top_p, top_k):
+    """top_p 1e-46 (or generation_config's 1e-300) is accepted, and must leave the most likely token: in
+    float32 it rounded to 0, dropped every token, and olmo.py failed with a RuntimeError."""
+    array = torch.tensor if module is olmo else np.array
+    logits = array([[0.1, 2.0, -1.0, 1.9], [3.0, -2.0, 0.0, 2.5]], dtype=torch.float32 if module is olmo else None)
+    if module is olmo_numpy:
+        logits = logits.astype(np.float32)
+    for temperature in (0.7, 1e-20, 5.0):
+        tokens = module.sample(logits, temperature, top_k=top_k, top_p=top_p)
+        assert [int(t) for t in tokens] == [1, 0]
+
+
 def test_sampling_with_a_seed_is_reproducible():
     model = olmo.OlmoForCausalLM(olmo.OlmoConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                  num_hidden_layers=1, num_attention_heads=2, eos_token_id=None))
@@ -844,6 +903,34 @@ def test_hub_ids_fetch_one_weight_format_at_a_revision(small_checkpoint, monkeyp
         olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")
 
 
+def test_hub_failures_in_words(cli_checkpoint, monkeypatch):
+    """A hub id that can't be fetched says why in one line -- no such repository, no such revision, a
+    login needed, no network -- after one request, not ~26 s of retries (huggingface_hub stubbed: no network
+    here; its own error classes)."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/a/b"))
+    cases = {
+        errors.RepositoryNotFoundError("404\n(many lines)", response=response): "the hub has no repository a/b",
+        errors.GatedRepoError("403\n(many lines)", response=response): "a/b is gated: accept its terms",
+        errors.RevisionNotFoundError("404\n(many lines)", response=response): "a/b has no revision 'step0' on",
+        httpx2.ConnectError("[Errno -2] Name or service not known"): "cannot fetch a/b at revision 'step0': the hub "
+        "can't be reached (ConnectError: [Errno -2] Name or service not known) and the local cache doesn't have it",
+        errors.OfflineModeIsEnabled("offline"): "the hub can't be reached (HF_HUB_OFFLINE is set)",
+    }
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: (_ for _ in ()).throw(
+        errors.LocalEntryNotFoundError("not in the cache")))
+    for error, message in cases.items():
+        def model_info(repo, revision=None):
+            raise error
+        monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+        with pytest.raises(ValueError) as info:
+            olmo.resolve_checkpoint("a/b", "step0")
+        assert message in str(info.value) and "\n" not in str(info.value), info.value
+
+
 def test_missing_and_non_checkpoint_paths(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         olmo.OlmoForCausalLM.from_pretrained(str(tmp_path / "nope"))
@@ -869,6 +956,12 @@ def test_numpy_missing_paths_and_bin_checkpoints(tmp_path, monkeypatch):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match="pytorch_model.bin .* `python convert.py "):
         olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))
+
+
+def test_numpy_twin_names_the_hf_command(tmp_path):
+    """The hub id hint names `hf download` (the pinned huggingface_hub ships `hf`, not huggingface-cli)."""
+    with pytest.raises(ValueError, match="`hf download allenai/OLMo-1B-hf --local-dir DIR`"):
+        olmo_numpy.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")
 
 
 def test_cpu_head_layout_by_dtype(small_checkpoint):
@@ -936,6 +1029,27 @@ def test_sharded_index_must_name_files(small_checkpoint, tmp_path):
         index.write_text(json.dumps({"weight_map": weight_map}))
         with pytest.raises(ValueError, match="model.safetensors.index.json"):
             olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("module", TWIN_MODULES, ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model.safetensors.index.json"])
+@pytest.mark.parametrize("make, message", [(make_fifo, "is not a regular file"),
+                                           (link_dev_zero, "is not a regular file"), (sparse, "is 6,000 MB")])
+def test_twins_refuse_special_checkpoint_files(cli_checkpoint, tmp_path, module, name, make, message):
+    """config.json, model.safetensors or an index as a FIFO (waited on forever, Ctrl-C ignored), /dev/zero
+    linked in (a MemoryError traceback) or a sparse 6 GB JSON file: one ValueError naming the file, at once."""
+    if make is sparse and name == "model.safetensors":
+        pytest.skip("weights are large: no size limit")
+    path = transformers_source(cli_checkpoint, tmp_path / "ckpt")
+    if name.endswith(".index.json"):  # a sharded checkpoint: the index names the one shard
+        weights = load_file(path / "model.safetensors")
+        (path / name).write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in weights}}))
+    make(path / name)
+    t0 = time.monotonic()
+    with fifo_released(path / name), memory_cap(), pytest.raises(ValueError) as info:
+        module.OlmoForCausalLM.from_pretrained(str(path))
+    assert str(info.value).startswith(f"{path / name} {message}"), info.value
+    assert time.monotonic() - t0 < 8
 
 
 HEADER_MUTATIONS = {
@@ -1169,6 +1283,53 @@ def test_config_styles_and_ignored_keys():
         "full_attention"] + ["sliding_attention"] * 3 + ["full_attention"]
 
 
+ROPE_BASE = dict(model_type="olmo", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64, eos_token_id=None, pad_token_id=1)
+
+
+ROPE_CASES = {  # config.json's RoPE keys -> None when transformers 5's reading is well defined, else what is refused
+    "a scaling added by an old guide": (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                             rope_scaling={"type": "linear", "factor": 2}), None),
+    "and a top-level rope_theta": (dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                                        rope_scaling={"type": "dynamic", "factor": 2}, rope_theta=500000.0), None),
+    "the same scaling twice": (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                                    rope_scaling={"type": "linear", "factor": 2.0}), None),
+    "rope_type in rope_scaling": (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                       rope_scaling={"rope_type": "dynamic", "factor": 2.0}), None),
+    "a base only at the top": (dict(rope_parameters={"rope_type": "default"}, rope_theta=500000.0), None),
+    "a null scaling": (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                            rope_scaling=None), None),
+    "a base rope_scaling drops": (dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                                       rope_scaling={"type": "linear", "factor": 2}),
+                                  "rope_parameters .* rope_scaling"),
+    "two scalings": (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+                          rope_scaling={"type": "linear", "factor": 2}), "rope_parameters .* rope_scaling"),
+    "two bases": (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_theta=500000.0),
+                  "rope_theta 500000.0 and rope_parameters' rope_theta 10000.0 disagree"),
+    "OLMo 3 per layer type": (dict(model_type="olmo3", num_hidden_layers=4, rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0}},
+        rope_scaling={"type": "linear", "factor": 2}), "rope_parameters .* rope_scaling"),
+}
+
+
+@pytest.mark.parametrize("module", TWIN_MODULES, ids=["olmo", "olmo_numpy"])
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope_parameters_beside_rope_theta_and_rope_scaling_read_as_transformers(module, case, tmp_path):
+    """A config.json with both rope_parameters and 4.x's rope_theta / rope_scaling is read as transformers 5
+    reads it where that is well defined (the unfixed twins ignored the old keys and ran unscaled RoPE); where
+    transformers would silently drop a setting, or has no reading, it is refused naming both keys."""
+    changes, refused = ROPE_CASES[case]
+    (tmp_path / "config.json").write_text(json.dumps({**ROPE_BASE, **changes}))
+    if refused:
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: {refused}"):
+            module.OlmoConfig.from_json(str(tmp_path / "config.json"))
+        return
+    ours = module.OlmoConfig.from_json(str(tmp_path / "config.json")).rope_parameters["full_attention"]
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    assert {k: v for k, v in ours.items() if v is not None} == {k: v for k, v in theirs.items() if k != "type"}
+
+
 @pytest.mark.parametrize("keys", [{"torch_dtype": "bfloat16"}, {"dtype": "bfloat16"},
                                   {"dtype": None, "torch_dtype": "bfloat16"},
                                   {"dtype": "bfloat16", "torch_dtype": "float16"}, {"dtype": None}, {}])
@@ -1255,3 +1416,21 @@ def test_readme_python_example_runs_as_written(cli_checkpoint, capsys):
     exec(compile(code.replace("path/to/OLMo-1B-hf", cli_checkpoint[0]), "README.md", "exec"), {})
     printed = eval(capsys.readouterr().out)
     assert isinstance(printed, list) and len(printed) == 2 and all(isinstance(text, str) for text in printed)
+
+
+def test_readme_example_runs_from_elsewhere_as_the_readme_says(cli_checkpoint, tmp_path):
+    """The README's Python example, run as a script in another directory beside the clone -- whose
+    directory olmo/ is imported in place of olmo.py unless told otherwise (an AttributeError before) -- finds
+    olmo.py the way the README says."""
+    code, = re.findall(r"```python\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)
+    assert 'sys.path.insert(0, "path/to/olmo")' in code, "the README says how `import olmo` finds olmo.py"
+    clone = tmp_path / "olmo"  # what `git clone` names it
+    clone.mkdir()
+    for name in ("olmo.py", "cli.py"):
+        (clone / name).write_bytes(open(os.path.join(HERE, name), "rb").read())
+    script = code.replace("path/to/OLMo-1B-hf", cli_checkpoint[0]).replace("path/to/olmo", str(clone))
+    (tmp_path / "example.py").write_text(script)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-800:]
+    printed = eval(proc.stdout)
+    assert isinstance(printed, list) and len(printed) == 2
