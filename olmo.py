@@ -1075,8 +1075,9 @@ class Int8Linear(nn.Module):
         path 10x slower (1.6 GB/s), and dequantizing the weight for each product is slower still (0.5-1 GB/s). So
         a float32 model's activations enter the product as bfloat16 (8 significant bits, as many as the weight
         has), and the result returns as float32. Elsewhere: dequantize in the product (on CUDA torch.compile fuses
-        it, as gpt-fast)."""
-        if x.device.type == "cpu":
+        it, as gpt-fast). The CPU kernel takes whole blocks of 16 inputs: with other widths it returns garbage or
+        crashes the process (torch 2.13), so those take the dequantizing product too (no OLMo has such a width)."""
+        if x.device.type == "cpu" and x.shape[-1] % 16 == 0:
             rows = x.reshape(-1, x.shape[-1]).bfloat16()  # (N, in)
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)  # (N, out) bfloat16
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
