@@ -125,6 +125,12 @@ def reference_model(cfg, seed=0):
     config_class, model_class = (getattr(transformers, name) for name in GENERATIONS[kind])
     config = config_class(**cfg, **({"rope_scaling": dict(scaling)} if scaling else {}))
     model = model_class(config)
+    return randomize(model, seed)
+
+
+def randomize(model, seed):
+    """reference_model's weights, for any transformers model: unit-variance projections (std 1/sqrt(fan_in)),
+    norm weights 1 +- 0.3, other vectors (biases, ...) ~ N(0, 0.3); drawn in named_parameters' order."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

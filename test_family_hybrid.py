@@ -43,7 +43,8 @@ from safetensors.torch import load_file
 
 import olmo
 import olmo_numpy
-from conftest import ACTIVATIONS, HERE, U, assert_close, ids_for, rewrite_weights, run_cli, train_tokenizer
+from conftest import (ACTIVATIONS, HERE, U, assert_close, ids_for, randomize, rewrite_weights, run_cli,
+                      train_tokenizer)
 from test_cli import CHAT_LINES, chat_reference, train_chat_tokenizer, write_chat_config
 from test_olmo import assert_same_greedy, left_pad, np_step_logits, step_logits
 
@@ -106,13 +107,7 @@ def hybrid_reference(cfg, seed=0):
     projections, norm weights 1 +- 0.3; A_log and dt_bias ~ N(0, 0.3), so decays exp(g) spread over (0, 1))."""
     model = transformers.OlmoHybridForCausalLM(transformers.OlmoHybridConfig(
         **{k: v for k, v in cfg.items() if v is not None or k != "layer_types"}))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.3 * noise if name.endswith("norm.weight") else
-                    noise * (0.3 if p.ndim == 1 else p.shape[-1] ** -0.5))
-    return model.eval()
+    return randomize(model, seed)
 
 
 def hybrid_models(cfg, seed, **save_options):

@@ -32,7 +32,7 @@ import olmo
 import olmo_numpy
 import test_quantize
 import transformers
-from conftest import ACTIVATIONS, ATOL, FP32_TOL, RTOL, assert_close, ids_for, train_tokenizer
+from conftest import ACTIVATIONS, ATOL, FP32_TOL, RTOL, assert_close, ids_for, randomize, train_tokenizer
 from test_cli import main_in_process
 from test_olmo import assert_same_greedy, left_pad, np_step_logits, step_logits
 
@@ -84,13 +84,7 @@ def moe_reference(cfg, seed=0):
     config_class, model_class = (getattr(transformers, name) for name in FAMILIES[cfg["model_type"]])
     model = model_class(config_class(**{k: v for k, v in cfg.items() if k != "model_type"}))
     model.set_experts_implementation("eager")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.3 * noise if name.endswith("norm.weight") else
-                    noise * (0.3 if p.ndim == 1 else p.shape[-1] ** -0.5))
-    return model.eval()
+    return randomize(model, seed)
 
 
 def save_moe(ref, path, fused=False):
