@@ -777,8 +777,11 @@ def stream_reply(backend, model, ids, tokenizer, max_new_tokens, settings, compi
     finally:
         signal.signal(signal.SIGINT, previous)
     print(stats(t0, times, compiled), file=sys.stderr)
-    eos = settings.get("eos_token_id")
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    eos = settings.get("eos_token_id")  # None, an id or a list of ids
+    if eos is None:
+        eos = []
+    elif isinstance(eos, int):
+        eos = [eos]
     if not interrupted and len(stream.ids) == max_new_tokens > 0 and stream.ids[-1] not in eos:
         print(f"(the reply was cut off at --max-new-tokens {max_new_tokens})", file=sys.stderr)
     return stream.decode(stream.ids[:stream.read])  # what was printed (byte-level BPE decodes alike in pieces)
