@@ -206,14 +206,14 @@ def test_int8_compiled_decode_gives_eager_tokens(tmp_path):
 def test_int8_linear_any_width(in_features, tokens):
     """Int8Linear's product for any input width: torch 2.13's CPU int8 kernel returns garbage or crashes the process
     (SIGSEGV) unless the width is a multiple of 16, so other widths must take the dequantizing product. Against
-    x @ (q * scale)^T in float64: the kernel rounds x to bfloat16 (relative 2^-9 per element) and sums in float32,
-    so each output is within 2^-8 * sum_i |x_i w_i| of it (twice bfloat16's rounding, covering the float32 sums
-    too); the float32 fallback is far inside that."""
+    x @ (q * scale)^T in float64: the kernel rounds x to bfloat16 (relative 2^-9 per element: 2^-9 sum_i |x_i w_i|
+    at most), sums in float32 (in_features * 2^-24 times that sum, Higham's bound) and rounds the result to
+    bfloat16 (2^-9 |y| <= 2^-9 sum_i |x_i w_i|); the float32 fallback is far inside that."""
     g = torch.Generator().manual_seed(in_features)
     q, scale = olmo.quantize_rows(torch.randn(33, in_features, generator=g))
     layer = olmo.Int8Linear(q, scale, None)
     x = torch.randn(tokens, in_features, generator=g)
     w = q.double() * layer.scale.double()[:, None]  # the scale as the layer holds it (bfloat16)
     exact = x.double() @ w.T
-    bound = 2.0 ** -8 * (x.double().abs() @ w.abs().T)
+    bound = (2.0 ** -8 + in_features * 2.0 ** -24) * (x.double().abs() @ w.abs().T)
     assert ((layer(x).double() - exact).abs() <= bound).all()
