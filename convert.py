@@ -14,8 +14,8 @@ SRC is a directory in one of three layouts, recognized by its files:
 3. a transformers checkpoint (`config.json` with model_type "olmo", "olmo2", "olmo3", "olmoe" or "flex_olmo"),
    which is only rewritten: as safetensors, optionally in another dtype or shard size (e.g. so a NumPy-only
    reader can load a .bin), its config and every tensor kept as they are (only the config's dtype changes).
-   OLMoE and FlexOlmo are published in this layout only (one tensor per expert, as the hub ships them;
-   transformers 5's fused experts, which olmo.py also loads, are not rewritten). So is Olmo Hybrid, which is
+   OLMoE and FlexOlmo are published in this layout only (one tensor per expert, as the hub ships them and
+   save_pretrained writes them; transformers 5's in-memory fused experts are refused). So is Olmo Hybrid, which is
    not rewritten: the hub stores its convolution in three parts (q_conv1d, k_conv1d, v_conv1d) under OLMo-core's
    norm names, which olmo.py and olmo_numpy.py join and rename as they load it.
 

@@ -746,8 +746,6 @@ class OlmoForCausalLM:
         weights = {}  # every tensor of the checkpoint, memory-mapped (see load_safetensors)
         for name in weight_files(path):
             weights.update(load_safetensors(os.path.join(path, name)))
-        if config.moe:  # OLMoE
-            weights = split_fused_experts(weights, config)
         if "linear_attention" in config.layer_types:  # Olmo Hybrid
             weights = join_hub_layout(weights)
         expected = weight_shapes(config)
@@ -1024,25 +1022,6 @@ def check_state_dict(state_dict, expected):
     for name in state_dict:
         if name not in expected:
             raise ValueError(f"checkpoint has unexpected tensor {name}")
-
-
-def split_fused_experts(state_dict, config):
-    """OLMoE: the hub (and transformers' save_pretrained, by default) stores one tensor per expert, named as
-    here; transformers 5 holds each layer's experts fused, and saves them so with save_original_format=False:
-    mlp.experts.gate_up_proj (experts, 2 * intermediate, hidden), the gate's rows first, and
-    mlp.experts.down_proj (experts, hidden, intermediate). Those are split into per-expert views (no copy),
-    whose names and shapes are then checked as any tensor's."""
-    I = config.intermediate_size
-    for name in [n for n in state_dict if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
-        prefix, proj = name.rsplit(".", 1)  # model.layers.N.mlp.experts, gate_up_proj or down_proj
-        fused = state_dict.pop(name)
-        parts = {"down_proj": fused}
-        if proj == "gate_up_proj":
-            parts = {"gate_proj": fused[:, :I], "up_proj": fused[:, I:]}  # (experts, intermediate, hidden) each
-        for part, tensors in parts.items():
-            for e, tensor in enumerate(tensors):
-                state_dict[f"{prefix}.{e}.{part}.weight"] = tensor
-    return state_dict
 
 
 # ----------------------------------------------------------------------------------------------------------------

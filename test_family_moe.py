@@ -88,8 +88,9 @@ def moe_reference(cfg, seed=0):
 
 
 def save_moe(ref, path, fused=False):
-    """save_pretrained's default writes one tensor per expert, as the hub's checkpoints are; fused=True writes the
-    experts as transformers 5 holds them (save_original_format=False)."""
+    """save_pretrained's default writes one tensor per expert, as the hub's checkpoints are (the layout both twins
+    read); fused=True writes the experts as transformers 5 holds them in memory (save_original_format=False), a
+    layout both twins refuse."""
     ref.save_pretrained(path, save_original_format=not fused)
     return str(path)
 
@@ -120,10 +121,9 @@ def padded_batch(cfg, lengths, seed):
 
 
 @settings(max_examples=30)
-@given(cfg=moe_configs(), lengths=st.lists(st.integers(1, 16), min_size=1, max_size=2), fused=st.booleans(),
-       seed=st.integers(0, 99))
-def test_moe_logits_and_loss_equal_transformers(cfg, lengths, fused, seed):
-    """Logits of a (padded) batch against float64, from either expert layout; the loss with and without the
+@given(cfg=moe_configs(), lengths=st.lists(st.integers(1, 16), min_size=1, max_size=2), seed=st.integers(0, 99))
+def test_moe_logits_and_loss_equal_transformers(cfg, lengths, seed):
+    """Logits of a (padded) batch against float64; the loss with and without the
     router's load-balancing loss (output_router_logits from the argument or from config.json), against
     transformers' on the same labels."""
     ref = moe_reference(cfg, seed)
@@ -134,7 +134,7 @@ def test_moe_logits_and_loss_equal_transformers(cfg, lengths, fused, seed):
     labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
     labels[0, :1] = -100
     with tempfile.TemporaryDirectory() as d:
-        model = olmo.OlmoForCausalLM.from_pretrained(save_moe(ref, d, fused))
+        model = olmo.OlmoForCausalLM.from_pretrained(save_moe(ref, d))
     assert model.config.moe and model.config.num_experts == cfg["num_experts"]
     with torch.no_grad():
         exact = copy.deepcopy(ref).double()(ids, attention_mask=mask).logits
@@ -209,15 +209,15 @@ def test_moe_left_padded_rows_equal_prompts_alone(cfg, lengths, seed):
 
 
 @settings(max_examples=15)
-@given(cfg=moe_configs(), lengths=st.lists(st.integers(1, 12), min_size=1, max_size=2), fused=st.booleans(),
-       new=st.integers(1, 6), seed=st.integers(0, 99))
-def test_moe_numpy_equals_olmo_and_transformers(cfg, lengths, fused, new, seed):
-    """The twin's logits against float64 and olmo.py's, from either layout; its greedy tokens and per-step
+@given(cfg=moe_configs(), lengths=st.lists(st.integers(1, 12), min_size=1, max_size=2), new=st.integers(1, 6),
+       seed=st.integers(0, 99))
+def test_moe_numpy_equals_olmo_and_transformers(cfg, lengths, new, seed):
+    """The twin's logits against float64 and olmo.py's; its greedy tokens and per-step
     logits (prefill, then one token at a time) against olmo.py's on a padded batch."""
     ref = moe_reference(cfg, seed)
     ids, mask = padded_batch(cfg, lengths, seed)
     with tempfile.TemporaryDirectory() as d:
-        save_moe(ref, d, fused)
+        save_moe(ref, d)
         model, twin = olmo.OlmoForCausalLM.from_pretrained(d), olmo_numpy.OlmoForCausalLM.from_pretrained(d)
     tokens = model.generate(ids, new, attention_mask=mask)
     full_mask = torch.cat([mask, torch.ones(len(lengths), new, dtype=mask.dtype)], 1)
@@ -350,7 +350,7 @@ def moe_checkpoint(tmp_path_factory):
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 4,
            "num_experts_per_tok": 2, "pad_token_id": 1, "eos_token_id": None}
     ref = moe_reference(cfg, 2)
-    return save_moe(ref, tmp_path_factory.mktemp("fused"), fused=True), ref
+    return save_moe(ref, tmp_path_factory.mktemp("experts")), ref
 
 
 def rewrite(path, dest, edit):
@@ -371,27 +371,25 @@ def both_refuse(path, message):
             module.OlmoForCausalLM.from_pretrained(path)
 
 
-def test_fused_experts_split_exactly_and_bad_ones_are_named(moe_checkpoint, tmp_path):
+def test_experts_load_as_the_hub_ships_them_and_bad_ones_are_named(moe_checkpoint, tmp_path):
+    """One tensor per expert, as the hub and save_pretrained write them: each lands in its expert unchanged. A
+    missing expert, swapped shapes, transformers' in-memory fused layout and a dense model_type are refused by
+    name."""
     path, ref = moe_checkpoint
-    fused = load_file(os.path.join(path, "model.safetensors"))
-    assert "model.layers.1.mlp.experts.gate_up_proj" in fused  # the layout under test
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
     for module in (olmo, olmo_numpy):
-        weights = module.OlmoForCausalLM.from_pretrained(path)
-        weights = weights.state_dict() if module is olmo else weights.weights
-        gate_up = fused["model.layers.1.mlp.experts.gate_up_proj"][3]  # expert 3: (2 * intermediate, hidden)
-        assert np.array_equal(np.asarray(weights["model.layers.1.mlp.experts.3.gate_proj.weight"]), gate_up[:16])
-        assert np.array_equal(np.asarray(weights["model.layers.1.mlp.experts.3.up_proj.weight"]), gate_up[16:])
-        down = fused["model.layers.1.mlp.experts.down_proj"][3]
-        assert np.array_equal(np.asarray(weights["model.layers.1.mlp.experts.3.down_proj.weight"]), down)
-    name = "model.layers.0.mlp.experts.gate_up_proj"
+        model = module.OlmoForCausalLM.from_pretrained(path)
+        weights = model.state_dict() if module is olmo else model.weights
+        assert np.array_equal(np.asarray(weights[name]), tensors[name])
+    both_refuse(rewrite(path, tmp_path / "three", lambda t: t.pop(name)), f"missing tensor {name}")
 
-    def drop_expert(t):
-        t[name] = t[name][:3]
-    both_refuse(rewrite(path, tmp_path / "three", drop_expert), "missing tensor model.layers.0.mlp.experts.3.gate")
-
-    def swap(t):  # gate_up_proj (4, 32, 32) and down_proj (4, 32, 16) trade names: the shapes tell
-        t[name], t["model.layers.0.mlp.experts.down_proj"] = t["model.layers.0.mlp.experts.down_proj"], t[name]
+    def swap(t):  # up_proj (16, 32) and down_proj (32, 16) trade names: the shapes tell
+        t[name], t[name.replace("up_proj", "down_proj")] = t[name.replace("up_proj", "down_proj")], t[name]
     both_refuse(rewrite(path, tmp_path / "swap", swap), "has shape")
+    fused = save_moe(ref, tmp_path / "fused", fused=True)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in load_file(os.path.join(fused, "model.safetensors"))
+    both_refuse(fused, r"missing tensor model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight")
     with open(os.path.join(path, "config.json")) as f:
         dense = {**json.load(f), "model_type": "olmo2"}
     (tmp_path / "dense").mkdir()
