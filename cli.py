@@ -12,7 +12,8 @@ This file imports neither torch nor numpy: each twin's `__main__` calls `main(ba
 knows its framework:
 
     backend.name                    for --help and the "loaded" line ("PyTorch", "NumPy"); load() may add detail
-    backend.add_arguments(parser)   the twin's own flags, --model first (olmo.py adds --device, --dtype, ...)
+    backend.add_arguments(parser)   the twin's own flags, --model first (olmo.py adds --device, --dtype, ...);
+                                    the flags both take (--quantize, --prompt, ...) follow, added here
     backend.load(args)              -> (model, checkpoint_dir), its random numbers seeded with args.seed (always
                                     an int here: drawn, and printed, when --seed is not given); of model.config
                                     (the twin's OlmoConfig) this file reads vocab_size, eos_token_id,
@@ -54,6 +55,8 @@ def make_parser(backend):
     p = Parser(description=f"Generate text with OLMo ({backend.name}). Sampling flags left out take "
                            "generation_config.json's values, as transformers does.")
     backend.add_arguments(p)
+    p.add_argument("--quantize", choices=["int8"], help="int8: linear weights as 8-bit integers, quantized at load, "
+                                                      "a quarter of float32's memory (default: off)")
     p.add_argument("--prompt", help="the text to continue (no default: give --prompt, --prompt-file or --chat)")
     p.add_argument("--prompt-file", metavar="PATH", help="the text to continue, read from a file (- for stdin; "
                                                          "one line end at its end is dropped) (default: none)")

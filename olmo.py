@@ -1336,20 +1336,13 @@ class Backend:
                        help="checkpoint directory or hub id (default: %(default)s)")
         p.add_argument("--revision", help="hub revision: branch, tag or commit, e.g. an intermediate training "
                                           "checkpoint such as step1000-tokens4B (default: the latest)")
-        p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+        p.add_argument("--device", choices=available_devices(), help="default: cuda, then mps, then cpu")
         p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU; on the CPU the checkpoint's "
                                                        "own (config.json's dtype or torch_dtype, else float32)")
         p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
-        p.add_argument("--quantize", choices=["int8"], help="int8: linear weights as 8-bit integers, quantized at "
-                                                          "load, a quarter of float32's memory (default: off)")
 
     def load(self, args):
-        available = available_devices()
-        if args.device == "":
-            raise ValueError(f"--device is empty; give one of {', '.join(available)}, or leave it out")
-        device = args.device or available[0]
-        if device not in available:
-            raise ValueError(f"--device {device} is not available here (available: {', '.join(available)})")
+        device = args.device or available_devices()[0]
         default_dtype = None if device == "cpu" else "bfloat16"  # None: the checkpoint's; a bf16 7B is 14 GB
         if args.seed is not None:
             torch.manual_seed(args.seed)

@@ -1265,8 +1265,6 @@ class Backend:
     def add_arguments(self, p):
         p.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, "
                                                       "tokenizer.json); required")
-        p.add_argument("--quantize", choices=["int8"], help="int8: linear weights as 8-bit integers, quantized at "
-                                                          "load, a quarter of float32's memory (default: off)")
 
     def load(self, args):
         self.rng = np.random.default_rng(args.seed)
