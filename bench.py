@@ -370,10 +370,10 @@ def load(impl, compiled, path, device, dtype, n_ctx=None, quantize=None):
     --quantize); return its generate function."""
     if impl == "llama.cpp":
         return load_llama_cpp(path, torch.get_num_threads(), n_ctx)
-    if impl == "olmo.py":  # through its CLI's own loader: the same device check and torch.compile settings
-        args = argparse.Namespace(model=path, revision=None, device=device, seed=None, compile=compiled,
-                                  dtype=str(dtype).removeprefix("torch."), quantize=quantize)
-        model, _ = olmo.Backend().load(args)
+    if impl == "olmo.py":  # through its CLI's own loader: the same defaults and torch.compile settings
+        args = argparse.Namespace(device=device, seed=None, compile=compiled, dtype=str(dtype).removeprefix("torch."),
+                                  quantize=quantize)
+        model = olmo.Backend().load(args, path)
         return lambda ids, budget, on_token: model.generate(torch.tensor(ids, device=device), budget,
                                                             callback=on_token)
     if impl == "olmo_numpy.py":

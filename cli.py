@@ -12,9 +12,10 @@ This file imports neither torch nor numpy: each twin's `__main__` calls `main(ba
 knows its framework:
 
     backend.name                    for --help and the "loaded" line ("PyTorch", "NumPy"); load() may add detail
-    backend.add_arguments(parser)   the twin's own flags, --model first (olmo.py adds --device, --dtype, ...);
-                                    the flags both take (--quantize, --prompt, ...) follow, added here
-    backend.load(args)              -> (model, checkpoint_dir), its random numbers seeded with args.seed (always
+    backend.add_arguments(parser)   the twin's own flags (olmo.py: --device, --dtype, --compile), after --model
+                                    and --revision; the other flags both take (--quantize, --prompt, ...) follow
+    backend.load(args, path)        -> model, from the checkpoint directory `path` (fetch_checkpoint resolves
+                                    --model and --revision to it), its random numbers seeded with args.seed (always
                                     an int here: drawn, and printed, when --seed is not given); of model.config
                                     (the twin's OlmoConfig) this file reads vocab_size, eos_token_id,
                                     max_position_embeddings and dynamic_rope
@@ -54,6 +55,10 @@ class Parser(argparse.ArgumentParser):
 def make_parser(backend):
     p = Parser(description=f"Generate text with OLMo ({backend.name}). Sampling flags left out take "
                            "generation_config.json's values, as transformers does.")
+    p.add_argument("--model", default="allenai/OLMo-1B-hf", help="checkpoint directory or hub id (default: "
+                                                                 "%(default)s)")
+    p.add_argument("--revision", help="hub revision: branch, tag or commit, e.g. an intermediate training checkpoint "
+                                      "such as step1000-tokens4B (default: the latest)")
     backend.add_arguments(p)
     p.add_argument("--quantize", choices=["int8"], help="int8: linear weights as 8-bit integers, quantized at load, "
                                                       "a quarter of float32's memory (default: off)")
@@ -156,9 +161,9 @@ def read_file(file, limit=MAX_FILE_BYTES):
 
 
 def fetch_checkpoint(path, revision=None):
-    """A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub (olmo.py's
-    from_pretrained hands hub ids here). What goes wrong is said in words: no such repository, no such revision,
-    a login needed, no network."""
+    """--model and --revision -> a checkpoint directory, for both twins (whose from_pretrained reads directories
+    only). A local directory is used as is; "org/name" that isn't one is fetched from the Hugging Face hub. What
+    goes wrong is said in words: no such repository, no such revision, a login needed, no network."""
     if os.path.isdir(path):
         if revision is not None:
             raise ValueError(f"{path} is a local directory: a revision ({revision}) is for hub ids only")
@@ -398,7 +403,8 @@ def run(backend, args):
     if drawn:
         args.seed = secrets.randbits(64)
     t0 = time.perf_counter()
-    model, path = backend.load(args)  # seeds the backend's random numbers with args.seed
+    path = fetch_checkpoint(args.model, args.revision)
+    model = backend.load(args, path)  # seeds the backend's random numbers with args.seed
     tokenizer = load_tokenizer(path)
     settings = sampling_settings(args, path, model.config)
     print(f"loaded {args.model} ({backend.name}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

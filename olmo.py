@@ -829,14 +829,13 @@ class OlmoForCausalLM(nn.Module):
     # Loading (the readers are in the Loading section below the class)
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, revision=None, quantize=None):
+    def from_pretrained(cls, path, device=None, dtype=None, quantize=None):
         """Load a checkpoint directory as the hub ships it (config.json + safetensors or pytorch_model.bin,
-        single or sharded), or a hub id such as "allenai/OLMo-1B-hf" (downloaded by cli.py with huggingface_hub,
-        at `revision`: a branch, tag or commit, e.g. one of OLMo's intermediate training checkpoints
-        "step1000-tokens4B"). dtype None keeps the checkpoint's own (config.json's dtype or torch_dtype), as
-        transformers 5 does. quantize "int8": every linear layer's weight, the head's included, as 8-bit integers
-        (see Int8Linear)."""
-        path = resolve_checkpoint(path, revision)
+        single or sharded). A hub id such as "allenai/OLMo-1B-hf" is the command line's business: `python olmo.py
+        --model allenai/OLMo-1B-hf` downloads it (cli.fetch_checkpoint, which returns the directory), as does
+        `hf download allenai/OLMo-1B-hf`. dtype None keeps the checkpoint's own (config.json's dtype or
+        torch_dtype), as transformers 5 does. quantize "int8": every linear layer's weight, the head's included, as
+        8-bit integers (see Int8Linear)."""
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         dtype = dtype or getattr(torch, config.dtype or "float32")
         with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
@@ -906,16 +905,6 @@ def check_finite(logits, step):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
-
-
-def resolve_checkpoint(path, revision=None):
-    """A local directory is used as is. Anything else (a hub id such as "allenai/OLMo-1B-hf", at `revision`)
-    is the command line's business: cli.py, beside this file, fetches it from the Hugging Face hub for both
-    twins, and says in words what went wrong (no such repository or revision, a login needed, no network)."""
-    if os.path.isdir(path) and revision is None:
-        return path
-    import cli
-    return cli.fetch_checkpoint(path, revision)
 
 
 def join_hub_layout(state_dict):
@@ -1332,21 +1321,16 @@ class Backend:
     name = "PyTorch"
 
     def add_arguments(self, p):
-        p.add_argument("--model", default="allenai/OLMo-1B-hf",
-                       help="checkpoint directory or hub id (default: %(default)s)")
-        p.add_argument("--revision", help="hub revision: branch, tag or commit, e.g. an intermediate training "
-                                          "checkpoint such as step1000-tokens4B (default: the latest)")
         p.add_argument("--device", choices=available_devices(), help="default: cuda, then mps, then cpu")
         p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU; on the CPU the checkpoint's "
                                                        "own (config.json's dtype or torch_dtype, else float32)")
         p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
 
-    def load(self, args):
+    def load(self, args, path):
         device = args.device or available_devices()[0]
         default_dtype = None if device == "cpu" else "bfloat16"  # None: the checkpoint's; a bf16 7B is 14 GB
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        path = resolve_checkpoint(args.model, args.revision)
         model = OlmoForCausalLM.from_pretrained(path, device=device, dtype=DTYPES.get(args.dtype or default_dtype),
                                                 quantize=args.quantize)
         dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
@@ -1358,7 +1342,7 @@ class Backend:
             # OLMoE: which experts run depends on the router's values, so the step compiles in pieces
             model.decode_one_token = torch.compile(model.decode_one_token, fullgraph=not model.config.moe,
                                                    options=options)
-        return model, path
+        return model
 
     def generate(self, model, ids, max_new_tokens, callback, **settings):
         ids = torch.tensor([ids], device=model.lm_head.weight.device)

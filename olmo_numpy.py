@@ -8,8 +8,8 @@ over a memory map. It tells olmo.py's story in olmo.py's order, with the same na
 same (OLMo 2, OLMo 3, OLMoE and Olmo Hybrid again under "OLMo 2:", "OLMo 3:", "OLMoE:" and "Olmo Hybrid:"
 comments), so the two read side by side; its logits equal olmo.py's and transformers' to float32 rounding (the
 tests check both). It needs only NumPy (and tokenizers for the CLI), no torch. Everything runs in float32;
-float16 and bfloat16 checkpoints are widened to float32 when they load. Local checkpoint directories only (hub
-ids would need huggingface_hub).
+float16 and bfloat16 checkpoints are widened to float32 when they load. from_pretrained reads a checkpoint
+directory; the command line (cli.py) also takes a hub id, and downloads it with huggingface_hub.
 
 Notation: B batch rows, T tokens in this call, S cache slots (keys), H / KV query and key-value heads,
 D head_dim. A *slot* is a column of the (left-padded) batch, the index into the KV cache; a *position* is
@@ -741,7 +741,6 @@ class OlmoForCausalLM:
         """Load a checkpoint directory as the hub ships it: config.json + model.safetensors, single or
         sharded. F32 weights stay memory-mapped (nothing is copied); F16 and BF16 are widened to float32.
         quantize "int8": every linear layer's weight, the head's included, as 8-bit integers (quantize_rows)."""
-        path = resolve_checkpoint(path)
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         weights = {}  # every tensor of the checkpoint, memory-mapped (see load_safetensors)
         for name in weight_files(path):
@@ -806,17 +805,6 @@ def check_finite(logits, step):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
-
-
-def resolve_checkpoint(path):
-    """Local directories only: fetching from the hub would need huggingface_hub, and this file needs
-    nothing but NumPy."""
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):  # not "org/name"
-        raise ValueError(f"{path} is not a checkpoint directory")
-    raise ValueError(f"{path} is not a checkpoint directory (to use a hub id, download it first: "
-                     f"`hf download {path} --local-dir DIR`)")
 
 
 def join_hub_layout(state_dict):
@@ -1263,13 +1251,11 @@ class Backend:
     name = "NumPy, float32"
 
     def add_arguments(self, p):
-        p.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, "
-                                                      "tokenizer.json); required")
+        pass  # no flags of its own: float32 on the CPU
 
-    def load(self, args):
+    def load(self, args, path):
         self.rng = np.random.default_rng(args.seed)
-        path = resolve_checkpoint(args.model)
-        return OlmoForCausalLM.from_pretrained(path, quantize=args.quantize), path
+        return OlmoForCausalLM.from_pretrained(path, quantize=args.quantize)
 
     def generate(self, model, ids, max_new_tokens, callback, **settings):
         model.generate(np.array([ids]), max_new_tokens, rng=self.rng, callback=lambda t: callback(int(t[0])),

@@ -673,7 +673,7 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch, dtype):
     bench.build_checkpoint("compile", tmp_path, getattr(torch, dtype))  # std 1/sqrt(fan_in): logits std ~1
     torch._dynamo.reset()
     args = cli.parse_args(olmo.Backend(), ["--model", str(tmp_path), "--prompt", "x", "--device", "cpu", "--compile"])
-    compiled, _ = olmo.Backend().load(args)
+    compiled = olmo.Backend().load(args, str(tmp_path))
     eager = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))
     assert compiled.lm_head.weight.dtype == eager.lm_head.weight.dtype == getattr(torch, dtype)  # the checkpoint's
     ids = torch.randint(0, 1024, (4, 8), generator=torch.Generator().manual_seed(0))
@@ -866,7 +866,7 @@ def test_numpy_reads_f32_f16_bf16_like_torch(tmp_path):
     (["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json"], "*.safetensors"),
     (["config.json", "pytorch_model.bin", "tokenizer.json"], "*.bin")])
 def test_hub_ids_fetch_one_weight_format_at_a_revision(small_checkpoint, monkeypatch, listing, weights):
-    """A hub id goes to huggingface_hub (stubbed: no network here): the repo's files are listed first and only one
+    """A hub id goes to huggingface_hub through cli.fetch_checkpoint (stubbed: no network here): the repo's files are listed first and only one
     weight format is fetched -- safetensors when there are any, as transformers prefers -- at the asked revision
     (OLMo's intermediate checkpoints are revisions); without huggingface_hub the error says how to get it."""
     import huggingface_hub
@@ -876,7 +876,7 @@ def test_hub_ids_fetch_one_weight_format_at_a_revision(small_checkpoint, monkeyp
     monkeypatch.setattr(huggingface_hub, "model_info", lambda repo, revision=None: info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append((repo, kw)) or path)
     ids = ids_for(SMALL, 1, 5, 0)
-    model = olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf", revision="step1000-tokens4B")
+    model = olmo.OlmoForCausalLM.from_pretrained(cli.fetch_checkpoint("allenai/OLMo-1B-hf", "step1000-tokens4B"))
     assert_close(model(ids), expected_logits(ref, ids))
     (repo, kw), = asked
     assert repo == "allenai/OLMo-1B-hf" and kw["revision"] == "step1000-tokens4B"
@@ -886,7 +886,8 @@ def test_hub_ids_fetch_one_weight_format_at_a_revision(small_checkpoint, monkeyp
         raise huggingface_hub.errors.OfflineModeIsEnabled("offline mode is enabled")
     monkeypatch.setattr(huggingface_hub, "model_info", offline)
     asked.clear()
-    assert_close(olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")(ids), expected_logits(ref, ids))
+    model = olmo.OlmoForCausalLM.from_pretrained(cli.fetch_checkpoint("allenai/OLMo-1B-hf"))
+    assert_close(model(ids), expected_logits(ref, ids))
     assert asked[0][1]["local_files_only"]  # whatever the cache holds, without asking the network again
 
     import httpx2  # huggingface_hub's HTTP client: its errors carry the response
@@ -896,11 +897,11 @@ def test_hub_ids_fetch_one_weight_format_at_a_revision(small_checkpoint, monkeyp
         raise huggingface_hub.errors.RevisionNotFoundError("404 Client Error\n(many lines)", response=response)
     monkeypatch.setattr(huggingface_hub, "model_info", unknown)
     with pytest.raises(ValueError, match="allenai/OLMo-1B-hf has no revision 'step0' on the hub") as error:
-        olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf", revision="step0")
+        cli.fetch_checkpoint("allenai/OLMo-1B-hf", "step0")
     assert "\n" not in str(error.value)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
     with pytest.raises(ValueError, match="pip install huggingface_hub"):
-        olmo.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")
+        cli.fetch_checkpoint("allenai/OLMo-1B-hf")
 
 
 def test_hub_failures_in_words(cli_checkpoint, monkeypatch):
@@ -927,41 +928,30 @@ def test_hub_failures_in_words(cli_checkpoint, monkeypatch):
             raise error
         monkeypatch.setattr(huggingface_hub, "model_info", model_info)
         with pytest.raises(ValueError) as info:
-            olmo.resolve_checkpoint("a/b", "step0")
+            cli.fetch_checkpoint("a/b", "step0")
         assert message in str(info.value) and "\n" not in str(info.value), info.value
 
 
-def test_missing_and_non_checkpoint_paths(tmp_path):
-    with pytest.raises(ValueError, match="not a checkpoint directory"):
-        olmo.OlmoForCausalLM.from_pretrained(str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="config.json"):
-        olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="no model.safetensors or pytorch_model.bin"):
-        olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))
-
-
-def test_numpy_missing_paths_and_bin_checkpoints(tmp_path, monkeypatch):
+@pytest.mark.parametrize("module", [olmo, olmo_numpy])
+def test_missing_and_non_checkpoint_paths(module, tmp_path, monkeypatch):
+    """from_pretrained reads directories only (a hub id is the command line's: cli.fetch_checkpoint); a missing
+    one, a hub id, a directory without config.json or without weights are named in one line."""
     monkeypatch.chdir(tmp_path)
-    for path in (str(tmp_path / "nope"), "./foo/bar", "foo/bar/baz", "nope"):  # not shaped like a hub id
-        with pytest.raises(ValueError, match="not a checkpoint directory$"):
-            olmo_numpy.OlmoForCausalLM.from_pretrained(path)
-    with pytest.raises(ValueError, match="`hf download allenai/OLMo-1B-hf --local-dir DIR`"):
-        olmo_numpy.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")
+    for path in (str(tmp_path / "nope"), "allenai/OLMo-1B-hf"):
+        with pytest.raises(ValueError, match=f"cannot read {re.escape(path)}/config.json: No such file"):
+            module.OlmoForCausalLM.from_pretrained(path)
     with pytest.raises(ValueError, match="config.json"):
-        olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))
+        module.OlmoForCausalLM.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="has no model.safetensors"):
-        olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        module.OlmoForCausalLM.from_pretrained(str(tmp_path))
+
+
+def test_numpy_refuses_bin_checkpoints_naming_convert(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match="pytorch_model.bin .* `python convert.py "):
         olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))
-
-
-def test_numpy_twin_names_the_hf_command(tmp_path):
-    """The hub id hint names `hf download` (the pinned huggingface_hub ships `hf`, not huggingface-cli)."""
-    with pytest.raises(ValueError, match="`hf download allenai/OLMo-1B-hf --local-dir DIR`"):
-        olmo_numpy.OlmoForCausalLM.from_pretrained("allenai/OLMo-1B-hf")
 
 
 def test_cpu_head_layout_by_dtype(small_checkpoint):

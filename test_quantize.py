@@ -194,9 +194,8 @@ def test_int8_compiled_decode_gives_eager_tokens(tmp_path):
     ids = ids_for(cfg, 1, 5, seed=2)
     tokens = []
     for compile in (False, True):
-        args = argparse.Namespace(model=path, revision=None, device="cpu", seed=None, compile=compile,
-                                  dtype="float32", quantize="int8")
-        model, _ = olmo.Backend().load(args)
+        args = argparse.Namespace(device="cpu", seed=None, compile=compile, dtype="float32", quantize="int8")
+        model = olmo.Backend().load(args, path)
         tokens.append(model.generate(ids, 8))
     assert torch.equal(tokens[0], tokens[1])
 
