@@ -948,16 +948,11 @@ def read_json_object(path, limit=2**27):
     """A JSON object from a regular file of at most `limit` bytes (128 MiB: config files are kilobytes, index
     files a few megabytes). A FIFO would wait forever for a writer and /dev/zero never ends: refused unread
     (O_NONBLOCK lets even a FIFO's open return at once; the checks look at what was opened)."""
-    try:
-        f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        status = os.fstat(f.fileno())
-        check_regular_file(path, status)
-        if status.st_size > limit:
-            raise ValueError(f"{path} is {status.st_size / 1e6:,.0f} MB, far more than a JSON file of a "
-                             f"checkpoint holds (at most {limit / 1e6:,.0f} MB is read)")
+    with open_regular_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ValueError(f"{path} is {size / 1e6:,.0f} MB, far more than a JSON file of a checkpoint holds (at "
+                             f"most {limit / 1e6:,.0f} MB is read)")
         data = f.read(limit + 1)
     try:
         d = json.loads(data)
@@ -968,18 +963,21 @@ def read_json_object(path, limit=2**27):
     return d
 
 
-def check_regular_file(path, status):
-    """Weights and configs are regular files (or links to them, as in the hub's cache): a FIFO, a device or a
-    directory named like one is refused before anything waits on it or reads it forever."""
-    if not stat.S_ISREG(status.st_mode):
+def open_regular_file(path):
+    """path opened for reading if it is a regular file (or a link to one, as in the hub's cache); a FIFO, a device
+    or a directory named like a checkpoint file is refused before anything waits on it or reads it forever."""
+    try:
+        f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
         raise ValueError(f"{path} is not a regular file (a FIFO, a device or a directory)")
+    return f
 
 
 def load_file(file):
-    try:
-        check_regular_file(file, os.stat(file))
-    except OSError as e:
-        raise ValueError(f"cannot read {file}: {e.strerror}") from None
+    open_regular_file(file).close()  # refused unread if it isn't one
     try:
         if file.endswith(".safetensors"):
             from safetensors import safe_open
