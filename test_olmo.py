@@ -619,6 +619,40 @@ def test_numpy_cache_grows_and_long_prompts_run_in_query_blocks(tmp_path, monkey
 
 
 @pytest.mark.parametrize("twin", TWINS)
+def test_a_cache_that_cannot_grow_is_named_and_dropped(twin, tmp_path, monkeypatch):
+    """Out of memory (or Ctrl-C) halfway through doubling the KV cache, one layer grown and the next not: a
+    MemoryError naming the size, and no half-grown cache left behind -- the next call starts afresh and gives a
+    fresh model's tokens."""
+    path = save(reference_model(SMALL, 3), tmp_path)
+    model, fresh = twin.load(path), twin.load(path)
+    ids = twin.array(ids_for(SMALL, 1, 250, 0))
+    grown = []
+    if twin is Torch:
+        class FailingKVCache(olmo.KVCache):
+            def __init__(self, batch_size, length, *args):
+                grown.append(length)
+                if grown.count(512) == 2:  # the second layer's new cache
+                    raise RuntimeError("CPU out of memory (simulated)")
+                super().__init__(batch_size, length, *args)
+        monkeypatch.setattr(olmo, "KVCache", FailingKVCache)
+    else:
+        pad = np.pad
+
+        def failing_pad(array, widths, **kw):
+            if array.ndim == 4 and array.shape[2] + widths[2][1] == 512:  # a (B, KV, S, D) cache doubling
+                grown.append(512)
+                if grown.count(512) == 2:
+                    raise MemoryError
+            return pad(array, widths, **kw)
+        monkeypatch.setattr(olmo_numpy.np, "pad", failing_pad)
+    with pytest.raises(MemoryError, match="^out of memory growing the KV cache to 512 tokens$"):
+        model.generate(ids, 10)  # 250 + 10 tokens: the cache doubles from 256 to 512 slots mid-generation
+    monkeypatch.undo()
+    assert grown.count(512) == 2
+    assert np.array_equal(model.generate(ids, 10), fresh.generate(ids, 10))
+
+
+@pytest.mark.parametrize("twin", TWINS)
 @pytest.mark.parametrize("cfg", [tiny_olmo3(), {**SMALL, "max_position_embeddings": 12,
                                                 "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}])
 def test_a_shared_prefix_is_reused_exactly(twin, cfg, tmp_path, monkeypatch):
