@@ -83,9 +83,12 @@ def configs(draw, generations=tuple(GENERATIONS)):
     scaling = draw(st.sampled_from([None, "linear", "dynamic", "yarn"]))
     rope_scaling = scaling and {"rope_type": scaling, "factor": draw(st.floats(1.5, 4.0))}
     if scaling == "yarn":
+        # OLMo 3 keeps YaRN's truncate: transformers 5.23 reads truncate off the top of rope_parameters, which OLMo 3
+        # nests per layer type, so it truncates whatever the key says; olmo.py takes the key as written (as for
+        # every other generation, where transformers does too)
         rope_scaling.update(original_max_position_embeddings=draw(st.sampled_from([4, 8])),
-                            truncate=draw(st.booleans()), beta_fast=draw(st.sampled_from([32.0, 4.0])),
-                            beta_slow=draw(st.sampled_from([1.0, 0.5])),
+                            truncate=draw(st.booleans()) or kind == "olmo3",
+                            beta_fast=draw(st.sampled_from([32.0, 4.0])), beta_slow=draw(st.sampled_from([1.0, 0.5])),
                             attention_factor=draw(st.none() | st.floats(0.5, 1.5)))
     cfg = dict(
         model_type=kind,
@@ -112,6 +115,9 @@ def configs(draw, generations=tuple(GENERATIONS)):
         cfg["sliding_window"] = draw(st.integers(2, 8))
         cfg["layer_types"] = draw(st.none() | st.lists(st.sampled_from(["full_attention", "sliding_attention"]),
                                                        min_size=layers, max_size=layers))
+    head_dim = draw(st.none() | st.sampled_from([6, 12]))  # the key transformers reads when config.json gives it
+    if head_dim is not None:  # (absent: hidden_size // num_attention_heads)
+        cfg["head_dim"] = head_dim
     return cfg
 
 

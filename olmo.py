@@ -63,8 +63,9 @@ class OlmoConfig:
     hidden_size: int = 4096  # d_model: the width of the residual stream
     intermediate_size: int = 11008  # width of the MLP's hidden layer (per gate/up projection)
     num_hidden_layers: int = 32  # number of decoder blocks
-    num_attention_heads: int = 32  # H, query heads; head_dim D = hidden_size // H
+    num_attention_heads: int = 32  # H, query heads
     num_key_value_heads: int | None = None  # KV, key/value heads: None = H (MHA), 1 = MQA, else GQA
+    head_dim: int | None = None  # D, each head's size: None = hidden_size // H (transformers reads it if given)
     hidden_act: str = "silu"  # the MLP gate's activation (SwiGLU with silu)
     max_position_embeddings: int = 2048  # context length trained on; dynamic RoPE scales beyond it
     initializer_range: float = 0.02  # std of the normal init of fresh (untrained) weights
@@ -108,6 +109,10 @@ class OlmoConfig:
                 "or trainer checkpoints run convert.py first)")
         self.qk_norm, self.norm_after, self.moe, other, rope_theta = FAMILIES[self.model_type]
         check_fields(self)
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        require(self, 2 <= self.head_dim < 2 ** 31 and self.head_dim % 2 == 0, "head_dim", "an even number >= 2 "
+                "(RoPE rotates pairs)")
         # Every layer attends to all earlier tokens but in OLMo 3 and Olmo Hybrid, where 3 layers in 4 are of their
         # other type unless config.json lists them (as transformers, the other families read no list)
         if self.layer_types is None or other == "full_attention":
@@ -119,10 +124,6 @@ class OlmoConfig:
         self.rope_parameters = rope_per_layer_type(self, other, rope_theta)
         if "linear_attention" in self.layer_types:  # Olmo Hybrid
             fill_linear_attention(self)
-
-    @property
-    def head_dim(self):
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def dynamic_rope(self):
@@ -1202,12 +1203,10 @@ def check_fields(c):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings", "linear_conv_kernel_dim"):
         require(c, 1 <= getattr(c, name) < 2 ** 31, name, "in [1, 2**31)")  # tensor sizes are int64s
-    require(c, c.hidden_size % c.num_attention_heads == 0, "hidden_size",
+    require(c, c.head_dim is not None or c.hidden_size % c.num_attention_heads == 0, "hidden_size",
             f"divisible by num_attention_heads {c.num_attention_heads}")
     require(c, c.num_attention_heads % c.num_key_value_heads == 0, "num_attention_heads",
             f"divisible by num_key_value_heads {c.num_key_value_heads}")
-    require(c, c.head_dim % 2 == 0, "hidden_size", "num_attention_heads times an even head size (RoPE "
-            f"rotates pairs), not head size {c.head_dim}")
     require(c, c.hidden_act in ACT2FN, "hidden_act", f"one of {', '.join(ACT2FN)}")
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         ids = getattr(c, name)  # None, an id or a list of ids

@@ -69,7 +69,7 @@ def hybrid_configs(draw):
     rope = {"rope_type": scaling or "default", "rope_theta": draw(st.sampled_from([10000.0, 500.0]))}
     if scaling:
         rope["factor"] = draw(st.floats(1.5, 4.0))
-    return dict(
+    cfg = dict(
         vocab_size=draw(st.integers(40, 130)),
         hidden_size=heads * draw(st.sampled_from([4, 8, 16])),
         intermediate_size=draw(st.integers(8, 64)),
@@ -91,6 +91,10 @@ def hybrid_configs(draw):
         linear_allow_neg_eigval=draw(st.booleans()),
         pad_token_id=1, bos_token_id=None, eos_token_id=None,
     )
+    head_dim = draw(st.none() | st.sampled_from([6, 12]))  # the key transformers reads when config.json gives it
+    if head_dim is not None:  # (absent: hidden_size // num_attention_heads)
+        cfg["head_dim"] = head_dim
+    return cfg
 
 
 LINEAR_FIRST_AND_LAST = dict(

@@ -73,6 +73,9 @@ def moe_configs(draw, families=tuple(FAMILIES)):
         cfg["rope_parameters"]["original_max_position_embeddings"] = 8
     if kind == "olmoe":
         cfg["clip_qkv"] = draw(st.none() | st.floats(0.3, 2.0))
+    head_dim = draw(st.none() | st.sampled_from([6, 12]))  # the key transformers reads when config.json gives it
+    if head_dim is not None and kind == "flex_olmo":  # (absent: hidden_size // num_attention_heads; OLMoE's q_norm
+        cfg["head_dim"] = head_dim  # in transformers spans hidden_size, so its attention runs only without one)
     return cfg
 
 

@@ -1239,7 +1239,10 @@ VALID = dict(model_type="olmo", hidden_size=32, num_attention_heads=4, architect
     ({"model_type": "olmo3", "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 5.0},
                                                  "sliding_attention": {"rope_type": "linear", "factor": 0.5}}},
      "sliding_attention"),
-    ({"hidden_size": 36, "num_attention_heads": 4}, "head size 9"),
+    ({"hidden_size": 36, "num_attention_heads": 4}, "head_dim must be an even number >= 2 .*, got 9"),
+    ({"head_dim": 0}, "head_dim"),
+    ({"head_dim": 5}, "head_dim"),
+    ({"head_dim": 64.0}, "head_dim"),
     ({"torch_dtype": "int8"}, "dtype"),
 ])
 def test_bad_configs_are_rejected_naming_the_field(change, field, tmp_path):
