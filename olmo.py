@@ -866,7 +866,8 @@ class OlmoForCausalLM(nn.Module):
         if config.tie_word_embeddings and not quantize:
             model.lm_head.weight = model.model.embed_tokens.weight
         if pack and cpu and dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            del state_dict  # each weight leaves memory as its packed copy replaces it
+            del state_dict  # each weight leaves memory as its packed copy replaces it (kept, its mapped pages
+            # would stay: a 1B model's load peak 5.1 GB against 3.0)
             for name in [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]:
                 model.set_submodule(name, PackedLinear(model.get_submodule(name)))
         model.model.rotary_emb.to(device or "cpu")  # its buffers aren't in the checkpoint: built on the CPU
@@ -1032,7 +1033,8 @@ class PackedLinear(nn.Module):
     AMD EPYC (Zen 5, AVX512_BF16) a product streams the weight at 17 GB/s so, at 29-36 packed; an OLMo 2 1B decode
     step takes 95 ms against 189, and a 512-token prompt as long as before (3.1 s); the results are bit-identical
     there (BENCHMARKS.md). The packed weight is opaque (no strides, no .to(), not savable), and torch.compile can't
-    lower its op: from_pretrained(pack=False) leaves nn.Linear, for a model to move, save or compile."""
+    lower its op: from_pretrained(pack=False) leaves nn.Linear, for a model to move, save or compile. (float16:
+    oneDNN packs it only on CPUs with AVX512_FP16 or AVX-NE-CONVERT, which that one lacks: left to F.linear.)"""
 
     def __init__(self, linear):
         super().__init__()
