@@ -1046,6 +1046,34 @@ def assert_packing_changes_nothing(path, ids, prompt, new):
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="torch's oneDNN has no bf16 here")
+def test_packing_keeps_one_copy_of_the_weights(tmp_path):
+    """Packing at load replaces each memory-mapped bfloat16 weight by its packed copy and unmaps it: the peak
+    resident memory of from_pretrained on a bfloat16 checkpoint stays within 1.15x the packed model's bytes (1.08x
+    here; with the checkpoint kept mapped while packing, 2x). Measured in a fresh process, from its resident set
+    before loading, as test_quantize.py's test_int8_load_peak_memory; then the model makes a token."""
+    cfg = dict(SMALL, model_type="olmo2", hidden_size=512, intermediate_size=4096, num_hidden_layers=8,
+               num_attention_heads=8, num_key_value_heads=8, vocab_size=4096)  # mostly linear weights
+    path = save(reference_model(cfg, seed=1).to(torch.bfloat16), str(tmp_path))
+    code = f"""
+import sys
+sys.path.insert(0, {HERE!r})
+import torch, bench, olmo
+torch.ones(1) @ torch.ones(1)  # the libraries' own buffers, before the baseline
+bench.reset_peak_rss()
+base = bench.peak_rss()
+model = olmo.OlmoForCausalLM.from_pretrained({path!r})
+print(bench.peak_rss() - base)
+assert isinstance(model.lm_head, olmo.PackedLinear) and model.generate(torch.tensor([[2, 3]]), 1).shape == (1, 3)
+print(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())))
+"""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # see test_int8_load_peak_memory
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    peak, packed_bytes = map(int, proc.stdout.split())
+    assert peak <= 1.15 * packed_bytes, f"peak {peak / 1e6:.0f} MB for a model of {packed_bytes / 1e6:.0f} MB"
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="torch's oneDNN has no bf16 here")
 @settings(max_examples=10)
 @given(cfg=configs(), seed=st.integers(0, 99))
 @example(cfg=NP_DYNAMIC, seed=0)  # a tied head, biases, widths that aren't multiples of 16
