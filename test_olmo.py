@@ -1011,9 +1011,9 @@ def assert_packing_changes_nothing(path, ids, prompt, new):
     without padding: the full forward over ids, the cached path (prefill of ids[:, :prompt], then decode steps fed
     the rest of ids), and `new` greedy tokens after ids[:, :prompt].
 
-    Each product: both take the same bfloat16 inputs and weight, sum in float32 and round to bfloat16 (F.linear
-    calls the same oneDNN kernel, reordering the weight per call; on the AMD EPYC this was written on the results
-    are bit-identical). Another CPU's kernels may sum in other orders: the float32 sums then differ by at most
+    Each product: both take the same bfloat16 inputs and weight, sum in float32 (the bias too) and round to
+    bfloat16 (F.linear multiplies with oneDNN too, reordering the weight per call; on the AMD EPYC this was written
+    on, the results are bit-identical). Another CPU's kernels may sum in other orders: the float32 sums then differ by at most
     2 n U sum_i |x_i w_i| (n = in_features + 1 terms, the bias's included, U = 2^-24, each order within n U of
     the exact sum), and rounding two numbers that far apart to bfloat16 adds at most one bfloat16 spacing of the
     larger, <= 2^-7 of it: that bound is checked on every layer. Through the model such a difference is one more
