@@ -428,11 +428,12 @@ def floor_kernels(path, device, dtype, quantize=None, reps=7):
     the embedding only a row), nothing else, the best of reps passes over all of them (a pass over fewer would be
     served from the CPU's cache). The kernels, in turn: torch's F.linear by rows (transformers'), the head by
     columns (olmo.py's in float32 on the CPU), all by columns; on the CPU also oneDNN's linear with each weight
-    prepacked for one row of input (its blocked layout), and in float32 NumPy's BLAS (OpenBLAS): kernels torch
-    does not pick by itself. quantize "int8": each weight quantized as olmo.py does, multiplied by olmo.py's
-    Int8Linear, and on the CPU by fbgemm's int8 linear, which quantizes the activations too (as q8_0 does). At
-    batch 1 that is the step's memory traffic, so the fastest bounds any implementation's step here, whatever its
-    overheads, and transformers' step time / it bounds what one can gain over transformers. OLMoE: of each
+    prepacked for one row of input (its blocked layout: olmo.py's PackedLinear, in bfloat16), and in float32
+    NumPy's BLAS (OpenBLAS): kernels torch does not pick by itself. quantize "int8": each weight quantized as
+    olmo.py does, multiplied by olmo.py's Int8Linear, and on the CPU by fbgemm's int8 linear, which quantizes the
+    activations too (as q8_0 does). At batch 1 that is the step's memory traffic, so the fastest bounds any
+    implementation's step here, whatever its overheads, and transformers' step time / it bounds what one can gain
+    over transformers. OLMoE: of each
     layer's experts, num_experts_per_tok (the first ones: every expert is as large as the ones a token picks;
     fused experts, as transformers 5 can save them, are left out: bench writes one tensor per expert, as the hub
     does)."""

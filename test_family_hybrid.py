@@ -46,7 +46,7 @@ import olmo_numpy
 from conftest import (ACTIVATIONS, HERE, U, assert_close, ids_for, randomize, rewrite_weights, run_cli,
                       train_tokenizer)
 from test_cli import CHAT_LINES, chat_reference, train_chat_tokenizer, write_chat_config
-from test_olmo import assert_same_greedy, left_pad, np_step_logits, step_logits
+from test_olmo import assert_packing_changes_nothing, assert_same_greedy, left_pad, np_step_logits, step_logits
 
 from transformers.models.olmo_hybrid import modeling_olmo_hybrid as reference_code
 
@@ -247,6 +247,19 @@ def test_cached_generation_equals_transformers_and_full_forward(cfg, lengths, ne
         assert_close(model(ids, attention_mask=mask)[i, T - len(row):].detach(), alone,
                      atol=HYBRID_ATOL, rtol=HYBRID_RTOL)
         assert_close(twin(ids.numpy(), mask.numpy())[i, T - len(row):], alone, atol=HYBRID_ATOL, rtol=HYBRID_RTOL)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="torch's oneDNN has no bf16 here")
+@settings(max_examples=5)
+@given(cfg=hybrid_configs(), seed=st.integers(0, 99))
+@example(cfg=LINEAR_FIRST_AND_LAST, seed=0)
+def test_packed_bfloat16_hybrid_equals_unpacked(cfg, seed):
+    """In bfloat16 on the CPU every linear layer is packed for oneDNN, the Gated DeltaNet's too (a_proj and b_proj
+    have Hv outputs, as few as 1), and changes no product beyond a float32 summation order (test_olmo.py's
+    assert_packing_changes_nothing). The convolution is no linear layer: it stays as it is."""
+    with tempfile.TemporaryDirectory() as d:
+        hybrid_reference(cfg, seed).to(torch.bfloat16).save_pretrained(d)
+        assert_packing_changes_nothing(d, ids_for(cfg, 2, 10, seed), prompt=4, new=8)
 
 
 @pytest.mark.parametrize("twin", ["olmo.py", "olmo_numpy.py"])

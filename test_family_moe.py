@@ -32,9 +32,9 @@ import olmo
 import olmo_numpy
 import test_quantize
 import transformers
-from conftest import ACTIVATIONS, ATOL, FP32_TOL, RTOL, assert_close, ids_for, randomize, train_tokenizer
+from conftest import ACTIVATIONS, ATOL, BF16_TOL, FP32_TOL, RTOL, assert_close, ids_for, randomize, train_tokenizer
 from test_cli import main_in_process
-from test_olmo import assert_same_greedy, left_pad, np_step_logits, step_logits
+from test_olmo import assert_packing_changes_nothing, assert_same_greedy, left_pad, np_step_logits, step_logits
 
 FAMILIES = {"olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM")}
 
@@ -445,6 +445,24 @@ def test_int8_quantizes_the_experts_and_keeps_the_router(tmp_path):
         expected = olmo.OlmoForCausalLM.from_pretrained(dequantized)(ids)
         assert_close(model(ids).float(), expected, **test_quantize.INT8_TOL)
     assert_close(twin(ids.numpy()), expected.numpy())
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="torch's oneDNN has no bf16 here")
+def test_packed_bfloat16_moe_equals_unpacked(tmp_path):
+    """In bfloat16 on the CPU every linear layer is packed for oneDNN, the router's and each expert's included,
+    and changes no product beyond a float32 summation order (test_olmo.py's assert_packing_changes_nothing). Two
+    bfloat16 computations that differ by that may route a token differently where its k-th and (k+1)-th router
+    logits tie within BF16_TOL: these weights route every token of the prompt, and of the greedy continuation,
+    far from such a tie."""
+    cfg = {"model_type": "olmoe", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 3,
+           "pad_token_id": 1, "eos_token_id": None}
+    ref = moe_reference(cfg, 8).to(torch.bfloat16)
+    path = save_moe(ref, tmp_path / "bf16")
+    ids = ids_for(cfg, 1, 5, 8)
+    tokens = olmo.OlmoForCausalLM.from_pretrained(path, pack=False).generate(ids[:, :4], 3)
+    assert min(routing_gap(ref, ids, **BF16_TOL), routing_gap(ref, tokens[:, :-1], **BF16_TOL)) > 1
+    assert_packing_changes_nothing(path, ids, prompt=4, new=3)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -990,14 +990,99 @@ def test_numpy_refuses_bin_checkpoints_naming_convert(tmp_path):
 
 def test_cpu_head_layout_by_dtype(small_checkpoint):
     """On the CPU the float32 head is stored column by column (column_major: torch's float32 product is faster
-    so), the bfloat16 one by rows (its product is faster by rows) and the int8 one as its kernel takes it; the
-    values are the checkpoint's in every layout."""
+    so), the bfloat16 one packed for oneDNN (PackedLinear), or by rows with pack=False (its product is faster by
+    rows than by columns), and the int8 one as its kernel takes it; the values are the checkpoint's in every
+    layout."""
     path, ref = small_checkpoint
-    for dtype, by_columns in ((torch.float32, True), (torch.bfloat16, False)):
-        head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype).lm_head.weight
-        assert (head.stride(0) == 1) == by_columns, dtype
-        assert torch.equal(head, ref.lm_head.weight.detach().to(dtype))
+    expected = ref.lm_head.weight.detach()
+    head = olmo.OlmoForCausalLM.from_pretrained(path).lm_head.weight
+    assert head.stride(0) == 1 and torch.equal(head, expected)
+    head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=torch.bfloat16, pack=False).lm_head.weight
+    assert head.is_contiguous() and torch.equal(head, expected.bfloat16())
+    head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=torch.bfloat16).lm_head
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # else torch's oneDNN has no bfloat16 kernel here: by rows
+        assert isinstance(head, olmo.PackedLinear) and torch.equal(head.weight.to_dense(), expected.bfloat16())
     assert olmo.OlmoForCausalLM.from_pretrained(path, quantize="int8").lm_head.weight.is_contiguous()
+
+
+def assert_packing_changes_nothing(path, ids, prompt, new):
+    """A bfloat16 checkpoint on the CPU: from_pretrained's model (every linear layer a PackedLinear, its weight in
+    oneDNN's layout) against the same checkpoint loaded with pack=False (nn.Linear, torch's F.linear). ids (B, T)
+    without padding: the full forward over ids, the cached path (prefill of ids[:, :prompt], then decode steps fed
+    the rest of ids), and `new` greedy tokens after ids[:, :prompt].
+
+    Each product: both take the same bfloat16 inputs and weight, sum in float32 (the bias too) and round to
+    bfloat16 (F.linear multiplies with oneDNN too, reordering the weight per call; on the AMD EPYC this was written
+    on, the results are bit-identical). Another CPU's kernels may sum in other orders: the float32 sums then differ by at most
+    2 n U sum_i |x_i w_i| (n = in_features + 1 terms, the bias's included, U = 2^-24, each order within n U of
+    the exact sum), and rounding two numbers that far apart to bfloat16 adds at most one bfloat16 spacing of the
+    larger, <= 2^-7 of it: that bound is checked on every layer. Through the model such a difference is one more
+    bfloat16 rounding in some of the products, each a stage of BF16_TOL's analysis (test_sharded_bin_and_dtype_
+    loading): the logits agree within BF16_TOL, and greedy tokens too but past a near tie within it. A weight
+    packed wrongly (transposed, another layer's) moves a product by O(1)."""
+    packed = olmo.OlmoForCausalLM.from_pretrained(path)
+    plain = olmo.OlmoForCausalLM.from_pretrained(path, pack=False)
+    linears = {name: m for name, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {name for name, m in packed.named_modules() if isinstance(m, olmo.PackedLinear)} == linears.keys()
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, linear in linears.items():
+            x = torch.randn(2, 3, linear.in_features, generator=g).bfloat16()
+            ours, theirs = packed.get_submodule(name)(x).float(), linear(x).float()
+            terms = x.float().abs() @ linear.weight.float().abs().T
+            terms = terms if linear.bias is None else terms + linear.bias.float().abs()
+            bound = 2 * (linear.in_features + 1) * U * terms + 2.0 ** -7 * torch.maximum(ours.abs(), theirs.abs())
+            assert ((ours - theirs).abs() <= bound).all(), f"{name}: {(ours - theirs).abs().max()}"
+        # a tied head: its packed copy is the head's; the embedding stays a plain table, for the lookup
+        assert torch.equal(packed.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+        assert_close(packed(ids).float(), plain(ids).float(), **BF16_TOL)
+        mask = torch.ones_like(ids[:, :prompt])
+        assert_close(step_logits(packed, ids[:, :prompt], mask, ids[:, prompt:]).float(),
+                     step_logits(plain, ids[:, :prompt], mask, ids[:, prompt:]).float(), **BF16_TOL)
+        tokens = packed.generate(ids[:, :prompt], new)
+        steps = step_logits(packed, ids[:, :prompt], mask, tokens[:, prompt:]).float()
+        assert_same_greedy(tokens, plain.generate(ids[:, :prompt], new), steps, prompt, **BF16_TOL)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="torch's oneDNN has no bf16 here")
+def test_packing_keeps_one_copy_of_the_weights(tmp_path):
+    """Packing at load replaces each memory-mapped bfloat16 weight by its packed copy and unmaps it: the peak
+    resident memory of from_pretrained on a bfloat16 checkpoint stays within 1.15x the packed model's bytes (1.08x
+    here; with the checkpoint kept mapped while packing, 2x). Measured in a fresh process, from its resident set
+    before loading, as test_quantize.py's test_int8_load_peak_memory; then the model makes a token."""
+    cfg = dict(SMALL, model_type="olmo2", hidden_size=512, intermediate_size=4096, num_hidden_layers=8,
+               num_attention_heads=8, num_key_value_heads=8, vocab_size=4096)  # mostly linear weights
+    path = save(reference_model(cfg, seed=1).to(torch.bfloat16), str(tmp_path))
+    code = f"""
+import sys
+sys.path.insert(0, {HERE!r})
+import torch, bench, olmo
+torch.ones(1) @ torch.ones(1)  # the libraries' own buffers, before the baseline
+bench.reset_peak_rss()
+base = bench.peak_rss()
+model = olmo.OlmoForCausalLM.from_pretrained({path!r})
+print(bench.peak_rss() - base)
+assert isinstance(model.lm_head, olmo.PackedLinear) and model.generate(torch.tensor([[2, 3]]), 1).shape == (1, 3)
+print(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())))
+"""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # see test_int8_load_peak_memory
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    peak, packed_bytes = map(int, proc.stdout.split())
+    assert peak <= 1.15 * packed_bytes, f"peak {peak / 1e6:.0f} MB for a model of {packed_bytes / 1e6:.0f} MB"
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="torch's oneDNN has no bf16 here")
+@settings(max_examples=10)
+@given(cfg=configs(), seed=st.integers(0, 99))
+@example(cfg=NP_DYNAMIC, seed=0)  # a tied head, biases, widths that aren't multiples of 16
+def test_packed_bfloat16_model_equals_unpacked(cfg, seed):
+    """OLMo 1, 2 and 3 in bfloat16 on the CPU: packing the linear layers for oneDNN (PackedLinear) changes no
+    product beyond a float32 summation order (assert_packing_changes_nothing)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = save(reference_model(cfg, seed).to(torch.bfloat16), d)
+        assert_packing_changes_nothing(path, ids_for(cfg, 2, 10, seed), prompt=4, new=8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
