@@ -37,6 +37,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import stat
 import sys
 import types
@@ -836,10 +837,11 @@ class OlmoForCausalLM(nn.Module):
         --model allenai/OLMo-1B-hf` downloads it (cli.fetch_checkpoint, which returns the directory), as does
         `hf download allenai/OLMo-1B-hf`. dtype None keeps the checkpoint's own (config.json's dtype or
         torch_dtype), as transformers 5 does. quantize "int8": every linear layer's weight, the head's included, as
-        8-bit integers (see Int8Linear). pack, on the CPU in bfloat16 (unquantized): every linear layer becomes a
-        PackedLinear, its weight in oneDNN's layout, ~2x faster decoding; such a model can't be moved, saved (its
-        state_dict holds opaque tensors: torch.save and safetensors refuse them) or compiled: pack=False for that.
-        A tied head gets a packed copy of the embedding (which stays as it is, for the lookup)."""
+        8-bit integers (see Int8Linear). pack, on an x86 CPU in float32 or bfloat16 (unquantized): every linear layer
+        becomes a PackedLinear, its weight in oneDNN's layout, 1.5-2x faster decoding; such a model can't be moved,
+        saved (its state_dict holds opaque tensors: torch.save and safetensors refuse them), trained or compiled:
+        pack=False for that. A tied head gets a packed copy of the embedding (which stays as it is, for the
+        lookup)."""
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         dtype = dtype or getattr(torch, config.dtype or "float32")
         with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
@@ -856,17 +858,13 @@ class OlmoForCausalLM(nn.Module):
         check_state_dict(state_dict, expected)
         if quantize == "int8":  # the linear layers' weights leave state_dict, as int8 in the model
             quantize_int8(model, state_dict, device)
-        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        cpu = torch.device(device or "cpu").type == "cpu" and not quantize  # its own layouts: float32's head, bf16's
         for name, tensor in state_dict.items():
-            if cpu and dtype == torch.float32 and name == head:
-                state_dict[name] = column_major(tensor, dtype)
-            else:
-                state_dict[name] = tensor.to(device=device, dtype=dtype)  # a no-op if they already match
+            state_dict[name] = tensor.to(device=device, dtype=dtype)  # a no-op if they already match
         model.load_state_dict(state_dict, strict=False, assign=True)  # checked above, with clearer errors
         if config.tie_word_embeddings and not quantize:
             model.lm_head.weight = model.model.embed_tokens.weight
-        if pack and cpu and dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        cpu = torch.device(device or "cpu").type == "cpu"
+        if pack and cpu and not quantize and PackedLinear.packs(dtype):
             del state_dict  # each weight leaves memory as its packed copy replaces it (kept, its mapped pages
             # would stay: a 1B model's load peak 5.1 GB against 3.0)
             for name in [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]:
@@ -1019,23 +1017,26 @@ def check_state_dict(state_dict, expected):
             raise ValueError(f"checkpoint has unexpected tensor {name}")
 
 
-def column_major(tensor, dtype):
-    """The CPU BLAS multiplies one token by the (vocab, hidden) head faster when the matrix is stored
-    column by column (15-30% on an Intel Xeon, 1.2-1.5x on an AMD EPYC; same shape, same values). float32 only:
-    torch's bfloat16 product goes the other way, half as fast by columns (7-8 GB/s against 17 on one core of an
-    AMD EPYC). The original's pages leave memory with it (load_file maps each tensor on its own): one copy.
-    bfloat16 takes another route, PackedLinear."""
-    return torch.empty(tensor.shape[::-1], dtype=dtype).t().copy_(tensor)
-
-
 class PackedLinear(nn.Module):
-    """A bfloat16 nn.Linear for the CPU, its weight reordered once into oneDNN's blocked layout for one row of
-    input. torch's F.linear multiplies with oneDNN too, but reorders the weight on every call: on one core of an
-    AMD EPYC (Zen 5, AVX512_BF16) a product streams the weight at 17 GB/s so, at 29-36 packed; an OLMo 2 1B decode
-    step takes 95 ms against 189, and a 512-token prompt as long as before (3.1 s); the results are bit-identical
-    there (BENCHMARKS.md). The packed weight is opaque (no strides, no .to(), not savable), and torch.compile can't
-    lower its op: from_pretrained(pack=False) leaves nn.Linear, for a model to move, save or compile. (float16:
-    oneDNN packs it only on CPUs with AVX512_FP16 or AVX-NE-CONVERT, which that one lacks: left to F.linear.)"""
+    """An nn.Linear for an x86 CPU, its weight reordered once into oneDNN's blocked layout for one row of input:
+    the one place that picks the CPU's float kernel. Measured on an AMD EPYC (Zen 5, AVX-512, AVX512_BF16), at the
+    OLMo 2 1B shape (BENCHMARKS.md):
+    - bfloat16: torch's F.linear multiplies with oneDNN too, but reorders the weight on every call: a product
+      streams the weight at 17 GB/s per core so, 29-36 packed; a decode step takes 95 ms against 189 on one core,
+      prompts as long as before; the products are bit-identical.
+    - float32: torch's F.linear is MKL's, which takes a slow path on AMD CPUs and runs one row on one thread:
+      21-26 GB/s with one thread or two; packed, 23-24 with one and 34-38 with two, and a 512-token prompt's
+      products 2.3x faster (MKL's also left the head faster stored by columns, which this replaces).
+    The packed weight is opaque (no strides, no .to(), not savable; a buffer, so not trained), and torch.compile
+    can't lower its op: from_pretrained(pack=False) leaves nn.Linear, for a model to move, save, train or compile.
+    (float16: oneDNN packs it only on CPUs with AVX512_FP16 or AVX-NE-CONVERT, which that one lacks: left to
+    F.linear. Arm CPUs keep F.linear too: not measured there.)"""
+
+    @staticmethod
+    def packs(dtype):
+        """Whether this CPU's oneDNN has a kernel for dtype worth packing for (bf16 needs AVX512_BF16 or AMX)."""
+        bf16 = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return platform.machine().lower() in ("x86_64", "amd64") and (dtype == torch.float32 or bf16)
 
     def __init__(self, linear):
         super().__init__()

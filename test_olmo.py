@@ -272,7 +272,7 @@ def test_clip_qkv_clips_and_tied_weights_are_shared():
     ref = reference_model(cfg)
     ids = ids_for(cfg, 1, 10, 0)
     with tempfile.TemporaryDirectory() as d:
-        model = olmo.OlmoForCausalLM.from_pretrained(save(ref, d))
+        model = olmo.OlmoForCausalLM.from_pretrained(save(ref, d), pack=False)  # unpacked: the head is the embedding
         assert "lm_head.weight" not in load_keys(d)  # transformers stores a tied head once
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
@@ -876,7 +876,7 @@ def test_memory_mapped_load_equals_copying_load(small_checkpoint):
     path = small_checkpoint[0]
     with open(os.path.join(path, "model.safetensors"), "rb") as f:
         copied = load(f.read())  # every byte read into memory, no mapping
-    loaded = olmo.OlmoForCausalLM.from_pretrained(path).state_dict()
+    loaded = olmo.OlmoForCausalLM.from_pretrained(path, pack=False).state_dict()  # unpacked: the tensors as loaded
     assert set(loaded) == set(copied)
     for name, tensor in copied.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
@@ -988,61 +988,63 @@ def test_numpy_refuses_bin_checkpoints_naming_convert(tmp_path):
         olmo_numpy.OlmoForCausalLM.from_pretrained(str(tmp_path))
 
 
-def test_cpu_head_layout_by_dtype(small_checkpoint):
-    """On the CPU the float32 head is stored column by column (column_major: torch's float32 product is faster
-    so), the bfloat16 one packed for oneDNN (PackedLinear), or by rows with pack=False (its product is faster by
-    rows than by columns), and the int8 one as its kernel takes it; the values are the checkpoint's in every
-    layout."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_head_layout_by_dtype(small_checkpoint, dtype):
+    """On an x86 CPU the float32 and bfloat16 heads are packed for oneDNN (PackedLinear), or stored by rows with
+    pack=False (nn.Linear, as the checkpoint has them), and the int8 one as its kernel takes it; the values are the
+    checkpoint's in every layout."""
     path, ref = small_checkpoint
-    expected = ref.lm_head.weight.detach()
-    head = olmo.OlmoForCausalLM.from_pretrained(path).lm_head.weight
-    assert head.stride(0) == 1 and torch.equal(head, expected)
-    head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=torch.bfloat16, pack=False).lm_head.weight
-    assert head.is_contiguous() and torch.equal(head, expected.bfloat16())
-    head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=torch.bfloat16).lm_head
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # else torch's oneDNN has no bfloat16 kernel here: by rows
-        assert isinstance(head, olmo.PackedLinear) and torch.equal(head.weight.to_dense(), expected.bfloat16())
+    expected = ref.lm_head.weight.detach().to(dtype)
+    head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype, pack=False).lm_head.weight
+    assert head.is_contiguous() and torch.equal(head, expected)
+    head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype).lm_head
+    assert isinstance(head, olmo.PackedLinear) == olmo.PackedLinear.packs(dtype)  # else by rows, as above
+    assert torch.equal(head.weight.to_dense() if head.weight.is_mkldnn else head.weight, expected)
     assert olmo.OlmoForCausalLM.from_pretrained(path, quantize="int8").lm_head.weight.is_contiguous()
 
 
 def assert_packing_changes_nothing(path, ids, prompt, new):
-    """A bfloat16 checkpoint on the CPU: from_pretrained's model (every linear layer a PackedLinear, its weight in
-    oneDNN's layout) against the same checkpoint loaded with pack=False (nn.Linear, torch's F.linear). ids (B, T)
-    without padding: the full forward over ids, the cached path (prefill of ids[:, :prompt], then decode steps fed
-    the rest of ids), and `new` greedy tokens after ids[:, :prompt].
+    """A float32 or bfloat16 checkpoint on the CPU: from_pretrained's model (every linear layer a PackedLinear, its
+    weight in oneDNN's layout) against the same checkpoint loaded with pack=False (nn.Linear, torch's F.linear).
+    ids (B, T) without padding: the full forward over ids, the cached path (prefill of ids[:, :prompt], then decode
+    steps fed the rest of ids), and `new` greedy tokens after ids[:, :prompt].
 
-    Each product: both take the same bfloat16 inputs and weight, sum in float32 (the bias too) and round to
-    bfloat16 (F.linear multiplies with oneDNN too, reordering the weight per call; on the AMD EPYC this was written
-    on, the results are bit-identical). Another CPU's kernels may sum in other orders: the float32 sums then differ by at most
-    2 n U sum_i |x_i w_i| (n = in_features + 1 terms, the bias's included, U = 2^-24, each order within n U of
-    the exact sum), and rounding two numbers that far apart to bfloat16 adds at most one bfloat16 spacing of the
-    larger, <= 2^-7 of it: that bound is checked on every layer. Through the model such a difference is one more
-    bfloat16 rounding in some of the products, each a stage of BF16_TOL's analysis (test_sharded_bin_and_dtype_
-    loading): the logits agree within BF16_TOL, and greedy tokens too but past a near tie within it. A weight
+    Each product: both take the same inputs and weight and sum in float32 (the bias too); bfloat16 rounds the sum
+    to bfloat16 (F.linear multiplies with oneDNN too, reordering the weight per call; on the AMD EPYC this was
+    written on, those results are bit-identical; float32's F.linear is MKL's, which sums in another order). Two
+    summation orders differ by at most 2 n U sum_i |x_i w_i| (n = in_features + 1 terms, the bias's included,
+    U = 2^-24, each order within n U of the exact sum), and rounding two numbers that far apart to bfloat16 adds at
+    most one bfloat16 spacing of the larger, <= 2^-7 of it: that bound is checked on every layer. Through the model
+    such a difference is one more rounding in some of the products: float32's is a stage of ATOL / RTOL's analysis
+    (two float32 computations of the same logits, conftest.py), bfloat16's of BF16_TOL's (test_sharded_bin_and_
+    dtype_loading): the logits agree within those, and greedy tokens too but past a near tie within them. A weight
     packed wrongly (transposed, another layer's) moves a product by O(1)."""
     packed = olmo.OlmoForCausalLM.from_pretrained(path)
     plain = olmo.OlmoForCausalLM.from_pretrained(path, pack=False)
+    dtype = plain.lm_head.weight.dtype
+    tol = BF16_TOL if dtype == torch.bfloat16 else dict(atol=ATOL, rtol=RTOL)
     linears = {name: m for name, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
     assert {name for name, m in packed.named_modules() if isinstance(m, olmo.PackedLinear)} == linears.keys()
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, linear in linears.items():
-            x = torch.randn(2, 3, linear.in_features, generator=g).bfloat16()
+            x = torch.randn(2, 3, linear.in_features, generator=g).to(dtype)
             ours, theirs = packed.get_submodule(name)(x).float(), linear(x).float()
             terms = x.float().abs() @ linear.weight.float().abs().T
             terms = terms if linear.bias is None else terms + linear.bias.float().abs()
-            bound = 2 * (linear.in_features + 1) * U * terms + 2.0 ** -7 * torch.maximum(ours.abs(), theirs.abs())
+            rounding = 2.0 ** -7 * torch.maximum(ours.abs(), theirs.abs()) if dtype == torch.bfloat16 else 0
+            bound = 2 * (linear.in_features + 1) * U * terms + rounding
             assert ((ours - theirs).abs() <= bound).all(), f"{name}: {(ours - theirs).abs().max()}"
         # a tied head: its packed copy is the head's; the embedding stays a plain table, for the lookup
         assert torch.equal(packed.model.embed_tokens.weight, plain.model.embed_tokens.weight)
-        assert_close(packed(ids).float(), plain(ids).float(), **BF16_TOL)
+        assert_close(packed(ids).float(), plain(ids).float(), **tol)
         mask = torch.ones_like(ids[:, :prompt])
         assert_close(step_logits(packed, ids[:, :prompt], mask, ids[:, prompt:]).float(),
-                     step_logits(plain, ids[:, :prompt], mask, ids[:, prompt:]).float(), **BF16_TOL)
+                     step_logits(plain, ids[:, :prompt], mask, ids[:, prompt:]).float(), **tol)
         tokens = packed.generate(ids[:, :prompt], new)
         steps = step_logits(packed, ids[:, :prompt], mask, tokens[:, prompt:]).float()
-        assert_same_greedy(tokens, plain.generate(ids[:, :prompt], new), steps, prompt, **BF16_TOL)
+        assert_same_greedy(tokens, plain.generate(ids[:, :prompt], new), steps, prompt, **tol)
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="torch's oneDNN has no bf16 here")
@@ -1073,15 +1075,17 @@ print(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(
     assert peak <= 1.15 * packed_bytes, f"peak {peak / 1e6:.0f} MB for a model of {packed_bytes / 1e6:.0f} MB"
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="torch's oneDNN has no bf16 here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @settings(max_examples=10)
 @given(cfg=configs(), seed=st.integers(0, 99))
 @example(cfg=NP_DYNAMIC, seed=0)  # a tied head, biases, widths that aren't multiples of 16
-def test_packed_bfloat16_model_equals_unpacked(cfg, seed):
-    """OLMo 1, 2 and 3 in bfloat16 on the CPU: packing the linear layers for oneDNN (PackedLinear) changes no
-    product beyond a float32 summation order (assert_packing_changes_nothing)."""
+def test_packed_model_equals_unpacked(dtype, cfg, seed):
+    """OLMo 1, 2 and 3 in float32 and bfloat16 on the CPU: packing the linear layers for oneDNN (PackedLinear)
+    changes no product beyond a float32 summation order (assert_packing_changes_nothing)."""
+    if not olmo.PackedLinear.packs(dtype):
+        pytest.skip(f"this CPU's oneDNN is not used for {dtype}")
     with tempfile.TemporaryDirectory() as d:
-        path = save(reference_model(cfg, seed).to(torch.bfloat16), d)
+        path = save(reference_model(cfg, seed).to(dtype), d)
         assert_packing_changes_nothing(path, ids_for(cfg, 2, 10, seed), prompt=4, new=8)
 
 
