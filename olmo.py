@@ -1349,7 +1349,8 @@ class Backend:
         p.add_argument("--device", choices=available_devices(), help="default: cuda, then mps, then cpu")
         p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU; on the CPU the checkpoint's "
                                                        "own (config.json's dtype or torch_dtype, else float32)")
-        p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
+        p.add_argument("--compile", action="store_true", help="torch.compile the decode step; on an x86 CPU it "
+                                                              "loads weights unpacked, slower (default: off)")
 
     def load(self, args, path):
         device = args.device or available_devices()[0]
