@@ -618,6 +618,20 @@ def test_numpy_cache_grows_and_long_prompts_run_in_query_blocks(tmp_path, monkey
         assert_close(steps, ref(torch.from_numpy(out[:, :-1])).logits[:, 249:], **NP_TOL)
 
 
+def test_a_bfloat16_cache_is_float32_and_kept_between_calls(small_checkpoint, monkeypatch):
+    """On the CPU a bfloat16 model's KV cache is float32 (KVCache.dtype_for): the next call still finds it its own,
+    keeps it and prefills only what is new."""
+    model = olmo.OlmoForCausalLM.from_pretrained(small_checkpoint[0], dtype=torch.bfloat16)
+    turn = model.generate(ids_for(SMALL, 1, 5, 0), 4)
+    cache = model.model.layers[0].self_attn.kv_cache
+    assert cache.k_cache.dtype == torch.float32
+    starts = []
+    prefill = model.prefill
+    monkeypatch.setattr(model, "prefill", lambda ids, mask, start=0: starts.append(start) or prefill(ids, mask, start))
+    model.generate(torch.cat([turn, ids_for(SMALL, 1, 3, 1)], 1), 2)
+    assert starts == [8] and model.model.layers[0].self_attn.kv_cache is cache  # 5 + 4 - 1: the last isn't cached
+
+
 @pytest.mark.parametrize("twin", TWINS)
 def test_a_cache_that_cannot_grow_is_named_and_dropped(twin, tmp_path, monkeypatch):
     """Out of memory (or Ctrl-C) halfway through doubling the KV cache, one layer grown and the next not: a
