@@ -842,17 +842,17 @@ class OlmoForCausalLM(nn.Module):
     # Loading (the readers are in the Loading section below the class)
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, quantize=None, pack=True):
+    def from_pretrained(cls, path, device=None, dtype=None, quantize=None, pack=False):
         """Load a checkpoint directory as the hub ships it (config.json + safetensors or pytorch_model.bin,
         single or sharded). A hub id such as "allenai/OLMo-1B-hf" is the command line's business: `python olmo.py
         --model allenai/OLMo-1B-hf` downloads it (cli.fetch_checkpoint, which returns the directory), as does
         `hf download allenai/OLMo-1B-hf`. dtype None keeps the checkpoint's own (config.json's dtype or
         torch_dtype), as transformers 5 does. quantize "int8": every linear layer's weight, the head's included, as
-        8-bit integers (see Int8Linear). pack, on an x86 CPU in float32 or bfloat16 (unquantized): every linear layer
-        becomes a PackedLinear, its weight in oneDNN's layout, 1.5-2x faster decoding; such a model can't be moved,
-        saved (its state_dict holds opaque tensors: torch.save and safetensors refuse them), trained or compiled:
-        pack=False for that. A tied head gets a packed copy of the embedding (which stays as it is, for the
-        lookup)."""
+        8-bit integers (see Int8Linear). pack=True, on an x86 CPU in float32 or bfloat16 (unquantized): every linear
+        layer becomes a PackedLinear, its weight in oneDNN's layout, 1.5-2x faster decoding (the command line packs
+        unless --compile); such a model can't be moved, saved (its state_dict holds opaque tensors: torch.save and
+        safetensors refuse them), trained or compiled, so it is not the default. A tied head gets a packed copy of
+        the embedding (which stays as it is, for the lookup)."""
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         dtype = dtype or getattr(torch, config.dtype or "float32")
         with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
@@ -1039,7 +1039,7 @@ class PackedLinear(nn.Module):
       21-26 GB/s with one thread or two; packed, 23-24 with one and 34-38 with two, and a 512-token prompt's
       products 2.3x faster (MKL's also left the head faster stored by columns, which this replaces).
     The packed weight is opaque (no strides, no .to(), not savable; a buffer, so not trained), and torch.compile
-    can't lower its op: from_pretrained(pack=False) leaves nn.Linear, for a model to move, save, train or compile.
+    can't lower its op: from_pretrained packs only when asked (pack=True; the command line does, unless --compile).
     (float16: oneDNN packs it only on CPUs with AVX512_FP16 or AVX-NE-CONVERT, which that one lacks: left to
     F.linear. Arm CPUs keep F.linear too: not measured there.)"""
 

@@ -127,7 +127,7 @@ def test_bench_tied_checkpoint_loads_in_both(tmp_path, monkeypatch):
                                                         num_attention_heads=2, tie_word_embeddings=True))
     bench.build_checkpoint("tiny-tied", tmp_path)
     assert "lm_head.weight" not in load_keys(tmp_path)
-    model = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path), pack=False)  # unpacked: the head is the embedding
+    model = olmo.OlmoForCausalLM.from_pretrained(str(tmp_path))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     total, per_step = bench.weight_bytes(bench.checkpoint_numels(tmp_path), True, torch.float32)
     layer = 4 * 32 * 32 + 3 * 32 * 64

@@ -382,10 +382,8 @@ def test_experts_load_as_the_hub_ships_them_and_bad_ones_are_named(moe_checkpoin
     tensors = load_file(os.path.join(path, "model.safetensors"))
     name = "model.layers.1.mlp.experts.3.up_proj.weight"
     for module in (olmo, olmo_numpy):
-        if module is olmo:
-            weights = module.OlmoForCausalLM.from_pretrained(path, pack=False).state_dict()  # the tensors as loaded
-        else:
-            weights = module.OlmoForCausalLM.from_pretrained(path).weights
+        model = module.OlmoForCausalLM.from_pretrained(path)
+        weights = model.state_dict() if module is olmo else model.weights
         assert np.array_equal(np.asarray(weights[name]), tensors[name])
     both_refuse(rewrite(path, tmp_path / "three", lambda t: t.pop(name)), f"missing tensor {name}")
 
@@ -462,7 +460,7 @@ def test_packed_bfloat16_moe_equals_unpacked(tmp_path):
     ref = moe_reference(cfg, 8).to(torch.bfloat16)
     path = save_moe(ref, tmp_path / "bf16")
     ids = ids_for(cfg, 1, 5, 8)
-    tokens = olmo.OlmoForCausalLM.from_pretrained(path, pack=False).generate(ids[:, :4], 3)
+    tokens = olmo.OlmoForCausalLM.from_pretrained(path).generate(ids[:, :4], 3)
     assert min(routing_gap(ref, ids, **BF16_TOL), routing_gap(ref, tokens[:, :-1], **BF16_TOL)) > 1
     assert_packing_changes_nothing(path, ids, prompt=4, new=3)
 

@@ -272,7 +272,7 @@ def test_clip_qkv_clips_and_tied_weights_are_shared():
     ref = reference_model(cfg)
     ids = ids_for(cfg, 1, 10, 0)
     with tempfile.TemporaryDirectory() as d:
-        model = olmo.OlmoForCausalLM.from_pretrained(save(ref, d), pack=False)  # unpacked: the head is the embedding
+        model = olmo.OlmoForCausalLM.from_pretrained(save(ref, d))
         assert "lm_head.weight" not in load_keys(d)  # transformers stores a tied head once
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
@@ -890,7 +890,7 @@ def test_memory_mapped_load_equals_copying_load(small_checkpoint):
     path = small_checkpoint[0]
     with open(os.path.join(path, "model.safetensors"), "rb") as f:
         copied = load(f.read())  # every byte read into memory, no mapping
-    loaded = olmo.OlmoForCausalLM.from_pretrained(path, pack=False).state_dict()  # unpacked: the tensors as loaded
+    loaded = olmo.OlmoForCausalLM.from_pretrained(path).state_dict()
     assert set(loaded) == set(copied)
     for name, tensor in copied.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
@@ -1004,22 +1004,22 @@ def test_numpy_refuses_bin_checkpoints_naming_convert(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_head_layout_by_dtype(small_checkpoint, dtype):
-    """On an x86 CPU the float32 and bfloat16 heads are packed for oneDNN (PackedLinear), or stored by rows with
-    pack=False (nn.Linear, as the checkpoint has them), and the int8 one as its kernel takes it; the values are the
+    """On an x86 CPU the float32 and bfloat16 heads are packed for oneDNN with pack=True (PackedLinear), else stored
+    by rows (nn.Linear, as the checkpoint has them), and the int8 one as its kernel takes it; the values are the
     checkpoint's in every layout."""
     path, ref = small_checkpoint
     expected = ref.lm_head.weight.detach().to(dtype)
-    head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype, pack=False).lm_head.weight
+    head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype).lm_head.weight
     assert head.is_contiguous() and torch.equal(head, expected)
-    head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype).lm_head
+    head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype, pack=True).lm_head
     assert isinstance(head, olmo.PackedLinear) == olmo.PackedLinear.packs(dtype)  # else by rows, as above
     assert torch.equal(head.weight.to_dense() if head.weight.is_mkldnn else head.weight, expected)
     assert olmo.OlmoForCausalLM.from_pretrained(path, quantize="int8").lm_head.weight.is_contiguous()
 
 
 def assert_packing_changes_nothing(path, ids, prompt, new):
-    """A float32 or bfloat16 checkpoint on the CPU: from_pretrained's model (every linear layer a PackedLinear, its
-    weight in oneDNN's layout) against the same checkpoint loaded with pack=False (nn.Linear, torch's F.linear).
+    """A float32 or bfloat16 checkpoint on the CPU: from_pretrained's model with pack=True (every linear layer a
+    PackedLinear, its weight in oneDNN's layout) against the same checkpoint loaded unpacked (nn.Linear, F.linear).
     ids (B, T) without padding: the full forward over ids, the cached path (prefill of ids[:, :prompt], then decode
     steps fed the rest of ids), and `new` greedy tokens after ids[:, :prompt].
 
@@ -1033,8 +1033,8 @@ def assert_packing_changes_nothing(path, ids, prompt, new):
     (two float32 computations of the same logits, conftest.py), bfloat16's of BF16_TOL's (test_sharded_bin_and_
     dtype_loading): the logits agree within those, and greedy tokens too but past a near tie within them. A weight
     packed wrongly (transposed, another layer's) moves a product by O(1)."""
-    packed = olmo.OlmoForCausalLM.from_pretrained(path)
-    plain = olmo.OlmoForCausalLM.from_pretrained(path, pack=False)
+    packed = olmo.OlmoForCausalLM.from_pretrained(path, pack=True)
+    plain = olmo.OlmoForCausalLM.from_pretrained(path)
     dtype = plain.lm_head.weight.dtype
     tol = BF16_TOL if dtype == torch.bfloat16 else dict(atol=ATOL, rtol=RTOL)
     linears = {name: m for name, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -1077,7 +1077,7 @@ import torch, bench, olmo
 torch.ones(1) @ torch.ones(1)  # the libraries' own buffers, before the baseline
 bench.reset_peak_rss()
 base = bench.peak_rss()
-model = olmo.OlmoForCausalLM.from_pretrained({path!r})
+model = olmo.OlmoForCausalLM.from_pretrained({path!r}, pack=True)
 print(bench.peak_rss() - base)
 assert isinstance(model.lm_head, olmo.PackedLinear) and model.generate(torch.tensor([[2, 3]]), 1).shape == (1, 3)
 print(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())))
