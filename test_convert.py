@@ -590,7 +590,9 @@ def test_convert_signals_mid_conversion_leave_nothing(tall_trainer_checkpoint, t
     # line means the process must block writing progress long before it can finish, with its staging directory
     # on disk, until the signal arrives. The three processes start together (each spends seconds importing torch).
     procs = {}  # signal -> (process, its stderr)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    # a signal this process ignores (SIGHUP under nohup, SIGINT in a shell's background job) stays ignored in its
+    # children, and convert.py leaves it so (nohup's promise): only the others can stop a conversion
+    for signum in [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]:
         read, write = small_pipe()
         procs[signum] = subprocess.Popen([sys.executable, os.path.join(HERE, "convert.py"),
                                           str(tall_trainer_checkpoint), str(tmp_path / f"dst-{signum.name}")],
