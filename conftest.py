@@ -115,8 +115,14 @@ def configs(draw, generations=tuple(GENERATIONS)):
         cfg["sliding_window"] = draw(st.integers(2, 8))
         cfg["layer_types"] = draw(st.none() | st.lists(st.sampled_from(["full_attention", "sliding_attention"]),
                                                        min_size=layers, max_size=layers))
-    head_dim = draw(st.none() | st.sampled_from([6, 12]))  # the key transformers reads when config.json gives it
-    if head_dim is not None:  # (absent: hidden_size // num_attention_heads)
+    return draw_head_dim(draw, cfg)
+
+
+def draw_head_dim(draw, cfg, allowed=True):
+    """cfg with head_dim in about half the draws (when allowed), the key transformers reads when config.json gives
+    it (absent: hidden_size // num_attention_heads); drawn either way, so `allowed` changes no other draw."""
+    head_dim = draw(st.none() | st.sampled_from([6, 12]))
+    if head_dim is not None and allowed:
         cfg["head_dim"] = head_dim
     return cfg
 

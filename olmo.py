@@ -1054,7 +1054,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1))
         self.bias = linear.bias  # (out,) or None, as nn.Linear's
 
-    def forward(self, x):
+    def forward(self, x):  # x (..., in) -> (..., out), as nn.Linear; "none": no activation fused after it
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 

@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 
 import olmo
 import olmo_numpy
-from conftest import (ACTIVATIONS, HERE, U, assert_close, ids_for, randomize, rewrite_weights, run_cli,
+from conftest import (ACTIVATIONS, HERE, U, assert_close, draw_head_dim, ids_for, randomize, rewrite_weights, run_cli,
                       train_tokenizer)
 from test_cli import CHAT_LINES, chat_reference, train_chat_tokenizer, write_chat_config
 from test_olmo import assert_packing_changes_nothing, assert_same_greedy, left_pad, np_step_logits, step_logits
@@ -91,10 +91,7 @@ def hybrid_configs(draw):
         linear_allow_neg_eigval=draw(st.booleans()),
         pad_token_id=1, bos_token_id=None, eos_token_id=None,
     )
-    head_dim = draw(st.none() | st.sampled_from([6, 12]))  # the key transformers reads when config.json gives it
-    if head_dim is not None:  # (absent: hidden_size // num_attention_heads)
-        cfg["head_dim"] = head_dim
-    return cfg
+    return draw_head_dim(draw, cfg)
 
 
 LINEAR_FIRST_AND_LAST = dict(

@@ -32,7 +32,8 @@ import olmo
 import olmo_numpy
 import test_quantize
 import transformers
-from conftest import ACTIVATIONS, ATOL, BF16_TOL, FP32_TOL, RTOL, assert_close, ids_for, randomize, train_tokenizer
+from conftest import (ACTIVATIONS, ATOL, BF16_TOL, FP32_TOL, RTOL, assert_close, draw_head_dim, ids_for, randomize,
+                      train_tokenizer)
 from test_cli import main_in_process
 from test_olmo import assert_packing_changes_nothing, assert_same_greedy, left_pad, np_step_logits, step_logits
 
@@ -73,10 +74,8 @@ def moe_configs(draw, families=tuple(FAMILIES)):
         cfg["rope_parameters"]["original_max_position_embeddings"] = 8
     if kind == "olmoe":
         cfg["clip_qkv"] = draw(st.none() | st.floats(0.3, 2.0))
-    head_dim = draw(st.none() | st.sampled_from([6, 12]))  # the key transformers reads when config.json gives it
-    if head_dim is not None and kind == "flex_olmo":  # (absent: hidden_size // num_attention_heads; OLMoE's q_norm
-        cfg["head_dim"] = head_dim  # in transformers spans hidden_size, so its attention runs only without one)
-    return cfg
+    # OLMoE's q_norm spans hidden_size in transformers, so its attention runs only without a head_dim of its own
+    return draw_head_dim(draw, cfg, allowed=kind == "flex_olmo")
 
 
 def moe_reference(cfg, seed=0):
