@@ -537,7 +537,10 @@ def child(spec):
     a = torch.randn(256, 256, dtype=dtype, device=device)
     torch.nn.functional.scaled_dot_product_attention(a[None, None], a[None, None], a[None, None]) @ a
     np.ones((256, 256), dtype=np.float32) @ np.ones((256, 256), dtype=np.float32)
-    out = {"blas": openblas_info() if impl == "olmo_numpy.py" else None}
+    # olmo.py's float32 products on an x86 CPU are NumPy's too, when packed (olmo.PackedLinear)
+    numpy_products = impl == "olmo.py" and dtype == torch.float32 and device == "cpu" and olmo.PackedLinear.packs(
+        dtype) and not (spec["compiled"] or spec["quantize"])
+    out = {"blas": openblas_info() if impl == "olmo_numpy.py" or numpy_products else None}
 
     # Each call's prompt starts with a token of its own (olmo.py reuses the cached keys of a prefix shared with the
     # previous call; every call here prefills its whole prompt). The timed ones are the same in every process.

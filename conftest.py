@@ -231,6 +231,15 @@ def rewrite_weights(path, dest, edit):
 # Checkpoints and processes shared by several test files
 
 
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Every test starts with the process's own torch thread count: loading a float32 model with pack=True sets it
+    to 1 (olmo.PackedLinear: NumPy's BLAS runs the products), and the tests after it would run on one core."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def train_tokenizer(path, vocab_size):
     """A tiny byte-level BPE tokenizer.json, as OLMo's (GPT-NeoX style) is, trained on a few sentences."""
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())

@@ -849,10 +849,11 @@ class OlmoForCausalLM(nn.Module):
         `hf download allenai/OLMo-1B-hf`. dtype None keeps the checkpoint's own (config.json's dtype or
         torch_dtype), as transformers 5 does. quantize "int8": every linear layer's weight, the head's included, as
         8-bit integers (see Int8Linear). pack=True, on an x86 CPU in float32 or bfloat16 (unquantized): every linear
-        layer becomes a PackedLinear, its weight in oneDNN's layout, 1.5-2x faster decoding (the command line packs
-        unless --compile); such a model can't be moved, saved (its state_dict holds opaque tensors: torch.save and
-        safetensors refuse them), trained or compiled, so it is not the default. A tied head gets a packed copy of
-        the embedding (which stays as it is, for the lookup)."""
+        layer becomes a PackedLinear, its weight in oneDNN's layout (bfloat16) or NumPy's (float32: then torch runs on
+        one thread, NumPy's BLAS on all), 1.5-2x faster decoding (the command line packs unless --compile); such a
+        model can't be moved, trained or compiled, nor saved in bfloat16 (its state_dict holds opaque tensors:
+        torch.save and safetensors refuse them), so it is not the default. A tied head gets a packed copy of the
+        embedding (which stays as it is, for the lookup)."""
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         dtype = dtype or getattr(torch, config.dtype or "float32")
         with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights
@@ -880,6 +881,8 @@ class OlmoForCausalLM(nn.Module):
             # would stay: a 1B model's load peak 5.1 GB against 3.0)
             for name in [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]:
                 model.set_submodule(name, PackedLinear(model.get_submodule(name)))
+            if dtype == torch.float32:  # NumPy runs the products on threads of its own: torch's, spinning between
+                torch.set_num_threads(1)  # its ops, would take the cores from them (see PackedLinear)
         model.model.rotary_emb.to(device or "cpu")  # its buffers aren't in the checkpoint: built on the CPU
         return model.eval()
 
@@ -1029,33 +1032,47 @@ def check_state_dict(state_dict, expected):
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear for an x86 CPU, its weight reordered once into oneDNN's blocked layout for one row of input:
-    the one place that picks the CPU's float kernel. Measured on an AMD EPYC (Zen 5, AVX-512, AVX512_BF16), at the
-    OLMo 2 1B shape (BENCHMARKS.md):
-    - bfloat16: torch's F.linear multiplies with oneDNN too, but reorders the weight on every call: a product
-      streams the weight at 17 GB/s per core so, 29-36 packed; a decode step takes 95 ms against 189 on one core,
-      prompts as long as before; the products are bit-identical.
-    - float32: torch's F.linear is MKL's, which takes a slow path on AMD CPUs and runs one row on one thread:
-      21-26 GB/s with one thread or two; packed, 23-24 with one and 34-38 with two, and a 512-token prompt's
-      products 2.3x faster (MKL's also left the head faster stored by columns, which this replaces).
-    The packed weight is opaque (no strides, no .to(), not savable; a buffer, so not trained), and torch.compile
-    can't lower its op: from_pretrained packs only when asked (pack=True; the command line does, unless --compile).
-    (float16: oneDNN packs it only on CPUs with AVX512_FP16 or AVX-NE-CONVERT, which that one lacks: left to
-    F.linear. Arm CPUs keep F.linear too: not measured there.)"""
+    """An nn.Linear for an x86 CPU, its weight laid out once for the fastest kernel found for one row of input: the
+    one place that picks the CPU's float kernel. Measured on an AMD EPYC (Zen 5, AVX-512, AVX512_BF16), at the OLMo 2
+    1B shape (BENCHMARKS.md):
+    - bfloat16: oneDNN, the weight reordered once into its blocked layout. torch's F.linear multiplies with oneDNN
+      too, but reorders the weight on every call: a product streams the weight at 17 GB/s per core so, 29-36
+      packed; a decode step takes 95 ms against 189 on one core, prompts as long as before; the products are
+      bit-identical.
+    - float32: NumPy's BLAS (OpenBLAS), on the weight as it is, in torch's memory. torch's F.linear is MKL's, which
+      takes a slow path on AMD CPUs and runs one row on one thread (21-26 GB/s); oneDNN's packed product streams
+      34-48 GB/s, OpenBLAS's 45-59 on two threads. In one process, alternating: a decode step 88-124 ms against
+      oneDNN's 116-156. Prompts: 512 rows at once run at 450 GFLOP/s against oneDNN's 372 (with OpenBLAS's own
+      choice of kernel; forced to its Haswell kernel, as OPENBLAS_CORETYPE=Haswell does, 210-250). NumPy runs the
+      products on threads of its own, so a float32 model sets torch's to 1 (see from_pretrained): the threads of
+      both wait for work spinning, and with two of each on two cores a decode step took 264 ms. (NumPy's own
+      arrays ask Linux for huge pages: 3-10% faster streaming, but copying 6 GB into them took 7-10 s, not 2.)
+    The packed bfloat16 weight is opaque (no strides, no .to(), not savable); either is a buffer, so not trained,
+    and torch.compile can't lower the products: from_pretrained packs only when asked (pack=True; the command line
+    does, unless --compile). (float16: oneDNN packs it only on CPUs with AVX512_FP16 or AVX-NE-CONVERT, which that
+    one lacks: left to F.linear. Arm CPUs keep F.linear too: not measured there.)"""
 
     @staticmethod
     def packs(dtype):
-        """Whether this CPU's oneDNN has a kernel for dtype worth packing for (bf16 needs AVX512_BF16 or AMX)."""
+        """Whether this CPU has a kernel for dtype worth packing for (oneDNN's bf16 needs AVX512_BF16 or AMX)."""
         bf16 = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         return platform.machine().lower() in ("x86_64", "amd64") and (dtype == torch.float32 or bf16)
 
     def __init__(self, linear):
         super().__init__()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1))
+        w = linear.weight.detach()  # (out, in)
+        if w.dtype == torch.float32:  # a copy in memory, out of the checkpoint's mapping; NumPy reads it in place
+            self.register_buffer("weight", w.clone())
+        else:  # oneDNN's blocked layout, for one row of input
+            self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w, 1))
         self.bias = linear.bias  # (out,) or None, as nn.Linear's
 
-    def forward(self, x):  # x (..., in) -> (..., out), as nn.Linear; "none": no activation fused after it
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+    def forward(self, x):  # x (..., in) -> (..., out), as nn.Linear
+        if self.weight.is_mkldnn:  # "none": no activation fused after the product
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        rows = x.detach().reshape(-1, x.shape[-1]).numpy()  # (N, in)
+        y = torch.from_numpy(rows @ self.weight.numpy().T).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -914,9 +914,10 @@ def test_numpy_reads_f32_f16_bf16_like_torch(tmp_path):
     (["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json"], "*.safetensors"),
     (["config.json", "pytorch_model.bin", "tokenizer.json"], "*.bin")])
 def test_hub_ids_fetch_one_weight_format_at_a_revision(small_checkpoint, monkeypatch, listing, weights):
-    """A hub id goes to huggingface_hub through cli.fetch_checkpoint (stubbed: no network here): the repo's files are listed first and only one
-    weight format is fetched -- safetensors when there are any, as transformers prefers -- at the asked revision
-    (OLMo's intermediate checkpoints are revisions); without huggingface_hub the error says how to get it."""
+    """A hub id goes to huggingface_hub through cli.fetch_checkpoint (stubbed: no network here): the repo's files
+    are listed first and only one weight format is fetched -- safetensors when there are any, as transformers
+    prefers -- at the asked revision (OLMo's intermediate checkpoints are revisions); without huggingface_hub the
+    error says how to get it."""
     import huggingface_hub
     path, ref = small_checkpoint
     asked = []
@@ -1004,28 +1005,35 @@ def test_numpy_refuses_bin_checkpoints_naming_convert(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_head_layout_by_dtype(small_checkpoint, dtype):
-    """On an x86 CPU the float32 and bfloat16 heads are packed for oneDNN with pack=True (PackedLinear), else stored
-    by rows (nn.Linear, as the checkpoint has them), and the int8 one as its kernel takes it; the values are the
-    checkpoint's in every layout."""
+    """On an x86 CPU the float32 and bfloat16 heads are packed with pack=True (PackedLinear: a NumPy array in
+    float32, oneDNN's layout in bfloat16), else stored by rows (nn.Linear, as the checkpoint has them), and the int8
+    one as its kernel takes it; the values are the checkpoint's in every layout."""
     path, ref = small_checkpoint
     expected = ref.lm_head.weight.detach().to(dtype)
     head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype).lm_head.weight
     assert head.is_contiguous() and torch.equal(head, expected)
+    torch.set_num_threads(2)  # (conftest's torch_threads fixture restores the count after the test)
     head = olmo.OlmoForCausalLM.from_pretrained(path, dtype=dtype, pack=True).lm_head
     assert isinstance(head, olmo.PackedLinear) == olmo.PackedLinear.packs(dtype)  # else by rows, as above
+    # float32's products are NumPy's, on its own threads: torch's are then 1, else they'd fight for the cores
+    numpy_products = dtype == torch.float32 and olmo.PackedLinear.packs(dtype)
+    assert torch.get_num_threads() == (1 if numpy_products else 2)
+    assert head.weight.is_mkldnn != numpy_products  # float32: a plain array, not oneDNN's layout
     assert torch.equal(head.weight.to_dense() if head.weight.is_mkldnn else head.weight, expected)
     assert olmo.OlmoForCausalLM.from_pretrained(path, quantize="int8").lm_head.weight.is_contiguous()
 
 
 def assert_packing_changes_nothing(path, ids, prompt, new):
     """A float32 or bfloat16 checkpoint on the CPU: from_pretrained's model with pack=True (every linear layer a
-    PackedLinear, its weight in oneDNN's layout) against the same checkpoint loaded unpacked (nn.Linear, F.linear).
+    PackedLinear: NumPy's BLAS in float32, oneDNN's layout in bfloat16) against the same checkpoint loaded unpacked
+    (nn.Linear, F.linear).
     ids (B, T) without padding: the full forward over ids, the cached path (prefill of ids[:, :prompt], then decode
     steps fed the rest of ids), and `new` greedy tokens after ids[:, :prompt].
 
     Each product: both take the same inputs and weight and sum in float32 (the bias too); bfloat16 rounds the sum
     to bfloat16 (F.linear multiplies with oneDNN too, reordering the weight per call; on the AMD EPYC this was
-    written on, those results are bit-identical; float32's F.linear is MKL's, which sums in another order). Two
+    written on, those results are bit-identical; float32's F.linear is MKL's, which sums in another order than
+    OpenBLAS). Two
     summation orders differ by at most 2 n U sum_i |x_i w_i| (n = in_features + 1 terms, the bias's included,
     U = 2^-24, each order within n U of the exact sum), and rounding two numbers that far apart to bfloat16 adds at
     most one bfloat16 spacing of the larger, <= 2^-7 of it: that bound is checked on every layer. Through the model
@@ -1061,15 +1069,18 @@ def assert_packing_changes_nothing(path, ids, prompt, new):
         assert_same_greedy(tokens, plain.generate(ids[:, :prompt], new), steps, prompt, **tol)
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="torch's oneDNN has no bf16 here")
-def test_packing_keeps_one_copy_of_the_weights(tmp_path):
-    """Packing at load replaces each memory-mapped bfloat16 weight by its packed copy and unmaps it: the peak
-    resident memory of from_pretrained on a bfloat16 checkpoint stays within 1.15x the packed model's bytes (1.08x
-    here; with the checkpoint kept mapped while packing, 2x). Measured in a fresh process, from its resident set
-    before loading, as test_quantize.py's test_int8_load_peak_memory; then the model makes a token."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_keeps_one_copy_of_the_weights(tmp_path, dtype):
+    """Packing at load replaces each memory-mapped weight by its copy (oneDNN's layout in bfloat16, a plain one for
+    NumPy in float32) and unmaps it: the peak resident memory of from_pretrained stays within 1.15x the packed
+    model's bytes (1.08x here in bfloat16; with the checkpoint kept mapped while packing, 2x). Measured in a fresh
+    process, from its resident set before loading, as test_quantize.py's test_int8_load_peak_memory; then the model
+    makes a token."""
+    if not olmo.PackedLinear.packs(dtype):
+        pytest.skip(f"nothing is packed for {dtype} on this CPU")
     cfg = dict(SMALL, model_type="olmo2", hidden_size=512, intermediate_size=4096, num_hidden_layers=8,
                num_attention_heads=8, num_key_value_heads=8, vocab_size=4096)  # mostly linear weights
-    path = save(reference_model(cfg, seed=1).to(torch.bfloat16), str(tmp_path))
+    path = save(reference_model(cfg, seed=1).to(dtype), str(tmp_path))
     code = f"""
 import sys
 sys.path.insert(0, {HERE!r})
