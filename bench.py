@@ -538,8 +538,8 @@ def child(spec):
     torch.nn.functional.scaled_dot_product_attention(a[None, None], a[None, None], a[None, None]) @ a
     np.ones((256, 256), dtype=np.float32) @ np.ones((256, 256), dtype=np.float32)
     # olmo.py's float32 products on an x86 CPU are NumPy's too, when packed (olmo.PackedLinear)
-    numpy_products = impl == "olmo.py" and dtype == torch.float32 and device == "cpu" and olmo.PackedLinear.packs(
-        dtype) and not (spec["compiled"] or spec["quantize"])
+    packed = impl == "olmo.py" and device == "cpu" and not (spec["compiled"] or spec["quantize"])
+    numpy_products = packed and dtype == torch.float32 and olmo.PackedLinear.packs(dtype)
     out = {"blas": openblas_info() if impl == "olmo_numpy.py" or numpy_products else None}
 
     # Each call's prompt starts with a token of its own (olmo.py reuses the cached keys of a prefix shared with the

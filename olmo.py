@@ -1043,7 +1043,9 @@ class PackedLinear(nn.Module):
       takes a slow path on AMD CPUs and runs one row on one thread (21-26 GB/s); oneDNN's packed product streams
       34-48 GB/s, OpenBLAS's 45-59 on two threads. In one process, alternating: a decode step 88-124 ms against
       oneDNN's 116-156. Prompts: 512 rows at once run at 450 GFLOP/s against oneDNN's 372 (with OpenBLAS's own
-      choice of kernel; forced to its Haswell kernel, as OPENBLAS_CORETYPE=Haswell does, 210-250). NumPy runs the
+      choice of kernel; forced to its Haswell kernel, as OPENBLAS_CORETYPE=Haswell does, 210-250), but a few rows
+      at once are slower, 13-15 GB/s for 4 to 16 rows against oneDNN's 21-31 (a 16-token prompt 0.6x llama.cpp's
+      speed, against 1.0x): one row per generated token is what most of the time goes to. NumPy runs the
       products on threads of its own, so a float32 model sets torch's to 1 (see from_pretrained): the threads of
       both wait for work spinning, and with two of each on two cores a decode step took 264 ms. (NumPy's own
       arrays ask Linux for huge pages: 3-10% faster streaming, but copying 6 GB into them took 7-10 s, not 2.)
