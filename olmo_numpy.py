@@ -596,8 +596,8 @@ class OlmoForCausalLM:
         filled slots, zeros after them (a new batch size keeps nothing: it grows from empty caches); key_valid
         (B, S): which slots hold real tokens (not the prompt's padding). The cache grows to `length` rounded up
         to a power of two (at least 256): a large max_new_tokens costs nothing until its tokens are produced.
-        Unlike olmo.py, each step attends over the filled slots only (prefill and decode_one_token cut key_valid
-        there): NumPy has no compiler that needs a static shape. Olmo Hybrid: a Gated DeltaNet layer's cache is
+        Each step attends over the filled slots only (prefill and decode_one_token cut key_valid there), as olmo.py's
+        does unless compiled: NumPy has no compiler that needs a static shape. Olmo Hybrid: a Gated DeltaNet layer's cache is
         {"state": ...}, not slots (see reuse_prefix)."""
         B, T = attention_mask.shape
         width = max(256, 1 << (length - 1).bit_length())

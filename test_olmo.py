@@ -598,6 +598,23 @@ def test_the_cache_grows_with_the_tokens_produced(tmp_path, window):
     assert len(model.slots) == 512 and model.key_valid.shape == (1, 256)
 
 
+def test_eager_decode_attends_over_the_filled_slots_only(small_checkpoint, monkeypatch):
+    """Run as it is, a decode step attends over the slots filled so far, not the cache's 256: attention reads every
+    key it is given, masked or not. (A compiled step attends over the whole cache, a static shape: the compile test
+    checks it against this one.)"""
+    path, _ = small_checkpoint
+    model = olmo.OlmoForCausalLM.from_pretrained(path)
+    widths, attend = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        widths.append(k.shape[2])  # (B, KV, S, D): S keys
+        return attend(q, k, v, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model.generate(torch.tensor([[2, 3, 4, 5, 6]]), 4)  # a prefill of 5 slots, then 3 steps (the 4th token isn't fed)
+    assert len(model.slots) == 256
+    assert widths == [S for S in (5, 6, 7, 8) for _ in range(SMALL["num_hidden_layers"])]
+
+
 def test_numpy_cache_grows_and_long_prompts_run_in_query_blocks(tmp_path, monkeypatch):
     """As olmo.py's: the cache starts at 256 slots whatever the budget and doubles as tokens are produced. A prompt
     longer than a query block (16 here, so a 250-token prompt is 16 blocks) gives the per-step logits of
@@ -731,8 +748,12 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch, dtype):
             model.setup_cache(mask, 32)
             model.prefill(ids, mask)
         for i in range(8, 31):
-            ours, theirs = (model.decode_one_token(tokens[:, i:i + 1], model.slots[i:i + 1], torch.full((4, 1), i))
-                            .float() for model in (compiled, eager))
+            token, slot, position = tokens[:, i:i + 1], compiled.slots[i:i + 1], torch.full((4, 1), i)
+            ours = compiled.decode_one_token(token, slot, position).float()
+            # the compiled step's own computation, run eagerly: attention over the whole cache, as compiled (eager's
+            # decode_one_token attends over the filled slots only, which sums in another order: test_eager_decode_
+            # attends_over_the_filled_slots_only; in bfloat16 that moves roundings, hence logits, by more)
+            theirs = eager.lm_head(eager.model(token, position, eager.key_valid, slot)[:, -1]).float()
             if dtype == "float32":
                 assert_close(ours, theirs)
             else:
