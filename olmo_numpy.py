@@ -293,8 +293,8 @@ def attend(q, k, v, mask):
 
 
 def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
-    """Self-attention, its weights under `name` (model.layers.N.self_attn): x (B, T, hidden) -> (B, T, hidden). mask (B, 1, T, S) bool, True = may
-    attend. cache (k_cache, v_cache), each (B, KV, length, D), and slots (T,): the cache slots to write k and
+    """Self-attention, its weights under `name` (model.layers.N.self_attn): x (B, T, hidden) -> (B, T, hidden).
+    mask (B, 1, T, S) bool, True = may attend. cache (k_cache, v_cache), each (B, KV, length, D), and slots (T,): the cache slots to write k and
     v to, then attend over the cache's first S (the filled ones: S is the mask's width); None: no cache,
     attend only within x (S = T)."""
     B, T, _ = x.shape
@@ -597,8 +597,8 @@ class OlmoForCausalLM:
         (B, S): which slots hold real tokens (not the prompt's padding). The cache grows to `length` rounded up
         to a power of two (at least 256): a large max_new_tokens costs nothing until its tokens are produced.
         Each step attends over the filled slots only (prefill and decode_one_token cut key_valid there), as olmo.py's
-        does unless compiled: NumPy has no compiler that needs a static shape. Olmo Hybrid: a Gated DeltaNet layer's cache is
-        {"state": ...}, not slots (see reuse_prefix)."""
+        does unless compiled: NumPy has no compiler that needs a static shape. Olmo Hybrid: a Gated DeltaNet layer's
+        cache is {"state": ...}, not slots (see reuse_prefix)."""
         B, T = attention_mask.shape
         width = max(256, 1 << (length - 1).bit_length())
         same = self.caches is not None and self.key_valid.shape[0] == B  # key_valid: still the last batch's
