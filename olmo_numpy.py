@@ -294,9 +294,9 @@ def attend(q, k, v, mask):
 
 def attention(weights, name, config, x, cos, sin, mask, cache=None, slots=None):
     """Self-attention, its weights under `name` (model.layers.N.self_attn): x (B, T, hidden) -> (B, T, hidden).
-    mask (B, 1, T, S) bool, True = may attend. cache (k_cache, v_cache), each (B, KV, length, D), and slots (T,): the cache slots to write k and
-    v to, then attend over the cache's first S (the filled ones: S is the mask's width); None: no cache,
-    attend only within x (S = T)."""
+    mask (B, 1, T, S) bool, True = may attend. cache (k_cache, v_cache), each (B, KV, length, D), and slots (T,):
+    the cache slots to write k and v to, then attend over the cache's first S (the filled ones: S is the mask's
+    width); None: no cache, attend only within x (S = T)."""
     B, T, _ = x.shape
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = linear(x, weights, f"{name}.q_proj")  # (B, T, H*D)
