@@ -901,8 +901,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """logits (B, vocab) -> next tokens (B,). temperature 0 is greedy; otherwise scale by 1/temperature, keep
     the top_k logits (ties with the k-th included; 0 or None: all), then the smallest set of tokens whose
     probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    if temperature == 0:  # (in float32: torch's CPU argmax over bfloat16 takes 5x as long, 0.33 ms at 100k)
+        return logits.float().argmax(dim=-1)
     # Subtract the max before scaling, so a tiny temperature sends the others to -inf instead of the max to
     # inf (inf - inf = NaN); below 1e-30, 1/t no longer fits float32, and the distribution is one-hot anyway.
     logits = logits.float()
