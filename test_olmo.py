@@ -1051,11 +1051,10 @@ def assert_packing_changes_nothing(path, ids, prompt, new):
     ids (B, T) without padding: the full forward over ids, the cached path (prefill of ids[:, :prompt], then decode
     steps fed the rest of ids), and `new` greedy tokens after ids[:, :prompt].
 
-    Each product: both take the same inputs and weight and sum in float32 (the bias too); bfloat16 rounds the sum
-    to bfloat16 (F.linear multiplies with oneDNN too, reordering the weight per call; on the AMD EPYC this was
-    written on, those results are bit-identical; float32's F.linear is MKL's, which sums in another order than
-    OpenBLAS). Two
-    summation orders differ by at most 2 n U sum_i |x_i w_i| (n = in_features + 1 terms, the bias's included,
+    Each product: both take the same inputs and weight and sum in float32 (the bias too); bfloat16 rounds the sum to
+    bfloat16 (F.linear multiplies with oneDNN too, reordering the weight per call; on the AMD EPYC this was written
+    on, those results are bit-identical; float32's F.linear is MKL's, which sums in another order than OpenBLAS).
+    Two summation orders differ by at most 2 n U sum_i |x_i w_i| (n = in_features + 1 terms, the bias's included,
     U = 2^-24, each order within n U of the exact sum), and rounding two numbers that far apart to bfloat16 adds at
     most one bfloat16 spacing of the larger, <= 2^-7 of it: that bound is checked on every layer. Through the model
     such a difference is one more rounding in some of the products: float32's is a stage of ATOL / RTOL's analysis
