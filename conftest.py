@@ -92,16 +92,8 @@ def configs(draw, generations=tuple(GENERATIONS)):
                             attention_factor=draw(st.none() | st.floats(0.5, 1.5)))
     cfg = dict(
         model_type=kind,
-        vocab_size=draw(st.integers(40, 130)),
-        hidden_size=heads * draw(st.sampled_from([4, 8, 16])),
-        intermediate_size=draw(st.integers(8, 64)),
+        **draw_shape(draw, heads, intermediate=(8, 64), max_positions=[8, 16, 64]),
         num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
-        hidden_act=draw(st.sampled_from(ACTIVATIONS)),
-        max_position_embeddings=draw(st.sampled_from([8, 16, 64])),
-        tie_word_embeddings=draw(st.booleans()),
-        attention_bias=draw(st.booleans()),
         clip_qkv=draw(st.none() | st.floats(0.3, 2.0)) if kind == "olmo" else None,
         rope_theta=draw(st.sampled_from([10000.0, 500.0] if kind != "olmo3" else [500000.0, 500.0])),
         rope_scaling=rope_scaling,
@@ -116,6 +108,23 @@ def configs(draw, generations=tuple(GENERATIONS)):
         cfg["layer_types"] = draw(st.none() | st.lists(st.sampled_from(["full_attention", "sliding_attention"]),
                                                        min_size=layers, max_size=layers))
     return draw_head_dim(draw, cfg)
+
+
+def draw_shape(draw, heads, intermediate, max_positions):
+    """The fields every config strategy (these, test_family_moe.py's, test_family_hybrid.py's) draws alike, in this
+    order: vocabulary and widths, MHA/GQA/MQA for `heads` query heads, each activation, the trained length (from
+    max_positions: each strategy's sequences run past some), tying and biases. intermediate: (low, high)."""
+    return dict(
+        vocab_size=draw(st.integers(40, 130)),
+        hidden_size=heads * draw(st.sampled_from([4, 8, 16])),
+        intermediate_size=draw(st.integers(*intermediate)),
+        num_attention_heads=heads,
+        num_key_value_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
+        hidden_act=draw(st.sampled_from(ACTIVATIONS)),
+        max_position_embeddings=draw(st.sampled_from(max_positions)),
+        tie_word_embeddings=draw(st.booleans()),
+        attention_bias=draw(st.booleans()),
+    )
 
 
 def draw_head_dim(draw, cfg, allowed=True):

@@ -1079,7 +1079,7 @@ class PackedLinear(nn.Module):
         if self.weight.is_mkldnn:  # "none": no activation fused after the product
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         rows = x.detach().reshape(-1, x.shape[-1]).numpy()  # (N, in)
-        y = torch.from_numpy(rows @ self.weight.numpy().T).view(*x.shape[:-1], -1)
+        y = torch.from_numpy(rows @ self.weight.numpy().T).view(*x.shape[:-1], -1)  # (N, out) -> (..., out)
         return y if self.bias is None else y + self.bias
 
 

@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 
 import olmo
 import olmo_numpy
-from conftest import (ACTIVATIONS, HERE, U, assert_close, draw_head_dim, ids_for, randomize, rewrite_weights, run_cli,
+from conftest import (HERE, U, assert_close, draw_head_dim, draw_shape, ids_for, randomize, rewrite_weights, run_cli,
                       train_tokenizer)
 from test_cli import CHAT_LINES, chat_reference, train_chat_tokenizer, write_chat_config
 from test_olmo import assert_packing_changes_nothing, assert_same_greedy, left_pad, np_step_logits, step_logits
@@ -70,16 +70,8 @@ def hybrid_configs(draw):
     if scaling:
         rope["factor"] = draw(st.floats(1.5, 4.0))
     cfg = dict(
-        vocab_size=draw(st.integers(40, 130)),
-        hidden_size=heads * draw(st.sampled_from([4, 8, 16])),
-        intermediate_size=draw(st.integers(8, 64)),
+        **draw_shape(draw, heads, intermediate=(8, 64), max_positions=[16, 64]),
         num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
-        hidden_act=draw(st.sampled_from(ACTIVATIONS)),
-        max_position_embeddings=draw(st.sampled_from([16, 64])),
-        tie_word_embeddings=draw(st.booleans()),
-        attention_bias=draw(st.booleans()),
         rope_parameters=rope,
         rms_norm_eps=draw(st.sampled_from([1e-5, 1e-6, 0.1])),
         layer_types=types,

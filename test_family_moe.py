@@ -32,7 +32,7 @@ import olmo
 import olmo_numpy
 import test_quantize
 import transformers
-from conftest import (ACTIVATIONS, ATOL, BF16_TOL, FP32_TOL, RTOL, assert_close, draw_head_dim, ids_for, randomize,
+from conftest import (ATOL, BF16_TOL, FP32_TOL, RTOL, assert_close, draw_head_dim, draw_shape, ids_for, randomize,
                       train_tokenizer)
 from test_cli import main_in_process
 from test_olmo import assert_packing_changes_nothing, assert_same_greedy, left_pad, np_step_logits, step_logits
@@ -48,18 +48,11 @@ def moe_configs(draw, families=tuple(FAMILIES)):
     heads = draw(st.sampled_from([1, 2, 4]))
     experts = draw(st.integers(1, 8))
     scaling = draw(st.sampled_from([None, "linear", "yarn"]))
+    layers = draw(st.integers(1, 2))
     cfg = dict(
         model_type=kind,
-        vocab_size=draw(st.integers(40, 130)),
-        hidden_size=heads * draw(st.sampled_from([4, 8, 16])),
-        intermediate_size=draw(st.integers(4, 48)),
-        num_hidden_layers=draw(st.integers(1, 2)),
-        num_attention_heads=heads,
-        num_key_value_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
-        hidden_act=draw(st.sampled_from(ACTIVATIONS)),
-        max_position_embeddings=draw(st.sampled_from([16, 64])),
-        tie_word_embeddings=draw(st.booleans()),
-        attention_bias=draw(st.booleans()),
+        **draw_shape(draw, heads, intermediate=(4, 48), max_positions=[16, 64]),
+        num_hidden_layers=layers,
         rms_norm_eps=draw(st.sampled_from([1e-5, 1e-6, 0.1])),
         rope_parameters={"rope_type": "default", "rope_theta": draw(st.sampled_from([10000.0, 500.0]))},
         num_experts=experts,
