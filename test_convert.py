@@ -302,7 +302,8 @@ def test_convert_olmo2_norm_biases_are_refused_by_name(tmp_path):
     state = trainer_state(cfg)
     state["transformer.blocks.0.attn_norm.bias"] = torch.zeros(32)  # what bias_for_layer_norm adds
     src = write_trainer(tmp_path / "src", cfg, state)
-    with pytest.raises(convert.ConversionError, match=r"config.yaml does not explain: transformer.blocks.0.attn_norm.bias"):
+    unexplained = r"config.yaml does not explain: transformer.blocks.0.attn_norm.bias"
+    with pytest.raises(convert.ConversionError, match=unexplained):
         convert.convert(src, tmp_path / "dst")
 
 
@@ -817,8 +818,8 @@ def test_convert_olmo2_and_olmo3_transformers_checkpoints_are_rewritten(tmp_path
     if model_type == "olmo2":
         model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**kw, rms_norm_eps=1e-6))
     else:
-        model = transformers.Olmo3ForCausalLM(transformers.Olmo3Config(**kw, sliding_window=4,
-                                                                       layer_types=["sliding_attention", "full_attention"]))
+        layer_types = ["sliding_attention", "full_attention"]
+        model = transformers.Olmo3ForCausalLM(transformers.Olmo3Config(**kw, sliding_window=4, layer_types=layer_types))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

@@ -301,13 +301,15 @@ def test_the_hub_layout_and_transformers_layout_load_alike(tmp_path):
         for name in [n for n in out if n.endswith("q_conv1d.weight")]:
             prefix = name.removesuffix("q_conv1d.weight")
             joined = torch.cat([out[f"{prefix}{p}_conv1d.weight"] for p in "qkv"])
-            out.update(zip([f"{prefix}{p}_conv1d.weight" for p in "qkv"], joined.split([key, key, len(joined) - 2 * key])))
+            thirds = joined.split([key, key, len(joined) - 2 * key])
+            out.update(zip([f"{prefix}{p}_conv1d.weight" for p in "qkv"], thirds))
         out["mtp.0.weight"] = torch.zeros(3)
         return out
 
     rewrite_weights(str(tmp_path / "thirds"), str(tmp_path / "hub"), hub)
     names = load_file(tmp_path / "hub" / "model.safetensors")
-    assert "model.layers.0.attention_layer_norm.weight" in names and "model.layers.0.linear_attn.q_conv1d.weight" in names
+    assert "model.layers.0.attention_layer_norm.weight" in names
+    assert "model.layers.0.linear_attn.q_conv1d.weight" in names
     ids = ids_for(cfg, 1, 9, 0)
     with torch.no_grad():
         expected = ref(ids).logits
