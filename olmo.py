@@ -1045,7 +1045,7 @@ class PackedLinear(nn.Module):
       too, but reorders the weight on every call: a product streams the weight at 17 GB/s per core so, 29-36
       packed; a decode step takes 95 ms against 189 on one core, prompts as long as before; the products are
       bit-identical.
-    - float32: NumPy's BLAS (OpenBLAS), on the weight as it is, in torch's memory. torch's F.linear is MKL's, which
+    - float32: NumPy's BLAS (OpenBLAS), on the weight as loaded (see below). torch's F.linear is MKL's, which
       takes a slow path on AMD CPUs and runs one row on one thread (21-26 GB/s); oneDNN's packed product streams
       34-48 GB/s, OpenBLAS's 45-59 on two threads. In one process, alternating: a decode step 88-124 ms against
       oneDNN's 116-156. Prompts: 512 rows at once run at 450 GFLOP/s against oneDNN's 372 (with OpenBLAS's own
@@ -1053,8 +1053,11 @@ class PackedLinear(nn.Module):
       at once are slower, 13-15 GB/s for 4 to 16 rows against oneDNN's 21-31 (a 16-token prompt 0.6x llama.cpp's
       speed, against 1.0x): one row per generated token is what most of the time goes to. NumPy runs the
       products on threads of its own, so a float32 model sets torch's to 1 (see from_pretrained): the threads of
-      both wait for work spinning, and with two of each on two cores a decode step took 264 ms. (NumPy's own
-      arrays ask Linux for huge pages: 3-10% faster streaming, but copying 6 GB into them took 7-10 s, not 2.)
+      both wait for work spinning, and with two of each on two cores a decode step took 264 ms. The weight
+      stays where loading put it, in the checkpoint's memory mapping for a float32 file, as the NumPy twin reads
+      its weights: no copy (a 1B model loads in 0.04 s against 1.2 with one, at 0.88x the weights' bytes against
+      1.00x), and no slower (decoding in 0.92-0.99x the twin's time in three bench runs, 0.80-0.97x with a copy;
+      NumPy's own arrays, which ask Linux for huge pages, streamed 3-10% faster, but filling 6 GB took 7-10 s).
     The packed bfloat16 weight is opaque (no strides, no .to(), not savable); either is a buffer, so not trained,
     and torch.compile can't lower the products: from_pretrained packs only when asked (pack=True; the command line
     does, unless --compile). (float16: oneDNN packs it only on CPUs with AVX512_FP16 or AVX-NE-CONVERT, which that
@@ -1069,8 +1072,8 @@ class PackedLinear(nn.Module):
     def __init__(self, linear):
         super().__init__()
         w = linear.weight.detach()  # (out, in)
-        if w.dtype == torch.float32:  # a copy in memory, out of the checkpoint's mapping; NumPy reads it in place
-            self.register_buffer("weight", w.clone())
+        if w.dtype == torch.float32:  # as it is: NumPy reads it in place, in the checkpoint's mapping if loaded so
+            self.register_buffer("weight", w)
         else:  # oneDNN's blocked layout, for one row of input
             self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w, 1))
         self.bias = linear.bias  # (out,) or None, as nn.Linear's
