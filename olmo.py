@@ -859,7 +859,7 @@ class OlmoForCausalLM(nn.Module):
         one thread, NumPy's BLAS on all), 1.5-2x faster decoding (the command line packs unless --compile); such a
         model can't be moved, trained or compiled, nor saved in bfloat16 (its state_dict holds opaque tensors:
         torch.save and safetensors refuse them), so it is not the default. A tied head gets a packed copy of the
-        embedding (which stays as it is, for the lookup)."""
+        embedding in bfloat16 (the embedding stays as it is, for the lookup), the embedding itself in float32."""
         config = OlmoConfig.from_json(os.path.join(path, "config.json"))
         dtype = dtype or getattr(torch, config.dtype or "float32")
         with torch.device("meta"):  # shapes only: no memory, no random init of billions of weights

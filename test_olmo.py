@@ -1091,9 +1091,9 @@ def assert_packing_changes_nothing(path, ids, prompt, new):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packing_keeps_one_copy_of_the_weights(tmp_path, dtype):
-    """Packing at load replaces each memory-mapped weight by its copy (oneDNN's layout in bfloat16, a plain one for
-    NumPy in float32) and unmaps it: the peak resident memory of from_pretrained stays within 1.15x the packed
-    model's bytes (1.08x here in bfloat16; with the checkpoint kept mapped while packing, 2x). Measured in a fresh
+    """Packing at load replaces each memory-mapped weight by its copy in oneDNN's layout (bfloat16) and unmaps it,
+    or leaves it mapped for NumPy to read (float32): the peak resident memory of from_pretrained stays within 1.15x
+    the packed model's bytes (1.08x here in bfloat16; with the checkpoint kept mapped while packing, 2x). Measured in a fresh
     process, from its resident set before loading, as test_quantize.py's test_int8_load_peak_memory; then the model
     makes a token."""
     if not olmo.PackedLinear.packs(dtype):
@@ -1125,8 +1125,9 @@ print(sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(
 @given(cfg=configs(), seed=st.integers(0, 99))
 @example(cfg=NP_DYNAMIC, seed=0)  # a tied head, biases, widths that aren't multiples of 16
 def test_packed_model_equals_unpacked(dtype, cfg, seed):
-    """OLMo 1, 2 and 3 in float32 and bfloat16 on the CPU: packing the linear layers for oneDNN (PackedLinear)
-    changes no product beyond a float32 summation order (assert_packing_changes_nothing)."""
+    """OLMo 1, 2 and 3 in float32 and bfloat16 on the CPU: packing the linear layers (PackedLinear: NumPy's BLAS in
+    float32, oneDNN in bfloat16) changes no product beyond a float32 summation order
+    (assert_packing_changes_nothing)."""
     if not olmo.PackedLinear.packs(dtype):
         pytest.skip(f"this CPU's oneDNN is not used for {dtype}")
     with tempfile.TemporaryDirectory() as d:
