@@ -1093,9 +1093,9 @@ def assert_packing_changes_nothing(path, ids, prompt, new):
 def test_packing_keeps_one_copy_of_the_weights(tmp_path, dtype):
     """Packing at load replaces each memory-mapped weight by its copy in oneDNN's layout (bfloat16) and unmaps it,
     or leaves it mapped for NumPy to read (float32): the peak resident memory of from_pretrained stays within 1.15x
-    the packed model's bytes (1.08x here in bfloat16; with the checkpoint kept mapped while packing, 2x). Measured in a fresh
-    process, from its resident set before loading, as test_quantize.py's test_int8_load_peak_memory; then the model
-    makes a token."""
+    the packed model's bytes (1.08x here in bfloat16; with the checkpoint kept mapped while packing, 2x). Measured
+    in a fresh process, from its resident set before loading, as test_quantize.py's test_int8_load_peak_memory;
+    then the model makes a token."""
     if not olmo.PackedLinear.packs(dtype):
         pytest.skip(f"nothing is packed for {dtype} on this CPU")
     cfg = dict(SMALL, model_type="olmo2", hidden_size=512, intermediate_size=4096, num_hidden_layers=8,
