@@ -887,6 +887,9 @@ class OlmoForCausalLM(nn.Module):
             # would stay: a 1B model's load peak 5.1 GB against 3.0)
             for name in [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]:
                 model.set_submodule(name, PackedLinear(model.get_submodule(name)))
+            # inference only: oneDNN's product has no gradient (with one asked of it, torch warns and returns
+            # wrong ones), NumPy's none at all; without parameters that ask, backward() fails instead of lying
+            model.requires_grad_(False)
             if dtype == torch.float32:  # NumPy runs the products on threads of its own: torch's, spinning between
                 torch.set_num_threads(1)  # its ops, would take the cores from them (see PackedLinear)
         model.model.rotary_emb.to(device or "cpu")  # its buffers aren't in the checkpoint: built on the CPU

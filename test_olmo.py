@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -1087,6 +1088,24 @@ def assert_packing_changes_nothing(path, ids, prompt, new):
         tokens = packed.generate(ids[:, :prompt], new)
         steps = step_logits(packed, ids[:, :prompt], mask, tokens[:, prompt:]).float()
         assert_same_greedy(tokens, plain.generate(ids[:, :prompt], new), steps, prompt, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_model_refuses_backward(tmp_path, dtype):
+    """A packed model is for inference: none of its parameters asks for a gradient, so a loss's backward() fails
+    loudly (torch's error) instead of returning the wrong gradients oneDNN's product gives (it has no autograd
+    kernel: torch only warns) or none through NumPy's; and a forward outside no_grad warns of nothing."""
+    if not olmo.PackedLinear.packs(dtype):
+        pytest.skip(f"nothing is packed for {dtype} on this CPU")
+    path = save(reference_model(dict(SMALL, model_type="olmo2"), seed=0).to(dtype), str(tmp_path))
+    model = olmo.OlmoForCausalLM.from_pretrained(path, pack=True)
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "autograd kernel was not registered" warning would fail here
+        logits, loss = model(ids, labels=ids)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
